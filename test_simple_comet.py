@@ -1,0 +1,626 @@
+"""Tests for simple_comet.py: the server is started as users start it, as a
+subprocess on port 4080 (others on nearby ports and unix sockets), and
+driven with http.client and raw sockets.
+
+    python3 -m unittest -v test_simple_comet
+"""
+
+import http.client
+import itertools
+import json
+import os
+import random
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from urllib.parse import quote, urlencode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "simple_comet.py")
+sys.path.insert(0, HERE)
+import simple_comet  # noqa: E402  (unit checks of a few pure functions)
+
+PORT = 4080
+OTHER_PORT = 4081          # servers started with other switches
+MAIN_POLL_TIMEOUT = 3.0    # long enough to push into a held poll calmly
+
+_names = itertools.count()
+
+
+def fresh(prefix="ch"):
+    """A channel or client id no other test uses."""
+    return f"{prefix}{next(_names)}_{os.getpid()}"
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+class ServerProcess:
+    """simple_comet.py in a subprocess; its log goes to a temporary file."""
+
+    def __init__(self, *args, listeners=1, env=None, wait=True):
+        self.log = tempfile.NamedTemporaryFile(prefix="comet-log-")
+        self.proc = subprocess.Popen(
+            [sys.executable, SCRIPT, *args], stdin=subprocess.DEVNULL,
+            stdout=self.log, stderr=self.log,
+            env=None if env is None else {**os.environ, **env})
+        if wait:
+            self.wait_listening(listeners)
+
+    def output(self):
+        with open(self.log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_listening(self, listeners=1, timeout=10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.output().count("listening on") >= listeners:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited: " + self.output())
+            time.sleep(0.02)
+        raise RuntimeError("server did not start: " + self.output())
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def close(self):
+        try:
+            self.stop()
+        finally:
+            self.log.close()
+
+
+def run_server(*args, timeout=10):
+    """Run the server to completion (for switches that make it exit)."""
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout=5):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def call(method, path, params=None, headers=None, port=PORT, unix=None,
+         body=None, timeout=10):
+    """One request on a new connection: (response, body bytes)."""
+    headers = dict(headers or {})
+    if params is not None:
+        if method in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            path += "?" + urlencode(params)
+        else:
+            body = urlencode(params)
+            headers.setdefault("Content-Type",
+                               "application/x-www-form-urlencoded")
+    if unix:
+        conn = UnixHTTPConnection(unix, timeout=timeout)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body, headers)
+        resp = conn.getresponse()
+        return resp, resp.read()
+    finally:
+        conn.close()
+
+
+def api(method, path, params=None, **kw):
+    """A request whose reply must be HTTP 200 JSON: the decoded object."""
+    resp, data = call(method, path, params, **kw)
+    assert resp.status == 200, (resp.status, data)
+    return json.loads(data)
+
+
+def register(name=None, port=PORT, **params):
+    name = name or fresh()
+    reply = api("POST", "/channels.json", {"channel_id": name, **params},
+                port=port)
+    assert reply["return_code"] == 1, reply
+    return name
+
+
+def push(name, content, port=PORT):
+    reply = api("POST", f"/channels/{quote(name, safe='')}.json",
+                {"content": content}, port=port)
+    assert reply["return_code"] == 1, reply
+    return reply
+
+
+def read(names, port=PORT, **params):
+    path = "/channels/" + "%7C".join(quote(n, safe="") for n in names) + ".json"
+    return api("GET", path, params, port=port)
+
+
+def status(port=PORT):
+    return api("GET", "/status.json", port=port)["status"]
+
+
+def wait_for(predicate, timeout=5.0, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+def wait_held(count, port=PORT):
+    wait_for(lambda: status(port)["held_connections_count"] == count)
+
+
+class Background(threading.Thread):
+    """Runs a (blocking) call in a thread; .result() joins and returns."""
+
+    def __init__(self, fn, *args, **kw):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.kw = fn, args, kw
+        self.value = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.value = self.fn(*self.args, **self.kw)
+        except BaseException as e:       # reported by result()
+            self.error = e
+
+    def result(self, timeout=10):
+        self.join(timeout)
+        if self.is_alive():
+            raise AssertionError("background call did not finish")
+        if self.error:
+            raise self.error
+        return self.value
+
+
+def connect(port=PORT, timeout=5):
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def read_response(f):
+    """Read one response from a socket's binary file: (status, headers, body)
+    with lower-case header names; None on a closed connection."""
+    line = f.readline()
+    if not line:
+        return None
+    status = int(line.split()[1])
+    headers = {}
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = f.read(int(headers.get("content-length", 0)))
+    return status, headers, body
+
+
+def exchange(data, port=PORT, timeout=5):
+    """Send raw bytes, read until the server closes: list of responses."""
+    with connect(port, timeout) as s:
+        s.sendall(data)
+        f = s.makefile("rb")
+        replies = []
+        while True:
+            reply = read_response(f)
+            if reply is None:
+                return replies
+            replies.append(reply)
+
+
+def get_request(path, extra=""):
+    return (f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n").encode()
+
+
+# ---------------------------------------------------------------------------
+# The main server, shared by most tests
+# ---------------------------------------------------------------------------
+
+MAIN = None
+
+
+def setUpModule():
+    global MAIN
+    MAIN = ServerProcess(f"--http-port={PORT}", "--enable-status",
+                         f"--poll-timeout={MAIN_POLL_TIMEOUT}", listeners=2)
+
+
+def tearDownModule():
+    output = MAIN.output()
+    code = MAIN.stop()
+    MAIN.log.close()
+    assert code == 0, (code, output)
+    assert "Traceback" not in output, output
+
+
+# ---------------------------------------------------------------------------
+# A1. Command line
+# ---------------------------------------------------------------------------
+
+class CommandLineTests(unittest.TestCase):
+
+    def test_help_and_version(self):
+        result = run_server("--help")
+        self.assertEqual(result.returncode, 0)
+        for switch in ("--http-port", "--unix-socket-path", "--http-timeout",
+                       "--session-timeout", "--inactive-channel-timeout",
+                       "--messages-per-channel", "--quote-json",
+                       "--enable-status", "--poll-timeout", "--admin-token",
+                       "--max-body", "--max-connections", "--log-level",
+                       "--unix-socket-mode", "--http-host"):
+            self.assertIn(switch, result.stdout)
+        result = run_server("--version")
+        self.assertEqual(result.returncode, 0)
+        self.assertRegex(result.stdout, r"^simple_comet\.py \d+\.\d+\.\d+\n$")
+
+    def test_bad_values_exit_2_with_one_line(self):
+        for args in (["--http-port=70000"], ["--http-port=0"],
+                     ["--http-timeout=0"], ["--poll-timeout=-1"],
+                     ["--session-timeout=nan"], ["--messages-per-channel=0"],
+                     ["--max-messages-per-channel", "x"],
+                     ["--max-connections=0"], ["--unix-socket-mode=999"],
+                     ["--inactive-channel-timeout=inf"], ["--no-such-switch"]):
+            with self.subTest(args=args):
+                result = run_server(*args)
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(result.stdout, "")
+                self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
+    def test_default_port_is_4080_and_in_use_exits_1(self):
+        # The main server holds 4080, so a server with neither a port nor a
+        # socket must try 4080 and fail cleanly.
+        result = run_server()
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("4080", result.stderr)
+        self.assertEqual(result.stderr.strip().count("\n"), 0, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_both_switch_spellings_and_http_host(self):
+        server = ServerProcess("--http-port", str(OTHER_PORT), "--http-host",
+                               "127.0.0.1", "--max-messages-per-channel", "2")
+        try:
+            self.assertIn(f"listening on http://127.0.0.1:{OTHER_PORT}",
+                          server.output())
+            name = register(port=OTHER_PORT)
+            for i in range(3):
+                push(name, f"m{i}", port=OTHER_PORT)
+            got = read([name], port=OTHER_PORT)["messages"][name]
+            self.assertEqual([m["content"] for m in got], ["m1", "m2"])
+        finally:
+            server.close()
+
+    def test_messages_per_channel(self):
+        server = ServerProcess(f"--http-port={OTHER_PORT}",
+                               "--messages-per-channel=3")
+        try:
+            name = register(port=OTHER_PORT)
+            for i in range(5):
+                push(name, f"m{i}", port=OTHER_PORT)
+            got = read([name], port=OTHER_PORT)["messages"][name]
+            self.assertEqual([m["content"] for m in got], ["m2", "m3", "m4"])
+        finally:
+            server.close()
+
+    def test_quote_json(self):
+        server = ServerProcess(f"--http-port={OTHER_PORT}", "--quote-json",
+                               "--poll-timeout=0.2")
+        try:
+            resp, body = call("POST", "/channels.json", {"channel_id": "q"},
+                              port=OTHER_PORT)
+            text = body.decode()
+            self.assertTrue(text.startswith("/*-secure- "), text)
+            self.assertTrue(text.endswith(" */"), text)
+            self.assertEqual(json.loads(text[11:-3])["channel_id"], "q")
+            # JSON-P is already a script and is not wrapped.
+            resp, body = call("GET", "/channels/q.jsonp?since=99999999999999",
+                              port=OTHER_PORT)
+            self.assertTrue(body.startswith(b"/**/_JSONP_comet_cb("), body)
+        finally:
+            server.close()
+
+    def test_status_is_off_by_default(self):
+        server = ServerProcess(f"--http-port={OTHER_PORT}")
+        try:
+            for path in ("/status.json", "/stats.json"):
+                resp, _ = call("GET", path, port=OTHER_PORT)
+                self.assertEqual(resp.status, 404)
+        finally:
+            server.close()
+
+    def test_log_level(self):
+        server = ServerProcess(f"--http-port={OTHER_PORT}",
+                               "--log-level=warning", wait=False)
+        try:
+            wait_for(lambda: self._accepts(OTHER_PORT))
+            call("GET", "/nowhere.json", port=OTHER_PORT)
+            self.assertEqual(server.stop(), 0)
+            output = server.output()
+            self.assertNotIn("INFO", output)
+            self.assertIn("WARNING", output)
+            self.assertIn("404", output)
+        finally:
+            server.close()
+
+    @staticmethod
+    def _accepts(port):
+        try:
+            connect(port).close()
+            return True
+        except OSError:
+            return False
+
+
+class UnixSocketTests(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.dir.name, "comet.sock")
+
+    def tearDown(self):
+        self.dir.cleanup()
+
+    def test_socket_mode_serving_and_removal(self):
+        server = ServerProcess(f"--unix-socket-path={self.path}")
+        try:
+            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o666)
+            self.assertNotIn("http://", server.output())   # socket only
+            # Writes are accepted from the socket without a token.
+            name = register_unix(self.path)
+            reply = api("POST", f"/channels/{name}.json", {"content": "x"},
+                        unix=self.path)
+            self.assertEqual(reply["return_code"], 1)
+            got = api("GET", f"/channels/{name}.json", unix=self.path)
+            self.assertEqual(got["messages"][name][0]["content"], "x")
+            self.assertEqual(server.stop(), 0)
+            self.assertFalse(os.path.exists(self.path))
+        finally:
+            server.close()
+
+    def test_prefix_switch_and_mode(self):
+        server = ServerProcess("--unix-socket", self.path,
+                               "--unix-socket-mode=660",
+                               f"--http-port={OTHER_PORT}", listeners=2)
+        try:
+            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o660)
+            register(port=OTHER_PORT)             # TCP too
+        finally:
+            server.close()
+
+    def test_stale_socket_replaced_live_one_refused(self):
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(self.path)
+        stale.close()                              # file left, nobody listens
+        server = ServerProcess(f"--unix-socket-path={self.path}")
+        try:
+            register_unix(self.path)
+            result = run_server(f"--unix-socket-path={self.path}")
+            self.assertEqual(result.returncode, 1)
+            self.assertIn("another server", result.stderr)
+            self.assertEqual(result.stderr.strip().count("\n"), 0)
+            register_unix(self.path)               # the first still works
+        finally:
+            server.close()
+
+    def test_path_that_is_not_a_socket(self):
+        with open(self.path, "w") as f:
+            f.write("data")
+        result = run_server(f"--unix-socket-path={self.path}")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("not a socket", result.stderr)
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "data")
+
+
+def register_unix(path):
+    name = fresh()
+    reply = api("POST", "/channels.json", {"channel_id": name}, unix=path)
+    assert reply["return_code"] == 1, reply
+    return name
+
+
+# ---------------------------------------------------------------------------
+# A2-A3. Resources, replies, messages
+# ---------------------------------------------------------------------------
+
+class ResourceTests(unittest.TestCase):
+
+    def test_register_channel(self):
+        name = fresh()
+        reply = api("POST", "/channels.json", {"channel_id": name})
+        self.assertEqual(reply, {"return_code": 1, "error_message": "",
+                                 "channel_id": name})
+        again = api("POST", "/channels.json", {"channel_id": name})
+        self.assertEqual(again["return_code"], -2)
+        self.assertTrue(again["error_message"])
+        missing = api("POST", "/channels.json", {"use_sessions": "1"})
+        self.assertEqual(missing["return_code"], -1)
+
+    def test_invalid_ids(self):
+        for bad in ("", "a|b", "a/b", "x" * 201, "é" * 101, "a\x01b",
+                    "tab\there", "nl\n"):
+            with self.subTest(bad=bad):
+                reply = api("POST", "/channels.json", {"channel_id": bad})
+                self.assertEqual(reply["return_code"], -1, reply)
+        ok = "é" * 100                            # 200 bytes exactly
+        self.assertEqual(api("POST", "/channels.json",
+                             {"channel_id": ok + fresh()[:0]})["return_code"],
+                         1)
+        api("DELETE", "/channels/" + quote(ok) + ".json")
+        for bad in ("", "y" * 201, "c\x7f"):
+            with self.subTest(client=bad):
+                reply = api("POST", "/clients.json", {"client_id": bad})
+                self.assertEqual(reply["return_code"], -1, reply)
+        # A client id may hold | and /.
+        reply = api("POST", "/clients.json", {"client_id": fresh("a|b/")})
+        self.assertEqual(reply["return_code"], 1)
+
+    def test_max_messages_parameter(self):
+        name = register(max_messages="2")
+        for i in range(4):
+            push(name, str(i))
+        got = read([name])["messages"][name]
+        self.assertEqual([m["content"] for m in got], ["2", "3"])
+        for bad in ("0", "-1", "x", "1.5", "", "10001", "١"):
+            with self.subTest(max_messages=bad):
+                reply = api("POST", "/channels.json",
+                            {"channel_id": fresh(), "max_messages": bad})
+                self.assertEqual(reply["return_code"], -1, reply)
+
+    def test_push(self):
+        name = register()
+        reply = push(name, "hello")
+        self.assertEqual(set(reply), {"return_code", "error_message",
+                                      "message_id", "delivered"})
+        self.assertEqual(reply["delivered"], 0)
+        self.assertIsInstance(reply["message_id"], int)
+        reply = api("POST", f"/channels/{fresh()}.json", {"content": "x"})
+        self.assertEqual(reply["return_code"], -2)
+        reply = api("POST", f"/channels/{name}.json", {"other": "x"})
+        self.assertEqual(reply["return_code"], -1)
+        # Empty content is a message.
+        push(name, "")
+        self.assertEqual(read([name])["messages"][name][-1]["content"], "")
+
+    def test_message_shape_ids_and_timestamps(self):
+        a, b = register(), register()
+        before = time.time()
+        first = push(a, "one")["message_id"]
+        second = push(b, "two")["message_id"]
+        self.assertEqual(second, first + 1)      # one counter for all
+        # The counter started at the time in units of 10 microseconds.
+        self.assertLess(first, (time.time() + 1) * 100_000)
+        self.assertGreater(first, (before - 3600) * 100_000)
+        self.assertLess(second, 2 ** 53)
+        reply = read([a])
+        message = reply["messages"][a][0]
+        self.assertEqual(set(message), {"id", "ts", "content"})
+        self.assertEqual(message["id"], first)
+        self.assertIsInstance(message["ts"], int)
+        self.assertLessEqual(abs(message["ts"] - before), 2)
+        self.assertEqual(reply["last_id"], second)
+
+    def test_read_reply_and_since(self):
+        name = register()
+        ids = [push(name, f"m{i}")["message_id"] for i in range(3)]
+        reply = read([name])
+        self.assertEqual(set(reply), {"return_code", "error_message", "since",
+                                      "last_id", "messages"})
+        self.assertEqual(reply["since"], 0)
+        self.assertEqual([m["id"] for m in reply["messages"][name]], ids)
+        reply = read([name], since=ids[0])
+        self.assertEqual(reply["since"], ids[0])
+        self.assertEqual([m["content"] for m in reply["messages"][name]],
+                         ["m1", "m2"])
+        for bad in ("x", "1.0", "-1", "1e3", " 1", "١"):
+            with self.subTest(since=bad):
+                self.assertEqual(read([name], since=bad)["return_code"], -1)
+
+    def test_since_above_counter_is_clamped(self):
+        name = register()
+        last = push(name, "x")["message_id"]
+        poll = Background(read, [name], since="9" * 5000)
+        wait_held(1)
+        pushed = push(name, "y")["message_id"]
+        reply = poll.result()
+        self.assertEqual(reply["since"], last)
+        self.assertEqual(reply["last_id"], pushed)
+        self.assertEqual([m["content"] for m in reply["messages"][name]],
+                         ["y"])
+
+    def test_several_channels_and_separators(self):
+        a, b = register(), register()
+        push(a, "to a")
+        push(b, "to b")
+        for sep in ("%7C", "%7c", "|"):
+            with self.subTest(sep=sep):
+                reply = api("GET", f"/channels/{a}{sep}{b}{sep}{fresh()}.json")
+                self.assertEqual(list(reply["messages"]), [a, b])
+                self.assertEqual(reply["messages"][b][0]["content"], "to b")
+        reply = read([fresh(), fresh()])
+        self.assertEqual(reply["return_code"], -2)
+        self.assertEqual(reply["error_message"], "No valid channels")
+        reply = read([a] * 3)
+        self.assertEqual(list(reply["messages"]), [a])
+        too_many = [fresh() for _ in range(101)]
+        self.assertEqual(read(too_many)["return_code"], -1)
+
+    def test_percent_decoded_channel_names(self):
+        name = fresh("sp ace é ")
+        register(name)
+        push(name, "ok")
+        reply = read([name])
+        self.assertEqual(reply["messages"][name][0]["content"], "ok")
+
+    def test_delete(self):
+        name = register()
+        push(name, "x")
+        reply = api("DELETE", f"/channels/{name}.json")
+        self.assertEqual(reply, {"return_code": 2, "error_message": "",
+                                 "channel_id": name, "removed": True})
+        reply = api("DELETE", f"/channels/{name}.json")
+        self.assertEqual(reply["return_code"], 1)
+        self.assertIs(reply["removed"], False)
+        self.assertEqual(read([name])["return_code"], -2)
+        register(name)                        # the name is free again
+        push(name, "new")
+        self.assertEqual([m["content"] for m in read([name])["messages"][name]],
+                         ["new"])
+
+    def test_status(self):
+        name = register()
+        client = fresh("cl")
+        api("POST", "/clients.json", {"client_id": client})
+        before = status()
+        push(name, "x")
+        after = status()
+        self.assertIn(name, after["channels"])
+        self.assertIn(client, after["clients"])
+        for field in ("held_connections_count", "uptime", "connections",
+                      "polls_held", "channels_count", "clients_count",
+                      "messages_pushed", "messages_delivered"):
+            self.assertIn(field, after)
+        self.assertEqual(after["messages_pushed"], before["messages_pushed"] + 1)
+        self.assertGreaterEqual(after["connections"], 1)
+        self.assertGreater(after["uptime"], 0)
+        self.assertEqual(api("GET", "/stats.json")["status"]["channels_count"],
+                         status()["channels_count"])
+
+    def test_parameters_from_query_string_on_post(self):
+        # The original read request.args, which merges query and form.
+        name = register()
+        reply = api("POST", f"/channels/{name}.json?content=from-query")
+        self.assertEqual(reply["return_code"], 1)
+        self.assertEqual(read([name])["messages"][name][0]["content"],
+                         "from-query")
+
+    def test_content_is_kept_exactly(self):
+        name = register()
+        content = 'quote " backslash \\ nul \x00 \u2028 \u2029 é 😀 <script>'
+        push(name, content)
+        resp, body = call("GET", f"/channels/{name}.jsonp")
+        self.assertNotIn("\u2028".encode(), body)
+        self.assertNotIn("\u2029".encode(), body)
+        self.assertEqual(read([name])["messages"][name][0]["content"], content)

@@ -624,3 +624,208 @@ class ResourceTests(unittest.TestCase):
         self.assertNotIn("\u2028".encode(), body)
         self.assertNotIn("\u2029".encode(), body)
         self.assertEqual(read([name])["messages"][name][0]["content"], content)
+
+
+# ---------------------------------------------------------------------------
+# A3 and B. Long polls
+# ---------------------------------------------------------------------------
+
+class LongPollTests(unittest.TestCase):
+
+    def test_held_poll_woken_by_push_and_delivered_count(self):
+        a, b = register(), register()
+        last = push(a, "old")["message_id"]
+        polls = [Background(read, [a, b], since=last) for _ in range(3)]
+        wait_held(3)
+        reply = push(b, "new")
+        self.assertEqual(reply["delivered"], 3)
+        for poll in polls:
+            got = poll.result()
+            self.assertEqual(got["return_code"], 1)
+            self.assertEqual(got["since"], last)
+            self.assertEqual(got["last_id"], reply["message_id"])
+            self.assertEqual(got["messages"][a], [])
+            self.assertEqual([m["content"] for m in got["messages"][b]],
+                             ["new"])
+        self.assertEqual(status()["held_connections_count"], 0)
+        self.assertEqual(push(a, "nobody")["delivered"], 0)
+
+    def test_first_read_of_empty_channel_is_held(self):
+        name = register()
+        poll = Background(read, [name])
+        wait_held(1)
+        push(name, "first")
+        self.assertEqual(poll.result()["messages"][name][0]["content"],
+                         "first")
+
+    def test_following_last_id_sees_every_message_once(self):
+        name = register(max_messages="1000")
+        seen = []
+        since = 0
+        pusher = Background(lambda: [push(name, str(i)) for i in range(200)])
+        while len(seen) < 200:
+            reply = read([name], since=since)
+            self.assertGreaterEqual(reply["last_id"], since)
+            seen += [m["content"] for m in reply["messages"][name]]
+            since = reply["last_id"]
+        pusher.result()
+        self.assertEqual(seen, [str(i) for i in range(200)])
+
+    def test_poll_timeout_answers_with_empty_lists(self):
+        server = ServerProcess(f"--http-port={OTHER_PORT}",
+                               "--poll-timeout=0.2")
+        try:
+            a, b = register(port=OTHER_PORT), register(port=OTHER_PORT)
+            last = push(a, "x", port=OTHER_PORT)["message_id"]
+            start = time.monotonic()
+            reply = read([a, b], since=last, port=OTHER_PORT)
+            elapsed = time.monotonic() - start
+            self.assertGreaterEqual(elapsed, 0.15)
+            self.assertLess(elapsed, 2)
+            self.assertEqual(reply, {"return_code": 1, "error_message": "",
+                                     "since": last, "last_id": last,
+                                     "messages": {a: [], b: []}})
+            # JSON-P too, through its callback.
+            resp, body = call("GET", f"/channels/{a}.jsonp?since={last}&cb="
+                              "_JSONP_t", port=OTHER_PORT)
+            self.assertTrue(body.startswith(b"/**/_JSONP_t({"), body)
+        finally:
+            server.close()
+
+    def test_disconnect_forgets_the_poll(self):
+        name = register()
+        last = push(name, "x")["message_id"]
+        s = connect()
+        s.sendall(get_request(f"/channels/{name}.json?since={last}"))
+        wait_held(1)
+        s.close()
+        wait_held(0)
+        self.assertEqual(push(name, "y")["delivered"], 0)
+
+    def test_delete_releases_held_polls(self):
+        a, b = register(), register()
+        last = push(a, "x")["message_id"]
+        only_a = Background(read, [a], since=last)
+        both = Background(read, [a, b], since=last)
+        wait_held(2)
+        api("DELETE", f"/channels/{a}.json")
+        reply = only_a.result()
+        self.assertEqual(reply["return_code"], -2)
+        self.assertEqual(reply["error_message"], "No valid channels")
+        wait_held(1)                      # the other waits on b alone
+        self.assertTrue(both.is_alive())
+        push(b, "on b")
+        reply = both.result()
+        self.assertEqual(list(reply["messages"]), [b])
+        self.assertEqual(reply["messages"][b][0]["content"], "on b")
+
+    def test_lost_messages_are_reported(self):
+        a, b = register(max_messages="2"), register(max_messages="2")
+        first = push(a, "0")["message_id"]
+        push(b, "b0")
+        for i in range(1, 4):
+            push(a, str(i))
+        reply = read([a, b], since=first)
+        self.assertEqual(reply["lost"], [a])     # 1 was dropped, 2 and 3 kept
+        self.assertEqual([m["content"] for m in reply["messages"][a]],
+                         ["2", "3"])
+        self.assertNotIn("lost", read([a, b]))   # since 0: what is retained
+        kept = [m["id"] for m in reply["messages"][a]]
+        # A reader that is behind but has lost nothing is not told so.
+        self.assertNotIn("lost", read([a], since=kept[0] - 1))
+
+    def test_pipelined_request_behind_held_poll_waits_its_turn(self):
+        name = register()
+        last = push(name, "x")["message_id"]
+        with connect() as s:
+            s.sendall(get_request(f"/channels/{name}.json?since={last}") +
+                      get_request("/channels/" + name + ".json?since=0"))
+            wait_held(1)
+            push(name, "y")
+            f = s.makefile("rb")
+            first = json.loads(read_response(f)[2])
+            second = json.loads(read_response(f)[2])
+        self.assertEqual([m["content"] for m in first["messages"][name]],
+                         ["y"])
+        self.assertEqual([m["content"] for m in second["messages"][name]],
+                         ["x", "y"])
+
+
+# ---------------------------------------------------------------------------
+# A4. Sessions, and expiry of clients and channels
+# ---------------------------------------------------------------------------
+
+class SessionTests(unittest.TestCase):
+
+    def test_session_channels_need_a_registered_client(self):
+        private = register(use_sessions="1")
+        public = register()
+        push(private, "secret")
+        push(public, "hello")
+        self.assertEqual(read([private])["return_code"], -2)
+        reply = read([private, public])
+        self.assertEqual(list(reply["messages"]), [public])
+        reply = read([private, public], client_id=fresh("nobody"))
+        self.assertEqual(reply["return_code"], -3)
+        self.assertEqual(reply["error_message"], "Unregistered client_id")
+        self.assertEqual(read([public], client_id="")["return_code"], -1)
+        client = fresh("cl")
+        reply = api("POST", "/clients.json", {"client_id": client})
+        self.assertEqual(reply, {"return_code": 1, "error_message": "",
+                                 "client_id": client})
+        self.assertEqual(api("POST", "/clients.json", {"client_id": client}
+                             )["return_code"], -2)
+        self.assertEqual(api("POST", "/clients.json", {})["return_code"], -1)
+        reply = read([private, public], client_id=client)
+        self.assertEqual(reply["messages"][private][0]["content"], "secret")
+        self.assertEqual(reply["messages"][public][0]["content"], "hello")
+
+    def test_use_sessions_values(self):
+        for word, private in (("1", True), ("true", True), ("0", False),
+                              ("", False)):
+            name = register(use_sessions=word)
+            push(name, "x")
+            self.assertEqual(read([name])["return_code"],
+                             -2 if private else 1, word)
+        reply = api("POST", "/channels.json", {"channel_id": fresh(),
+                                               "use_sessions": "maybe"})
+        self.assertEqual(reply["return_code"], -1)
+
+    def test_expiry_of_sessions_and_inactive_channels(self):
+        server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status",
+                               "--session-timeout=0.4",
+                               "--inactive-channel-timeout=0.6",
+                               "--poll-timeout=0.9")
+        p = OTHER_PORT
+        try:
+            kept, idle = fresh("kept"), fresh("idle")
+            for client in (kept, idle):
+                api("POST", "/clients.json", {"client_id": client}, port=p)
+            read_ch, push_ch, held_ch = (register(port=p) for _ in range(3))
+            push(read_ch, "r", port=p)
+            last = push(held_ch, "h", port=p)["message_id"]
+            # A held poll keeps its client and channel alive past both
+            # timeouts; reads keep read_ch alive; pushes do not count.
+            poll = Background(read, [held_ch], since=last, client_id=kept,
+                              port=p)
+            deadline = time.monotonic() + 0.85
+            while time.monotonic() < deadline:
+                read([read_ch], port=p)
+                api("POST", f"/channels/{push_ch}.json", {"content": "p"},
+                    port=p)               # -2 once the channel has expired
+                time.sleep(0.05)
+            st = status(p)
+            self.assertIn(kept, st["clients"])
+            self.assertNotIn(idle, st["clients"])
+            self.assertIn(read_ch, st["channels"])
+            self.assertIn(held_ch, st["channels"])
+            self.assertNotIn(push_ch, st["channels"])
+            self.assertEqual(read([push_ch], port=p)["return_code"], -2)
+            self.assertEqual(poll.result()["messages"], {held_ch: []})
+            self.assertEqual(read([read_ch], client_id=idle, port=p)
+                             ["return_code"], -3)
+            # Once nobody reads, everything goes.
+            wait_for(lambda: status(p)["channels"] == [] and
+                     status(p)["clients"] == [], timeout=3)
+        finally:
+            server.close()

@@ -829,3 +829,214 @@ class SessionTests(unittest.TestCase):
                      status(p)["clients"] == [], timeout=3)
         finally:
             server.close()
+
+
+# ---------------------------------------------------------------------------
+# A5. JSON-P
+# ---------------------------------------------------------------------------
+
+class JSONPTests(unittest.TestCase):
+
+    def jsonp(self, path, params=None, method="GET"):
+        resp, body = call(method, path, params)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.getheader("Content-Type"),
+                         "application/javascript")
+        self.assertEqual(resp.getheader("X-Content-Type-Options"), "nosniff")
+        return body.decode()
+
+    def unwrap(self, text, callback="_JSONP_comet_cb"):
+        prefix = f"/**/{callback}("
+        self.assertTrue(text.startswith(prefix), text)
+        self.assertTrue(text.endswith(");"), text)
+        return json.loads(text[len(prefix):-2])
+
+    def test_default_and_custom_callback(self):
+        name = register()
+        push(name, "x")
+        reply = self.unwrap(self.jsonp(f"/channels/{name}.jsonp"))
+        self.assertEqual(reply["messages"][name][0]["content"], "x")
+        reply = self.unwrap(self.jsonp(f"/channels/{name}.jsonp",
+                                       {"cb": "_JSONP_a.b_1"}), "_JSONP_a.b_1")
+        self.assertEqual(reply["return_code"], 1)
+
+    def test_every_resource_speaks_jsonp_and_errors_use_the_callback(self):
+        name = fresh()
+        reply = self.unwrap(self.jsonp("/channels.jsonp", {"channel_id": name},
+                                       "POST"))
+        self.assertEqual(reply["channel_id"], name)
+        reply = self.unwrap(self.jsonp(f"/channels/{name}.jsonp",
+                                       {"content": "c"}, "POST"))
+        self.assertEqual(reply["delivered"], 0)
+        reply = self.unwrap(self.jsonp("/clients.jsonp",
+                                       {"client_id": fresh()}, "POST"))
+        self.assertEqual(reply["return_code"], 1)
+        reply = self.unwrap(self.jsonp("/status.jsonp"))
+        self.assertIn("held_connections_count", reply["status"])
+        reply = self.unwrap(self.jsonp(f"/channels/{fresh()}.jsonp"))
+        self.assertEqual(reply["return_code"], -2)
+        reply = self.unwrap(self.jsonp(f"/channels/{name}.jsonp",
+                                       {"since": "x"}))
+        self.assertEqual(reply["return_code"], -1)
+        reply = self.unwrap(self.jsonp(f"/channels/{name}.jsonp",
+                                       method="DELETE"))
+        self.assertEqual(reply["return_code"], 2)
+
+    def test_bad_callbacks_get_a_comment_never_the_callers_text(self):
+        name = register()
+        for cb in ("alert", "_JSONP_x(1);alert", "_JSONP_" + "x" * 58,
+                   "_JSONP_a-b", "_JSONP_é", "", "_JSONP_x</script>",
+                   "_JSONP_x\u2028"):
+            with self.subTest(cb=cb):
+                text = self.jsonp(f"/channels/{name}.jsonp", {"cb": cb})
+                self.assertRegex(text, r"^/\* [A-Za-z_ 0-9]+ \*/$")
+                if cb:
+                    self.assertNotIn(cb, text)
+        self.assertEqual(self.jsonp(f"/channels/{name}.jsonp",
+                                    {"cb": "alert"}),
+                         "/* JSONP callback name must start with _JSONP_ */")
+        self.assertEqual(self.jsonp(f"/channels/{name}.jsonp",
+                                    {"cb": "_JSONP_a-b"}),
+                         "/* invalid JSONP callback name */")
+        # 64 characters is the limit.
+        cb = "_JSONP_" + "x" * 57
+        self.unwrap(self.jsonp(f"/channels/{name}.jsonp", {"cb": cb}), cb)
+
+    def test_bad_callback_does_not_act(self):
+        name = fresh()
+        self.jsonp("/channels.jsonp", {"channel_id": name, "cb": "evil"},
+                   "POST")
+        self.assertEqual(read([name])["return_code"], -2)
+
+    def test_line_separators_are_escaped(self):
+        name = register()
+        push(name, "a\u2028b\u2029c")
+        text = self.jsonp(f"/channels/{name}.jsonp")
+        self.assertNotIn("\u2028", text)
+        self.assertNotIn("\u2029", text)
+        self.assertEqual(self.unwrap(text)["messages"][name][0]["content"],
+                         "a\u2028b\u2029c")
+
+
+# ---------------------------------------------------------------------------
+# B. Publisher protection, CORS, caching
+# ---------------------------------------------------------------------------
+
+class AdminTokenTests(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ServerProcess(f"--http-port={OTHER_PORT}",
+                                   "--admin-token=s3cret", "--enable-status",
+                                   "--poll-timeout=0.2")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+
+    def test_writes_and_status_need_the_token(self):
+        good = {"Authorization": "Bearer s3cret"}
+        for headers in ({}, {"Authorization": "Bearer wrong"},
+                        {"Authorization": "Basic s3cret"},
+                        {"Authorization": "s3cret"}):
+            for method, path, params in (
+                    ("POST", "/channels.json", {"channel_id": "t"}),
+                    ("POST", "/clients.json", {"client_id": "t"}),
+                    ("POST", "/channels/t.json", {"content": "x"}),
+                    ("DELETE", "/channels/t.json", None),
+                    ("GET", "/status.json", None)):
+                with self.subTest(headers=headers, method=method, path=path):
+                    resp, body = call(method, path, params, headers=headers,
+                                      port=OTHER_PORT)
+                    self.assertEqual(resp.status, 403)
+                    self.assertEqual(resp.getheader("Content-Type"),
+                                     "application/json")
+                    self.assertIn("token", json.loads(body)["error_message"])
+        resp, body = call("POST", "/channels.json", {"channel_id": "t"},
+                          headers=good, port=OTHER_PORT)
+        self.assertEqual(json.loads(body)["return_code"], 1)
+        resp, body = call("POST", "/channels/t.json", {"content": "x"},
+                          headers={"Authorization": "bearer s3cret"},
+                          port=OTHER_PORT)
+        self.assertEqual(json.loads(body)["return_code"], 1)
+        # Reads stay open.
+        reply = read(["t"], port=OTHER_PORT)
+        self.assertEqual(reply["messages"]["t"][0]["content"], "x")
+        resp, body = call("GET", "/status.json", headers=good, port=OTHER_PORT)
+        self.assertEqual(resp.status, 200)
+
+    def test_token_from_environment(self):
+        server = ServerProcess(f"--http-port={OTHER_PORT + 1}",
+                               env={"SIMPLE_COMET_ADMIN_TOKEN": "envtok"})
+        try:
+            resp, _ = call("POST", "/channels.json", {"channel_id": "e"},
+                           port=OTHER_PORT + 1)
+            self.assertEqual(resp.status, 403)
+            resp, body = call("POST", "/channels.json", {"channel_id": "e"},
+                              headers={"Authorization": "Bearer envtok"},
+                              port=OTHER_PORT + 1)
+            self.assertEqual(json.loads(body)["return_code"], 1)
+        finally:
+            server.close()
+
+
+class LocalOnlyTests(unittest.TestCase):
+    """Without a token, writes come only from loopback or the socket.  The
+    tests reach the server only over loopback, so the refusal of other
+    addresses is checked on the function that decides it."""
+
+    def test_which_peers_are_local(self):
+        for peer in (("127.0.0.1", 1), ("127.9.8.7", 1), ("::1", 1, 0, 0),
+                     ("::ffff:127.0.0.1", 1, 0, 0), "", "/run/comet.sock"):
+            self.assertTrue(simple_comet.is_local(peer), peer)
+        for peer in (("10.0.0.1", 1), ("192.168.1.2", 1), ("8.8.8.8", 1),
+                     ("::ffff:10.0.0.1", 1, 0, 0), ("fe80::1%eth0", 1, 0, 2),
+                     ("2001:db8::1", 1, 0, 0), ("garbage", 1)):
+            self.assertFalse(simple_comet.is_local(peer), peer)
+
+    def test_refusal_names_the_switch(self):
+        config = simple_comet.Config()
+        app = simple_comet.App(config, None, None)
+
+        class Remote:
+            local = False
+        request = simple_comet.Request("POST", "/channels.json", "",
+                                       "HTTP/1.1", {"host": "x"})
+        with self.assertRaises(simple_comet.HTTPError) as caught:
+            app.authorize(request, Remote())
+        self.assertEqual(caught.exception.status, 403)
+        self.assertIn("--admin-token", caught.exception.message)
+
+
+class HeaderTests(unittest.TestCase):
+
+    def test_cors_and_cache_headers(self):
+        name = register()
+        push(name, "x")
+        resp, _ = call("GET", f"/channels/{name}.json")
+        self.assertEqual(resp.getheader("Access-Control-Allow-Origin"), "*")
+        self.assertEqual(resp.getheader("Cache-Control"),
+                         "no-cache, no-store, no-transform")
+        resp, _ = call("POST", f"/channels/{name}.json", {"content": "y"})
+        self.assertIsNone(resp.getheader("Access-Control-Allow-Origin"))
+        self.assertEqual(resp.getheader("Cache-Control"),
+                         "no-cache, no-store, no-transform")
+        resp, _ = call("GET", "/nowhere.json")
+        self.assertEqual(resp.status, 404)
+        self.assertEqual(resp.getheader("Cache-Control"),
+                         "no-cache, no-store, no-transform")
+
+    def test_preflight(self):
+        resp, body = call("OPTIONS", f"/channels/{fresh()}.json", headers={
+            "Origin": "http://example.org",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "X-Requested-With"})
+        self.assertEqual(resp.status, 204)
+        self.assertEqual(body, b"")
+        self.assertEqual(resp.getheader("Access-Control-Allow-Origin"), "*")
+        self.assertIn("GET", resp.getheader("Access-Control-Allow-Methods"))
+        self.assertEqual(resp.getheader("Access-Control-Allow-Headers"),
+                         "X-Requested-With")
+        resp, _ = call("OPTIONS", "/channels.json")
+        self.assertEqual(resp.status, 405)
+        self.assertIsNone(resp.getheader("Access-Control-Allow-Origin"))

@@ -1040,3 +1040,301 @@ class HeaderTests(unittest.TestCase):
         resp, _ = call("OPTIONS", "/channels.json")
         self.assertEqual(resp.status, 405)
         self.assertIsNone(resp.getheader("Access-Control-Allow-Origin"))
+
+
+# ---------------------------------------------------------------------------
+# B. HTTP/1.1 by hand
+# ---------------------------------------------------------------------------
+
+class HTTPTests(unittest.TestCase):
+
+    def setUp(self):
+        self.name = register()
+        self.last = push(self.name, "hello")["message_id"]
+        self.path = f"/channels/{self.name}.json"
+
+    def assertStatus(self, data, expected, closed=True):
+        """One reply with the expected status; the server closes the
+        connection after it when closed is true, else keeps it."""
+        with connect() as s:
+            s.sendall(data)
+            f = s.makefile("rb")
+            replies = [read_response(f)]
+            if closed:
+                try:
+                    self.assertIsNone(read_response(f))
+                except ConnectionResetError:
+                    pass      # closed with the rest of our request unread
+            else:
+                s.sendall(get_request("/again.json"))
+                self.assertEqual(read_response(f)[0], 404)
+        self.assertEqual([r[0] for r in replies], [expected], replies)
+        status, headers, body = replies[0]
+        if expected >= 400:
+            self.assertEqual(headers["content-type"], "application/json")
+            self.assertTrue(json.loads(body)["error_message"].startswith(
+                str(expected)))
+        if closed:
+            self.assertEqual(headers.get("connection"), "close")
+        return headers, body
+
+    def test_keep_alive_and_pipelining(self):
+        post = (f"POST {self.path} HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                "application/x-www-form-urlencoded\r\nContent-Length: 9\r\n"
+                "\r\ncontent=2").encode()
+        with connect() as s:
+            # Three requests in one write, answered in order.
+            s.sendall(get_request(self.path) + post + get_request(self.path))
+            f = s.makefile("rb")
+            replies = [read_response(f) for _ in range(3)]
+            # And the connection is still open for more.
+            s.sendall(get_request("/channels/" + self.name + ".json"))
+            replies.append(read_response(f))
+        self.assertEqual([r[0] for r in replies], [200] * 4)
+        bodies = [json.loads(r[2]) for r in replies]
+        self.assertEqual(len(bodies[0]["messages"][self.name]), 1)
+        self.assertEqual(bodies[1]["return_code"], 1)
+        self.assertEqual(len(bodies[2]["messages"][self.name]), 2)
+        self.assertTrue(all("connection" not in r[1] for r in replies))
+
+    def test_connection_close(self):
+        replies = exchange(get_request(self.path, "Connection: close\r\n") +
+                           get_request(self.path))
+        self.assertEqual(len(replies), 1)
+        self.assertEqual(replies[0][1]["connection"], "close")
+
+    def test_http_1_0(self):
+        replies = exchange(f"GET {self.path} HTTP/1.0\r\n\r\n".encode())
+        self.assertEqual(len(replies), 1)
+        self.assertEqual(replies[0][0], 200)
+        self.assertEqual(replies[0][1]["connection"], "close")
+        with connect() as s:
+            s.sendall(f"GET {self.path} HTTP/1.0\r\nConnection: keep-alive"
+                      "\r\n\r\n".encode() * 2)
+            f = s.makefile("rb")
+            for _ in range(2):
+                status, headers, _ = read_response(f)
+                self.assertEqual(headers["connection"], "keep-alive")
+
+    def test_http_1_0_held_poll(self):
+        # nginx's default upstream protocol: HTTP/1.0, one request each.
+        poll = Background(exchange, f"GET {self.path}?since={self.last} "
+                          "HTTP/1.0\r\n\r\n".encode())
+        wait_held(1)
+        push(self.name, "woken")
+        replies = poll.result()
+        self.assertEqual(len(replies), 1)
+        body = json.loads(replies[0][2])
+        self.assertEqual(body["messages"][self.name][0]["content"], "woken")
+
+    def test_chunked_body(self):
+        body = b"conte\r\n"
+        request = (f"POST {self.path} HTTP/1.1\r\nHost: x\r\n"
+                   "Transfer-Encoding: chunked\r\n\r\n"
+                   "5;ext=1\r\nconte\r\n6\r\nnt=chu\r\n4\r\nnked\r\n"
+                   "0\r\nTrailer: x\r\n\r\n").encode()
+        del body
+        with connect() as s:
+            s.sendall(request + get_request(self.path))
+            f = s.makefile("rb")
+            self.assertEqual(json.loads(read_response(f)[2])["return_code"], 1)
+            reply = json.loads(read_response(f)[2])
+        self.assertEqual(reply["messages"][self.name][-1]["content"],
+                         "chunked")
+
+    def test_expect_100_continue(self):
+        with connect() as s:
+            s.sendall(f"POST {self.path} HTTP/1.1\r\nHost: x\r\n"
+                      "Expect: 100-continue\r\nContent-Length: 12\r\n\r\n"
+                      .encode())
+            f = s.makefile("rb")
+            self.assertEqual(f.readline(), b"HTTP/1.1 100 Continue\r\n")
+            self.assertEqual(f.readline(), b"\r\n")
+            s.sendall(b"content=cont")
+            self.assertEqual(json.loads(read_response(f)[2])["return_code"], 1)
+        self.assertStatus(f"POST {self.path} HTTP/1.1\r\nHost: x\r\nExpect: "
+                          "100-continue\r\nContent-Length: 2000000\r\n\r\n"
+                          .encode(), 413)
+        self.assertStatus(f"POST {self.path} HTTP/1.1\r\nHost: x\r\nExpect: "
+                          "something\r\nContent-Length: 0\r\n\r\n".encode(),
+                          417)
+
+    def test_head(self):
+        with connect() as s:
+            s.sendall(f"HEAD {self.path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                      + get_request(self.path))
+            f = s.makefile("rb")
+            line = f.readline()
+            self.assertTrue(line.startswith(b"HTTP/1.1 200"))
+            headers = {}
+            while (line := f.readline()) != b"\r\n":
+                k, _, v = line.decode().partition(":")
+                headers[k.lower()] = v.strip()
+            # No body: the next bytes are the GET's reply.
+            status, get_headers, body = read_response(f)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-length"],
+                         get_headers["content-length"])
+        # A HEAD is never held.
+        resp, body = call("HEAD", f"{self.path}?since={self.last}")
+        self.assertEqual((resp.status, body), (200, b""))
+
+    def test_malformed_requests_get_400(self):
+        for data in (b"GET\r\n\r\n",
+                     b"GET / HTTP/1.1 extra\r\nHost: x\r\n\r\n",
+                     b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+                     b"G\x00T / HTTP/1.1\r\nHost: x\r\n\r\n",
+                     b"GET / HTTX/1.1\r\nHost: x\r\n\r\n",
+                     b"GET nopath HTTP/1.1\r\nHost: x\r\n\r\n",
+                     b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nNo colon\r\nHost: x\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                     b"GET / HTTP/1.1\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n",
+                     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                     b"Content-Length: 2\r\n\r\n",
+                     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+                     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n",
+                     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n",
+                     b"POST /channels.json HTTP/1.1\r\nHost: x\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+                     b"POST /channels.json HTTP/1.1\r\nHost: x\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n",
+                     b"GET /channels/%zz.json HTTP/1.1\r\nHost: x\r\n\r\n",
+                     b"GET /channels/%ff.json HTTP/1.1\r\nHost: x\r\n\r\n",
+                     b"GET /channels/a.json?since=%ff HTTP/1.1\r\nHost: x\r\n"
+                     b"\r\n",
+                     b"GET /channels/a.json?x=%g HTTP/1.1\r\nHost: x\r\n\r\n"):
+            with self.subTest(data=data):
+                self.assertStatus(data, 400)
+
+    def test_status_codes(self):
+        headers, _ = self.assertStatus(
+            b"PUT /channels.json HTTP/1.1\r\nHost: x\r\n\r\n", 405,
+            closed=False)
+        self.assertEqual(headers["allow"], "POST")
+        headers, _ = self.assertStatus(
+            f"PATCH {self.path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 405,
+            closed=False)
+        self.assertEqual(headers["allow"], "GET, HEAD, POST, DELETE, OPTIONS")
+        for path in ("/", "/nothing", "/channels", "/channels/a",
+                     "/channels/a.xml", "/channels/a/b.json", "/clients",
+                     "/status.xml"):
+            with self.subTest(path=path):
+                self.assertStatus(get_request(path), 404, closed=False)
+        self.assertStatus(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505)
+        self.assertStatus(b"GET / HTTP/0.9\r\nHost: x\r\n\r\n", 505)
+        self.assertStatus(b"POST /channels.json HTTP/1.1\r\nHost: x\r\n"
+                          b"Transfer-Encoding: gzip\r\n\r\n", 501)
+        self.assertStatus(b"POST /channels.json HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Length: 1048577\r\n\r\n", 413)
+        chunk = b"%x\r\n" % (600 * 1024) + b"x" * (600 * 1024) + b"\r\n"
+        self.assertStatus(b"POST /channels.json HTTP/1.1\r\nHost: x\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 2,
+                          413)
+        self.assertStatus(b"GET /" + b"a" * 8200 + b" HTTP/1.1\r\n"
+                          b"Host: x\r\n\r\n", 414)
+        self.assertStatus(b"GET /" + b"a" * 40000 + b" HTTP/1.1\r\n"
+                          b"Host: x\r\n\r\n", 414)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 17000 +
+                          b"\r\n\r\n", 431)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\n" +
+                          b"X: a\r\n" * 101 + b"\r\n", 431)
+        self.assertStatus(b"POST /channels.json HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: multipart/form-data\r\n"
+                          b"Content-Length: 3\r\n\r\na=b", 415, closed=False)
+        # Limits themselves are allowed.
+        self.assertStatus(b"GET /" + b"a" * 8000 + b" HTTP/1.1\r\n"
+                          b"Host: x\r\n\r\n", 404, closed=False)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\n" +
+                          b"X: a\r\n" * 99 + b"\r\n", 404, closed=False)
+
+    def test_max_body_switch(self):
+        server = ServerProcess(f"--http-port={OTHER_PORT}", "--max-body=20")
+        try:
+            self.assertEqual(api("POST", "/channels.json", {"channel_id": "m"},
+                                 port=OTHER_PORT)["return_code"], 1)
+            resp, body = call("POST", "/channels/m.json", {"content": "x" * 20},
+                              port=OTHER_PORT)
+            self.assertEqual(resp.status, 413)
+        finally:
+            server.close()
+
+    def test_absolute_form_target(self):
+        replies = exchange(f"GET http://localhost:4080{self.path} HTTP/1.1\r\n"
+                           "Host: localhost\r\nConnection: close\r\n\r\n"
+                           .encode())
+        self.assertEqual(replies[0][0], 200)
+        self.assertEqual(json.loads(replies[0][2])["messages"][self.name][0]
+                         ["content"], "hello")
+
+    def test_bad_input_does_not_disturb_other_connections(self):
+        poll = Background(read, [self.name], since=self.last)
+        wait_held(1)
+        for data in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" * 20,
+                     b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
+                     b"\r\n" * 100):
+            with connect(timeout=2) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                try:
+                    s.recv(65536)
+                except OSError:
+                    pass
+        push(self.name, "still here")
+        self.assertEqual(poll.result()["messages"][self.name][0]["content"],
+                         "still here")
+
+
+class TimeoutTests(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ServerProcess(f"--http-port={OTHER_PORT}",
+                                   "--http-timeout=0.4", "--poll-timeout=0.2")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+
+    def closed_after(self, data):
+        with connect(OTHER_PORT) as s:
+            start = time.monotonic()
+            if data:
+                s.sendall(data)
+            received = b""
+            while chunk := s.recv(65536):
+                received += chunk
+            return time.monotonic() - start, received
+
+    def test_idle_connection_closed(self):
+        elapsed, received = self.closed_after(b"")
+        self.assertEqual(received, b"")
+        self.assertGreaterEqual(elapsed, 0.35)
+        self.assertLess(elapsed, 2)
+
+    def test_partial_request_closed(self):
+        elapsed, received = self.closed_after(b"GET /channels/a.json HTTP/1.1"
+                                              b"\r\nHost: x\r\n")
+        self.assertGreaterEqual(elapsed, 0.35)
+        self.assertLess(elapsed, 2)
+
+    def test_keep_alive_idle_after_reply(self):
+        request = b"GET /nope.json HTTP/1.1\r\nHost: x\r\n\r\n"
+        elapsed, received = self.closed_after(request)
+        self.assertTrue(received.startswith(b"HTTP/1.1 404"))
+        self.assertGreaterEqual(elapsed, 0.35)
+
+    def test_held_polls_outlive_the_http_timeout(self):
+        # Polls answered by --poll-timeout keep their connection going.
+        name = register(port=OTHER_PORT)
+        with connect(OTHER_PORT) as s:
+            f = s.makefile("rb")
+            for _ in range(4):                 # 0.8 s in all, > 0.4
+                s.sendall(get_request(f"/channels/{name}.json"))
+                status, headers, body = read_response(f)
+                self.assertEqual(json.loads(body)["messages"], {name: []})

@@ -1338,3 +1338,187 @@ class TimeoutTests(unittest.TestCase):
                 s.sendall(get_request(f"/channels/{name}.json"))
                 status, headers, body = read_response(f)
                 self.assertEqual(json.loads(body)["messages"], {name: []})
+
+
+# ---------------------------------------------------------------------------
+# B. Shutdown, connection cap, hostile input
+# ---------------------------------------------------------------------------
+
+class ShutdownTests(unittest.TestCase):
+
+    def test_signal_answers_held_polls_and_cleans_up(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(sig=sig), tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "comet.sock")
+                server = ServerProcess(f"--http-port={OTHER_PORT}",
+                                       f"--unix-socket-path={path}",
+                                       listeners=2)
+                try:
+                    name = register(port=OTHER_PORT)
+                    last = push(name, "x", port=OTHER_PORT)["message_id"]
+                    target = f"/channels/{name}.json?since={last}"
+                    polls = [Background(exchange, get_request(target),
+                                        OTHER_PORT),
+                             Background(exchange, f"GET {target} HTTP/1.0\r\n"
+                                        "\r\n".encode(), OTHER_PORT)]
+                    idle = connect(OTHER_PORT)
+                    time.sleep(0.3)
+                    server.proc.send_signal(sig)
+                    self.assertEqual(server.proc.wait(5), 0)
+                    for poll in polls:
+                        replies = poll.result()
+                        self.assertEqual(len(replies), 1)
+                        status, headers, body = replies[0]
+                        self.assertEqual(headers["connection"], "close")
+                        self.assertEqual(json.loads(body)["messages"],
+                                         {name: []})
+                    self.assertEqual(idle.recv(10), b"")
+                    idle.close()
+                    self.assertFalse(os.path.exists(path))
+                    self.assertNotIn("Traceback", server.output())
+                    with self.assertRaises(OSError):
+                        connect(OTHER_PORT).close()
+                finally:
+                    server.close()
+
+
+class ConnectionCapTests(unittest.TestCase):
+
+    def test_connections_beyond_the_cap_are_refused_at_once(self):
+        server = ServerProcess(f"--http-port={OTHER_PORT}",
+                               "--max-connections=3", "--enable-status")
+        held = []
+        try:
+            for _ in range(3):
+                s = connect(OTHER_PORT)
+                held.append((s, s.makefile("rb")))
+                s.sendall(get_request("/status.json"))
+                self.assertEqual(read_response(held[-1][1])[0], 200)
+            with connect(OTHER_PORT) as extra:
+                start = time.monotonic()
+                f = extra.makefile("rb")
+                status_code, headers, body = read_response(f)
+                self.assertEqual(status_code, 503)
+                self.assertIn("too many connections",
+                              json.loads(body)["error_message"])
+                self.assertIsNone(read_response(f))
+                self.assertLess(time.monotonic() - start, 1)
+            # The first three are unaffected.
+            for s, f in held:
+                s.sendall(get_request("/status.json"))
+                reply = json.loads(read_response(f)[2])
+                self.assertEqual(reply["status"]["connections"], 3)
+            s, f = held.pop()
+            f.close()
+            s.close()
+            # A freed slot is usable again.
+            wait_for(lambda: self.accepted(OTHER_PORT))
+        finally:
+            for s, f in held:
+                f.close()
+                s.close()
+            server.close()
+
+    @staticmethod
+    def accepted(port):
+        try:
+            return status(port)["connections"] == 3
+        except (OSError, http.client.HTTPException, AssertionError):
+            return False
+
+
+FUZZ_REQUESTS = int(os.environ.get("SIMPLE_COMET_FUZZ", "400"))
+
+
+class FuzzTests(unittest.TestCase):
+    """Seeded mutations of valid requests: the server must answer every one
+    with a real status or close, print no traceback, and lose nothing."""
+
+    SEEDS = [
+        b"GET /channels/fz.json?since=0 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /channels/fz%7Cother.jsonp?since=1&cb=_JSONP_x HTTP/1.1\r\n"
+        b"Host: x\r\n\r\n",
+        b"POST /channels/fz.json HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"application/x-www-form-urlencoded\r\nContent-Length: 9\r\n\r\n"
+        b"content=z",
+        b"POST /channels.json HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+        b"chunked\r\n\r\n5\r\nchann\r\n7\r\nel_id=q\r\n0\r\n\r\n",
+        b"POST /clients.json HTTP/1.0\r\nContent-Length: 11\r\n\r\n"
+        b"client_id=c",
+        b"DELETE /channels/gone.json HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"OPTIONS /channels/fz.json HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"HEAD /status.json HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+    ]
+    JUNK = [b"\x00", b"\xff\xfe", b"%", b"%zz", b"%C3%28", b"\r\n", b"\n",
+            b"\r", b" ", b":", b"|", b"%7C", b"Content-Length: 5\r\n",
+            b"Content-Length: 99999999999999999999\r\n",
+            b"Transfer-Encoding: chunked\r\n", b"Host: y\r\n",
+            b"since=-1", b"since=99999999999999999999999", b"cb=alert",
+            b"cb=_JSONP_" + b"a" * 80, b"ffffffffffffffffff\r\n",
+            b"\xc3\x28", b"\xed\xa0\x80", b"9" * 50, b"?", b"&", b"=",
+            b"HTTP/1.1", b"HTTP/9.9"]
+
+    def mutate(self, rng, data):
+        data = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            op = rng.randrange(6)
+            pos = rng.randrange(len(data) + 1)
+            if op == 0 and data:                       # flip a bit
+                i = min(pos, len(data) - 1)
+                data[i] ^= 1 << rng.randrange(8)
+            elif op == 1:                              # truncate
+                del data[pos:]
+            elif op == 2:                              # insert junk
+                data[pos:pos] = rng.choice(self.JUNK)
+            elif op == 3:                              # duplicate a header
+                lines = bytes(data).split(b"\r\n")
+                if len(lines) > 2:
+                    k = rng.randrange(1, len(lines) - 1)
+                    lines.insert(k, lines[k])
+                    data = bytearray(b"\r\n".join(lines))
+            elif op == 4 and data:                     # delete a span
+                del data[pos:pos + rng.randint(1, 8)]
+            else:                                      # repeat a span
+                data[pos:pos] = data[pos:pos + rng.randint(1, 16)] * \
+                    rng.randint(2, 50)
+        return bytes(data)
+
+    def test_fuzz(self):
+        server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status",
+                               "--poll-timeout=0.05", "--http-timeout=0.3")
+        try:
+            for name in ("fz", "other"):
+                register(name, port=OTHER_PORT)
+            pushed = [push("fz", f"keep {i} \u2028é", port=OTHER_PORT)
+                      ["message_id"] for i in range(5)]
+            rng = random.Random(20261121)
+            statuses = {}
+            for _ in range(FUZZ_REQUESTS):
+                data = self.mutate(rng, rng.choice(self.SEEDS))
+                try:
+                    with connect(OTHER_PORT, timeout=3) as s:
+                        s.sendall(data)
+                        s.shutdown(socket.SHUT_WR)
+                        reply = b""
+                        while chunk := s.recv(65536):
+                            reply += chunk
+                except ConnectionResetError:
+                    reply = b"reset"
+                code = reply[9:12] if reply.startswith(b"HTTP/1.1 ") else \
+                    reply[:5]
+                statuses[code] = statuses.get(code, 0) + 1
+                if reply.startswith(b"HTTP/1.1 5") and \
+                        not reply.startswith((b"HTTP/1.1 501",
+                                              b"HTTP/1.1 505")):
+                    self.fail(f"server error for {data!r}: {reply!r}")
+            self.assertGreater(statuses.get(b"200", 0), 10, statuses)
+            self.assertGreater(statuses.get(b"400", 0), 10, statuses)
+            reply = read(["fz"], port=OTHER_PORT)
+            kept = [m for m in reply["messages"]["fz"] if m["id"] in pushed]
+            self.assertEqual([m["content"] for m in kept],
+                             [f"keep {i} \u2028é" for i in range(5)])
+            self.assertEqual(server.stop(), 0)
+            self.assertNotIn("Traceback", server.output())
+            self.assertNotIn(" ERROR ", server.output())
+        finally:
+            server.close()

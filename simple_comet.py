@@ -33,6 +33,7 @@ pub/sub hub, routes, connection handling, server lifecycle, command line.
 
 import argparse
 import asyncio
+import contextvars
 import hmac
 import ipaddress
 import json
@@ -353,21 +354,6 @@ NO_CACHE = b"Cache-Control: no-cache, no-store, no-transform\r\n"
 CORS = b"Access-Control-Allow-Origin: *\r\n"
 
 
-class Format:
-    """How a reply is framed: JSON, quoted JSON, or JSON-P with a callback."""
-
-    __slots__ = ("callback", "quote", "cors", "error")
-
-    def __init__(self, callback=None, quote=False, cors=False, error=None):
-        self.callback = callback     # JSON-P when set
-        self.quote = quote
-        self.cors = cors
-        self.error = error           # why the JSON-P callback was refused
-
-    def key(self):
-        return (self.callback, self.quote, self.cors)
-
-
 def callback_error(name):
     """Why ``name`` may not be a JSON-P callback, or None if it may."""
     if len(name) > MAX_CALLBACK_LENGTH:
@@ -379,12 +365,13 @@ def callback_error(name):
     return None
 
 
-def frame_body(fmt, text):
-    """Wrap a JSON text as the format asks; returns (content type, bytes)."""
-    if fmt.callback is not None:
+def frame_body(text, callback, quote):
+    """Wrap a JSON text for JSON-P (callback set) or --quote-json; returns
+    (content type, bytes)."""
+    if callback is not None:
         return (b"application/javascript",
-                f"/**/{fmt.callback}({text});".encode())
-    if fmt.quote:
+                f"/**/{callback}({text});".encode())
+    if quote:
         return b"application/json", f"/*-secure- {text} */".encode()
     return b"application/json", text.encode()
 
@@ -471,14 +458,14 @@ class Client:
 class Poll:
     """A held read, waiting for a push to one of its channels."""
 
-    __slots__ = ("conn", "channels", "since", "client", "fmt", "timer")
+    __slots__ = ("conn", "channels", "since", "client", "callback", "timer")
 
-    def __init__(self, conn, channels, since, client, fmt):
+    def __init__(self, conn, channels, since, client, callback):
         self.conn = conn
         self.channels = channels
         self.since = since
         self.client = client
-        self.fmt = fmt
+        self.callback = callback         # JSON-P callback, None for JSON
         self.timer = None
 
 
@@ -495,6 +482,10 @@ class Hub:
         self.delivered = 0
         self.started = time.time()
         self.last_id = min(int(self.started * ID_UNITS_PER_SECOND), MAX_SAFE_ID)
+        # All poll timers share one bound method and one context; a copy of
+        # each per timer would add ~150 bytes to every held poll.
+        self.time_out_callback = self.time_out
+        self.timer_context = contextvars.Context()
 
     # -- channels and clients -------------------------------------------
 
@@ -543,7 +534,7 @@ class Hub:
         cache = {}
         count = 0
         for poll in list(polls):
-            key = (poll.channels, poll.since, poll.fmt.key())
+            key = (poll.channels, poll.since, poll.callback)
             text = cache.get(key)
             if text is None:
                 text = cache[key] = self.read_text(poll.channels, poll.since)
@@ -586,7 +577,8 @@ class Hub:
         if poll.client is not None:
             poll.client.held += 1
         poll.timer = self.loop.call_later(self.config.poll_timeout,
-                                          self.time_out, poll)
+                                          self.time_out_callback, poll,
+                                          context=self.timer_context)
         poll.conn.poll = poll
         self.held += 1
 
@@ -605,7 +597,7 @@ class Hub:
 
     def answer(self, poll, text):
         self.release(poll)
-        poll.conn.send_poll_reply(poll.fmt, text)
+        poll.conn.send_poll_reply(poll.callback, text)
 
     def time_out(self, poll):
         self.answer(poll, self.empty_text(poll))
@@ -726,17 +718,15 @@ class App:
         else:
             params = query
         reading = method in ("GET", "HEAD")
-        form = Format(cors=reading)
+        callback = None
         if fmt == "jsonp":
-            form.callback = params.get("cb", DEFAULT_CALLBACK)
-            form.error = callback_error(form.callback)
-            if form.error:
+            callback = params.get("cb", DEFAULT_CALLBACK)
+            refused = callback_error(callback)
+            if refused:
                 # Never echo the caller's text, and do not act on a request
                 # whose answer could not be read.
                 return 200, b"application/javascript", \
-                    f"/* {form.error} */".encode(), reading, b""
-        elif self.config.quote_json:
-            form.quote = True
+                    f"/* {refused} */".encode(), reading, b""
         if not reading or resource != "channel":
             self.authorize(request, conn)
         try:
@@ -746,7 +736,7 @@ class App:
                 elif method == "DELETE":
                     text = self.delete(name)
                 else:
-                    text = self.read(name, params, conn, form,
+                    text = self.read(name, params, conn, callback,
                                      hold=(method == "GET"))
                     if text is None:
                         return None
@@ -758,7 +748,7 @@ class App:
                 text = self.status()
         except APIError as e:
             text = error_text(e.return_code, e.message)
-        content_type, body = frame_body(form, text)
+        content_type, body = frame_body(text, callback, self.config.quote_json)
         return 200, content_type, body, reading, b""
 
     @staticmethod
@@ -832,7 +822,7 @@ class App:
         return success_text(2 if removed else 1, channel_id=name,
                             removed=removed)
 
-    def read(self, names, params, conn, fmt, hold):
+    def read(self, names, params, conn, callback, hold):
         hub = self.hub
         names = list(dict.fromkeys(names.split("|")))
         if len(names) > MAX_CHANNELS_PER_READ:
@@ -866,7 +856,7 @@ class App:
             return text
         if not hold:
             return hub.reply_text(since, [c.key + ":[]" for c in channels])
-        hub.hold(Poll(conn, channels, since, client, fmt))
+        hub.hold(Poll(conn, channels, since, client, callback))
         return None
 
     def status(self):
@@ -912,7 +902,7 @@ class Connection:
     """
 
     __slots__ = ("server", "reader", "writer", "transport", "local", "peer",
-                 "poll", "keep_alive", "version", "deadline", "timer",
+                 "poll", "keep_alive", "version", "deadline",
                  "waiter", "busy")
 
     def __init__(self, server, reader, writer):
@@ -928,24 +918,13 @@ class Connection:
         self.version = "HTTP/1.1"
         self.waiter = None               # set while a request waits on a poll
         self.busy = False                # between a request's start and reply
-        loop = server.loop
-        self.deadline = loop.time() + server.config.http_timeout
-        self.timer = loop.call_at(self.deadline, self.check_idle)
+        # Checked by Server.tick(): one sweep for all connections costs less
+        # than a timer each, and a held poll is never idle.
+        self.deadline = server.loop.time() + server.config.http_timeout
 
-    def check_idle(self):
-        """Close a connection idle past --http-timeout (held polls are not
-        idle: --poll-timeout answers them first)."""
-        loop = self.server.loop
-        now = loop.time()
-        if self.poll is not None or self.deadline > now:
-            when = max(self.deadline, now + self.server.config.http_timeout
-                       if self.poll is not None else 0)
-            self.timer = loop.call_at(when, self.check_idle)
-            return
-        self.transport.close()
-
-    def send_poll_reply(self, fmt, text):
-        content_type, body = frame_body(fmt, text)
+    def send_poll_reply(self, callback, text):
+        content_type, body = frame_body(text, callback,
+                                        self.server.config.quote_json)
         self.send(render(200, content_type, body, self.keep_alive,
                          self.version, cors=True))
         waiter = self.waiter
@@ -964,11 +943,20 @@ class Connection:
         return "unix socket"
 
     async def run(self):
+        reader = self.reader
         try:
             while True:
                 try:
-                    if not await self.serve_one():
+                    # While a poll is held the connection waits here, and
+                    # only here: this frame is part of every held poll's
+                    # memory, so it keeps no request and the rest of the
+                    # work is in serve().
+                    if not await self.serve(
+                            await reader.readuntil(b"\r\n\r\n")):
                         break
+                except asyncio.LimitOverrunError:
+                    self.fail(await self.head_too_long())
+                    break
                 except HTTPError as e:
                     self.fail(e)
                     if not self.keep_alive:
@@ -981,19 +969,16 @@ class Connection:
         finally:
             self.close()
 
-    async def serve_one(self):
-        """Read one request and reply (or hold it); False ends the loop."""
+    async def head_too_long(self):
+        buffered = await self.reader.read(MAX_REQUEST_LINE + 2)
+        if b"\r\n" in buffered:
+            return HTTPError(431, f"Request head over {MAX_HEADER_BYTES} bytes")
+        return HTTPError(414, f"Request line over {MAX_REQUEST_LINE} bytes")
+
+    async def serve(self, head):
+        """Answer (or hold) one request; False ends the connection."""
         server = self.server
         reader = self.reader
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            buffered = await reader.read(MAX_REQUEST_LINE + 2)
-            if b"\r\n" in buffered:
-                raise HTTPError(431, f"Request head over {MAX_HEADER_BYTES} "
-                                     "bytes") from None
-            raise HTTPError(414, f"Request line over {MAX_REQUEST_LINE} bytes"
-                            ) from None
         if self.poll is not None:
             # Pipelined behind a held poll: replies go out in order.
             await self.wait_for_poll()
@@ -1059,7 +1044,6 @@ class Connection:
     def close(self):
         if self.poll is not None:
             self.server.hub.release(self.poll)
-        self.timer.cancel()
         self.transport.close()
         self.server.connections.discard(self)
 
@@ -1083,17 +1067,19 @@ class Server:
         self.closing = False
         self.socket_inode = None
 
-    async def handle(self, reader, writer):
+    def handle(self, reader, writer):
+        """Called for each new connection; returns the coroutine that serves
+        it (not a coroutine itself, to keep one frame less per connection)."""
         if self.closing or len(self.connections) >= self.config.max_connections:
             writer.transport.write(render(
                 503, b"application/json",
                 error_text(BAD_PARAMETER, "503 Service Unavailable: too many "
                            "connections").encode(), False, "HTTP/1.1"))
             writer.transport.close()
-            return
+            return None
         conn = Connection(self, reader, writer)
         self.connections.add(conn)
-        await conn.run()
+        return conn.run()
 
     async def start(self):
         config = self.config
@@ -1121,8 +1107,9 @@ class Server:
                     host = f"[{host}]"
                 log.info("listening on http://%s:%d", host, port)
         interval = min(1.0, config.session_timeout / 4,
-                       config.inactive_channel_timeout / 4)
-        self.reaper = self.loop.create_task(self.reap(interval))
+                       config.inactive_channel_timeout / 4,
+                       config.http_timeout / 4)
+        self.ticker = self.loop.create_task(self.tick(interval))
 
     async def start_unix(self, limit):
         path = self.config.unix_socket_path
@@ -1155,17 +1142,23 @@ class Server:
                  self.config.unix_socket_mode)
         return server
 
-    async def reap(self, interval):
+    async def tick(self, interval):
+        """Housekeeping: expire clients and channels, close idle connections."""
         while True:
             await asyncio.sleep(interval)
             self.hub.reap()
+            now = self.loop.time()
+            idle = [c for c in self.connections
+                    if c.deadline < now and c.poll is None]
+            for conn in idle:
+                conn.transport.close()
 
     async def shutdown(self):
         """Stop accepting, answer held polls, flush replies, clean up."""
         self.closing = True
         for server in self.servers:
             server.close()
-        self.reaper.cancel()
+        self.ticker.cancel()
         self.hub.answer_all()
         for conn in list(self.connections):
             if not conn.busy:

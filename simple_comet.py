@@ -1151,7 +1151,12 @@ class Server:
             idle = [c for c in self.connections
                     if c.deadline < now and c.poll is None]
             for conn in idle:
-                conn.transport.close()
+                if conn.transport.get_write_buffer_size():
+                    # A client that stopped reading its replies: close()
+                    # would wait for them to drain, forever.
+                    conn.transport.abort()
+                else:
+                    conn.transport.close()
 
     async def shutdown(self):
         """Stop accepting, answer held polls, flush replies, clean up."""

@@ -315,16 +315,19 @@ def decode_params(text, where):
     """Decode an urlencoded query string or form into a dict of str."""
     if not text:
         return {}
-    if _BAD_PERCENT.search(text):
-        raise HTTPError(400, f"Malformed percent-escape in {where}")
-    try:
-        pairs = parse_qsl(text, keep_blank_values=True, errors="strict",
-                          max_num_fields=MAX_QUERY_FIELDS)
-    except UnicodeDecodeError:
-        raise HTTPError(400, f"Invalid UTF-8 in {where}") from None
-    except ValueError:
-        raise HTTPError(400, f"More than {MAX_QUERY_FIELDS} fields in {where}"
-                        ) from None
+    fields = text.split("&")
+    if len(fields) > MAX_QUERY_FIELDS:
+        raise HTTPError(400, f"More than {MAX_QUERY_FIELDS} fields in {where}")
+    if "%" in text or "+" in text:
+        if _BAD_PERCENT.search(text):
+            raise HTTPError(400, f"Malformed percent-escape in {where}")
+        try:
+            pairs = parse_qsl(text, keep_blank_values=True, errors="strict")
+        except UnicodeDecodeError:
+            raise HTTPError(400, f"Invalid UTF-8 in {where}") from None
+    else:
+        # The usual query (ids, numbers, callback names) needs no unquoting.
+        pairs = [field.partition("=")[::2] for field in fields if field]
     params = {}
     for name, value in pairs:
         if name in params and params[name] != value:
@@ -670,7 +673,7 @@ class App:
 
     def route(self, request, conn):
         """Return (status, content type, body, cors, extra headers), or None
-        when the read is held.  Raises HTTPError or APIError."""
+        when the read is held.  Raises HTTPError."""
         segments = request.path.split("/")
         if len(segments) == 2 and segments[0] == "":
             resource, fmt = self.split_format(segments[1])
@@ -700,36 +703,21 @@ class App:
         if method == "OPTIONS":
             return self.preflight(request)
 
-        query = decode_params(request.query, "query string")
-        if request.body:
-            content_type = request.headers.get("content-type", "")
-            mime = content_type.partition(";")[0].strip().lower()
-            if mime not in ("", "application/x-www-form-urlencoded"):
-                raise HTTPError(415, "Send application/x-www-form-urlencoded",
-                                close=False)
-            try:
-                form = request.body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise HTTPError(400, "Invalid UTF-8 in body") from None
-            params = decode_params(form, "body")
-            # The original read parameters from the query string too.
-            for key, value in query.items():
-                params.setdefault(key, value)
-        else:
-            params = query
         reading = method in ("GET", "HEAD")
-        callback = None
-        if fmt == "jsonp":
-            callback = params.get("cb", DEFAULT_CALLBACK)
-            refused = callback_error(callback)
-            if refused:
-                # Never echo the caller's text, and do not act on a request
-                # whose answer could not be read.
-                return 200, b"application/javascript", \
-                    f"/* {refused} */".encode(), reading, b""
-        if not reading or resource != "channel":
-            self.authorize(request, conn)
+        # Until the callback is known, errors go through the default one.
+        callback = DEFAULT_CALLBACK if fmt == "jsonp" else None
         try:
+            params = self.parameters(request)
+            if callback is not None:
+                callback = params.get("cb", DEFAULT_CALLBACK)
+                refused = callback_error(callback)
+                if refused:
+                    # Never echo the caller's text, and do not act on a
+                    # request whose answer could not be read.
+                    return 200, b"application/javascript", \
+                        f"/* {refused} */".encode(), reading, b""
+            if not reading or resource != "channel":
+                self.authorize(request, conn)
             if resource == "channel":
                 if method == "POST":
                     text = self.push(name, params)
@@ -750,6 +738,24 @@ class App:
             text = error_text(e.return_code, e.message)
         content_type, body = frame_body(text, callback, self.config.quote_json)
         return 200, content_type, body, reading, b""
+
+    @staticmethod
+    def parameters(request):
+        """The query string's parameters, and a POST's form on top."""
+        params = decode_params(request.query, "query string")
+        if request.method != "POST" or not request.body:
+            return params
+        content_type = request.headers.get("content-type", "")
+        mime = content_type.partition(";")[0].strip().lower()
+        if mime not in ("", "application/x-www-form-urlencoded"):
+            raise HTTPError(415, "Send application/x-www-form-urlencoded",
+                            close=False)
+        try:
+            form = request.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPError(400, "Invalid UTF-8 in body") from None
+        # As in the original, the query string counts too; the form wins.
+        return {**params, **decode_params(form, "body")}
 
     @staticmethod
     def split_format(segment):
@@ -917,7 +923,7 @@ class Connection:
         self.keep_alive = True
         self.version = "HTTP/1.1"
         self.waiter = None               # set while a request waits on a poll
-        self.busy = False                # between a request's start and reply
+        self.busy = False                # a request read but not answered
         # Checked by Server.tick(): one sweep for all connections costs less
         # than a timer each, and a held poll is never idle.
         self.deadline = server.loop.time() + server.config.http_timeout
@@ -932,6 +938,7 @@ class Connection:
             waiter.set_result(None)
 
     def send(self, data):
+        self.busy = False
         self.transport.write(data)
         if not self.keep_alive or self.server.closing:
             self.transport.close()
@@ -1003,14 +1010,9 @@ class Connection:
                 request.body = await read_chunked(reader, max_body)
         except asyncio.LimitOverrunError:
             raise HTTPError(400, "Chunk size line too long") from None
-        try:
-            reply = server.app.route(request, self)
-        except APIError as e:
-            # Raised before the reply format is known (a malformed form).
-            reply = (200, b"application/json",
-                     error_text(e.return_code, e.message).encode(), False, b"")
-        self.busy = False
+        reply = server.app.route(request, self)
         if reply is None:
+            self.busy = False
             # Held: keep reading, so a client that leaves is noticed at once.
             return True
         status, content_type, body, cors, extra = reply

@@ -909,6 +909,13 @@ class JSONPTests(unittest.TestCase):
         cb = "_JSONP_" + "x" * 57
         self.unwrap(self.jsonp(f"/channels/{name}.jsonp", {"cb": cb}), cb)
 
+    def test_malformed_parameters_answer_through_the_callback(self):
+        name = register()
+        text = self.jsonp(f"/channels/{name}.jsonp?since=1&since=2")
+        self.assertEqual(self.unwrap(text)["return_code"], -1)
+        text = self.jsonp(f"/channels/{name}.jsonp?since=1&since=2&cb=_JSONP_z")
+        self.assertEqual(self.unwrap(text)["return_code"], -1)
+
     def test_bad_callback_does_not_act(self):
         name = fresh()
         self.jsonp("/channels.jsonp", {"channel_id": name, "cb": "evil"},
@@ -1270,6 +1277,18 @@ class HTTPTests(unittest.TestCase):
             self.assertEqual(resp.status, 413)
         finally:
             server.close()
+
+    def test_get_body_is_read_and_ignored(self):
+        with connect() as s:
+            s.sendall(f"GET {self.path} HTTP/1.1\r\nHost: x\r\n"
+                      "Content-Length: 6\r\n\r\n\xff=%zz&".encode("latin-1") +
+                      get_request(self.path))
+            f = s.makefile("rb")
+            for _ in range(2):
+                status_code, _, body = read_response(f)
+                self.assertEqual(status_code, 200)
+                self.assertEqual(json.loads(body)["messages"][self.name][0]
+                                 ["content"], "hello")
 
     def test_absolute_form_target(self):
         replies = exchange(f"GET http://localhost:4080{self.path} HTTP/1.1\r\n"

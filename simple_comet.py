@@ -978,7 +978,7 @@ class Connection:
             log.exception("internal error serving %s", self.peer_text())
             self.fail(HTTPError(500, "Internal server error"))
         finally:
-            self.close()
+            await self.close()
 
     async def head_too_long(self):
         buffered = await self.reader.read(MAX_REQUEST_LINE + 2)
@@ -1047,11 +1047,20 @@ class Connection:
         self.send(render(error.status, b"application/json", body,
                          self.keep_alive, self.version, extra=extra))
 
-    def close(self):
+    async def close(self):
         if self.poll is not None:
             self.server.hub.release(self.poll)
         self.transport.close()
-        self.server.connections.discard(self)
+        try:
+            # Until the socket is really closed the connection stays counted
+            # (and Server.tick() aborts one whose client stopped reading).
+            # Awaiting also takes the error of a reset connection, which
+            # asyncio would otherwise log as never retrieved.
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+        finally:
+            self.server.connections.discard(self)
 
 
 # ---------------------------------------------------------------------------

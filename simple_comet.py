@@ -33,7 +33,6 @@ pub/sub hub, routes, connection handling, server lifecycle, command line.
 
 import argparse
 import asyncio
-import contextvars
 import hmac
 import ipaddress
 import json
@@ -458,7 +457,8 @@ class Client:
 class Poll:
     """A held read, waiting for a push to one of its channels."""
 
-    __slots__ = ("conn", "channels", "since", "client", "callback", "timer")
+    __slots__ = ("conn", "channels", "since", "client", "callback",
+                 "deadline")
 
     def __init__(self, conn, channels, since, client, callback):
         self.conn = conn
@@ -466,7 +466,7 @@ class Poll:
         self.since = since
         self.client = client
         self.callback = callback         # JSON-P callback, None for JSON
-        self.timer = None
+        self.deadline = None
 
 
 class Hub:
@@ -477,15 +477,16 @@ class Hub:
         self.loop = loop
         self.channels = {}
         self.clients = {}
-        self.held = 0
+        # Every held poll, oldest first.  They all share one timeout, so this
+        # is also deadline order: one sweep answers the expired ones, where a
+        # timer per poll would cost more memory and time than the poll.
+        self.polls = {}
+        self.sweep_interval = min(1.0, config.poll_timeout / 10)
         self.pushed = 0
         self.delivered = 0
         self.started = time.time()
         self.last_id = min(int(self.started * ID_UNITS_PER_SECOND), MAX_SAFE_ID)
-        # All poll timers share one bound method and one context; a copy of
-        # each per timer would add ~150 bytes to every held poll.
-        self.time_out_callback = self.time_out
-        self.timer_context = contextvars.Context()
+        self.sweeper = loop.call_later(self.sweep_interval, self.sweep)
 
     # -- channels and clients -------------------------------------------
 
@@ -532,14 +533,18 @@ class Hub:
         # Polls that share channels, since and format get the same bytes:
         # the reply is built once per distinct kind, not once per poll.
         cache = {}
-        count = 0
+        now = self.loop.time()
+        count = len(polls)
         for poll in list(polls):
-            key = (poll.channels, poll.since, poll.callback)
-            text = cache.get(key)
-            if text is None:
-                text = cache[key] = self.read_text(poll.channels, poll.since)
-            self.answer(poll, text)
-            count += 1
+            conn = poll.conn
+            key = (poll.channels, poll.since, poll.callback, conn.keep_alive,
+                   conn.version)
+            data = cache.get(key)
+            if data is None:
+                data = cache[key] = conn.poll_reply(
+                    poll.callback, self.read_text(poll.channels, poll.since))
+            self.release(poll, now)
+            conn.finish_poll(data)
         self.delivered += count
         return message_id, count
 
@@ -576,41 +581,59 @@ class Hub:
 
     # -- held polls -------------------------------------------------------
 
+    @property
+    def held(self):
+        return len(self.polls)
+
     def hold(self, poll):
+        # Answered by the sweep that follows the deadline, so never later
+        # than --poll-timeout.
+        poll.deadline = (self.loop.time() + self.config.poll_timeout -
+                         self.sweep_interval)
+        self.polls[poll] = None
         for channel in poll.channels:
             channel.polls[poll] = None
         if poll.client is not None:
             poll.client.held += 1
-        poll.timer = self.loop.call_later(self.config.poll_timeout,
-                                          self.time_out_callback, poll,
-                                          context=self.timer_context)
         poll.conn.poll = poll
-        self.held += 1
 
-    def release(self, poll):
+    def release(self, poll, now=None):
         """Forget a held poll: it was answered or its client went away."""
-        now = self.loop.time()
+        if now is None:
+            now = self.loop.time()
+        del self.polls[poll]
         for channel in poll.channels:
             channel.polls.pop(poll, None)
             channel.last_read = now
         if poll.client is not None:
             poll.client.held -= 1
             poll.client.last_read = now
-        poll.timer.cancel()
         poll.conn.poll = None
-        self.held -= 1
 
     def answer(self, poll, text):
+        """Send a held poll its reply (a JSON text) and forget it."""
         self.release(poll)
-        poll.conn.send_poll_reply(poll.callback, text)
+        conn = poll.conn
+        conn.finish_poll(conn.poll_reply(poll.callback, text))
 
     def time_out(self, poll):
         self.answer(poll, self.empty_text(poll))
 
+    def sweep(self):
+        now = self.loop.time()
+        expired = []
+        for poll in self.polls:
+            if poll.deadline > now:
+                break
+            expired.append(poll)
+        for poll in expired:
+            self.time_out(poll)
+        self.sweeper = self.loop.call_later(self.sweep_interval, self.sweep)
+
     def answer_all(self):
         """Shutdown: every held poll gets its empty reply now."""
-        polls = {p: None for c in self.channels.values() for p in c.polls}
-        for poll in polls:
+        self.sweeper.cancel()
+        for poll in list(self.polls):
             poll.conn.keep_alive = False
             self.time_out(poll)
 
@@ -932,11 +955,15 @@ class Connection:
         # than a timer each, and a held poll is never idle.
         self.deadline = server.loop.time() + server.config.http_timeout
 
-    def send_poll_reply(self, callback, text):
+    def poll_reply(self, callback, text):
+        """The bytes that answer this connection's held poll."""
         content_type, body = frame_body(text, callback,
                                         self.server.config.quote_json)
-        self.send(render(200, content_type, body, self.keep_alive,
-                         self.version, cors=True))
+        return render(200, content_type, body, self.keep_alive, self.version,
+                      cors=True)
+
+    def finish_poll(self, data):
+        self.send(data)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

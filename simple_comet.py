@@ -700,25 +700,22 @@ class App:
         """Return (status, content type, body, cors, extra headers), or None
         when the read is held.  Raises HTTPError."""
         segments = request.path.split("/")
+        allowed = None
         if len(segments) == 2 and segments[0] == "":
             resource, fmt = self.split_format(segments[1])
             name = None
+            if resource in ("channels", "clients"):
+                allowed = ("POST",)
+            elif resource in ("status", "stats") and self.config.enable_status:
+                allowed = ("GET", "HEAD")
         elif len(segments) == 3 and segments[:2] == ["", "channels"]:
             resource = "channel"
             name, fmt = self.split_format(decode_segment(segments[2]))
-        else:
+            allowed = ("GET", "HEAD", "POST", "DELETE", "OPTIONS")
+        if allowed is None:
             raise HTTPError(404, f"No resource at {request.path[:100]}",
                             close=False)
         method = request.method
-        if resource == "channel":
-            allowed = ("GET", "HEAD", "POST", "DELETE", "OPTIONS")
-        elif resource == "channels" or resource == "clients":
-            allowed = ("POST",)
-        elif resource in ("status", "stats") and self.config.enable_status:
-            allowed = ("GET", "HEAD")
-        else:
-            raise HTTPError(404, f"No resource at {request.path[:100]}",
-                            close=False)
         if fmt is None:
             raise HTTPError(404, "Resources end in .json or .jsonp",
                             close=False)

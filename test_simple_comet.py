@@ -1235,7 +1235,7 @@ class HTTPTests(unittest.TestCase):
             f"PATCH {self.path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 405,
             closed=False)
         self.assertEqual(headers["allow"], "GET, HEAD, POST, DELETE, OPTIONS")
-        for path in ("/", "/nothing", "/channels", "/channels/a",
+        for path in ("/", "/nothing", "/channel.json", "/channels", "/channels/a",
                      "/channels/a.xml", "/channels/a/b.json", "/clients",
                      "/status.xml"):
             with self.subTest(path=path):
@@ -1514,9 +1514,11 @@ class FuzzTests(unittest.TestCase):
         server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status",
                                "--poll-timeout=0.05", "--http-timeout=0.3")
         try:
-            for name in ("fz", "other"):
+            for name in ("fz", "other", "kept"):
                 register(name, port=OTHER_PORT)
-            pushed = [push("fz", f"keep {i} \u2028é", port=OTHER_PORT)
+            # On a channel the mutated requests do not name, so its short
+            # history is not pushed out by their pushes.
+            pushed = [push("kept", f"keep {i} \u2028é", port=OTHER_PORT)
                       ["message_id"] for i in range(5)]
             rng = random.Random(20261121)
             statuses = {}
@@ -1538,11 +1540,14 @@ class FuzzTests(unittest.TestCase):
                         not reply.startswith((b"HTTP/1.1 501",
                                               b"HTTP/1.1 505")):
                     self.fail(f"server error for {data!r}: {reply!r}")
+            report(f"fuzz: {FUZZ_REQUESTS} mutated requests, replies by "
+                   f"status {dict(sorted(statuses.items()))}")
             self.assertGreater(statuses.get(b"200", 0), 10, statuses)
             self.assertGreater(statuses.get(b"400", 0), 10, statuses)
-            reply = read(["fz"], port=OTHER_PORT)
-            kept = [m for m in reply["messages"]["fz"] if m["id"] in pushed]
-            self.assertEqual([m["content"] for m in kept],
+            reply = read(["kept"], port=OTHER_PORT)
+            self.assertEqual([m["id"] for m in reply["messages"]["kept"]],
+                             pushed)
+            self.assertEqual([m["content"] for m in reply["messages"]["kept"]],
                              [f"keep {i} \u2028é" for i in range(5)])
             self.assertEqual(server.stop(), 0)
             self.assertNotIn("Traceback", server.output())
@@ -2517,6 +2522,12 @@ class NginxTests(unittest.TestCase):
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown
 # ---------------------------------------------------------------------------
 
+def report(text):
+    """Figures for the README's Reliability section, with SIMPLE_COMET_REPORT=1."""
+    if os.environ.get("SIMPLE_COMET_REPORT"):
+        print(f"\n  figure: {text}", file=sys.stderr)
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -2597,6 +2608,7 @@ class ReliabilityTests(unittest.TestCase):
             times.sort()
             p99 = times[int(len(times) * 0.99)]
             self.assertLess(p99, 0.05, f"p99 {p99 * 1000:.1f} ms")
+            closing = time.monotonic()
             # --http-timeout closes every stalled one (and nothing answered
             # them: there was no whole request).
             deadline = time.monotonic() + 5
@@ -2604,6 +2616,10 @@ class ReliabilityTests(unittest.TestCase):
                 s.settimeout(max(0.1, deadline - time.monotonic()))
                 self.assertEqual(s.recv(100), b"")
             wait_for(lambda: status(OTHER_PORT)["connections"] == 1)
+            report(f"{len(stalled)} stalled clients: 200 reads beside them, "
+                   f"p50 {times[100] * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms; "
+                   f"all closed {time.monotonic() - closing:.2f} s later "
+                   "(--http-timeout=1)")
         finally:
             for s in stalled:
                 s.close()
@@ -2630,6 +2646,9 @@ class ReliabilityTests(unittest.TestCase):
                 # Unbounded buffering would hold every reply owed.
                 self.assertGreater(replies_owed, 50_000_000)
                 self.assertLess(grown, 20_000, f"grew {grown} KiB")
+                report(f"client that never reads: sent {sent} bytes of "
+                       f"requests ({replies_owed // 1_000_000} MB of replies "
+                       f"owed), server RSS grew {grown} KiB")
                 # And the stuck connection is dropped after --http-timeout.
                 s.setblocking(True)
                 s.settimeout(5)
@@ -2661,6 +2680,8 @@ class ReliabilityTests(unittest.TestCase):
             self.assertEqual(status(OTHER_PORT)["connections"], 1)
             # After warm-up, the size stays flat.
             self.assertLess(sizes[-1] - sizes[1], 1024, sizes)
+            report(f"churn: 6 rounds of 500 polls opened and dropped, "
+                   f"RSS KiB per round {sizes}")
             self.assertEqual(push(name, "y", port=OTHER_PORT)["delivered"], 0)
         finally:
             server.close()
@@ -2709,6 +2730,12 @@ class ReliabilityTests(unittest.TestCase):
                 empty += sub.empty_replies
             self.assertEqual(sum(map(len, pushed.values())), 160)
             self.assertGreater(empty, 100)         # timeouts happened
+            checked = sum(len(sub.got[n]) for sub in subscribers
+                          for n in sub.channels)
+            report(f"exactly once: 4 publishers, 160 messages, 100 "
+                   f"subscribers on 10 channel sets, {checked} deliveries "
+                   f"checked, {empty} empty replies (poll timeouts), "
+                   f"{sum(s.polls for s in subscribers)} polls")
         finally:
             server.close()
 
@@ -2755,6 +2782,8 @@ class ReliabilityTests(unittest.TestCase):
                 # order, up to where it stopped: nothing skipped.
                 self.assertEqual(got, acked[:len(got)])
             self.assertNotIn("Traceback", server.output())
+            report(f"shutdown under load: {len(acked)} pushes acknowledged, "
+                   f"50 held polls answered, exit 0")
         finally:
             stop.set()
             server.close()

@@ -1105,6 +1105,7 @@ class Server:
         self.servers = []
         self.closing = False
         self.socket_inode = None
+        self.ticker = None
 
     def handle(self, reader, writer):
         """Called for each new connection; returns the coroutine that serves
@@ -1228,7 +1229,11 @@ class Server:
 
 async def serve(config):
     server = Server(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        server.remove_socket()       # e.g. the socket came up, the port not
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -431,6 +431,13 @@ class UnixSocketTests(unittest.TestCase):
         finally:
             server.close()
 
+    def test_socket_removed_when_the_port_is_in_use(self):
+        result = run_server(f"--unix-socket-path={self.path}",
+                            f"--http-port={PORT}")        # the main server's
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(str(PORT), result.stderr)
+        self.assertFalse(os.path.exists(self.path))
+
     def test_path_that_is_not_a_socket(self):
         with open(self.path, "w") as f:
             f.write("data")

@@ -575,9 +575,9 @@ class Hub:
                 '"last_id": %d, "messages": {%s}%s}' % (
                     since, self.last_id, ", ".join(parts), lost))
 
-    def empty_text(self, poll):
-        return self.reply_text(poll.since,
-                               [self.part(c) for c in poll.channels])
+    def empty_text(self, channels, since):
+        """A read's reply with every list empty."""
+        return self.reply_text(since, [self.part(c) for c in channels])
 
     # -- held polls -------------------------------------------------------
 
@@ -617,7 +617,7 @@ class Hub:
         conn.finish_poll(conn.poll_reply(poll.callback, text))
 
     def time_out(self, poll):
-        self.answer(poll, self.empty_text(poll))
+        self.answer(poll, self.empty_text(poll.channels, poll.since))
 
     def sweep(self):
         now = self.loop.time()
@@ -885,7 +885,7 @@ class App:
         if text is not None:
             return text
         if not hold:
-            return hub.reply_text(since, [hub.part(c) for c in channels])
+            return hub.empty_text(channels, since)
         hub.hold(Poll(conn, channels, since, client, callback))
         return None
 

@@ -651,8 +651,10 @@ class LongPollTests(unittest.TestCase):
         last = push(a, "old")["message_id"]
         polls = [Background(read, [a, b], since=last) for _ in range(3)]
         wait_held(3)
+        before = status()["messages_delivered"]
         reply = push(b, "new")
         self.assertEqual(reply["delivered"], 3)
+        self.assertEqual(status()["messages_delivered"], before + 3)
         for poll in polls:
             got = poll.result()
             self.assertEqual(got["return_code"], 1)

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Simple Comet: a long-polling publish/subscribe server in one file.
+"""Simple Comet: a long-polling and EventSource publish/subscribe server in
+one file.
 
-Browsers long-poll channels over plain HTTP (JSON or JSON-P); the
-application publishes to a channel with one POST.  Python 3.11+, standard
-library only:
+Browsers long-poll channels over plain HTTP (JSON or JSON-P) or stream them
+as Server-Sent Events; the application publishes to a channel with one
+POST.  Python 3.11+, standard library only:
 
     python3 simple_comet.py --http-port=4080
 
@@ -18,37 +19,52 @@ client, -3 unregistered client):
     POST   /clients.json         client_id=ID
     GET    /channels/A%7CB.json  [since=N] [client_id=ID]
                                  -> since, last_id, messages {ID: [...]}, [lost]
-    GET    /status.json          (with --enable-status)
+    GET    /channels/A%7CB.sse   [since=N] [client_id=ID]  (or Last-Event-ID)
+                                 -> text/event-stream, one event per message
+    GET    /health.json          200 when writes are taken, else 503
+    GET    /status.json, /metrics  (with --enable-status)
 
 A read with nothing newer than ``since`` is held until a message is pushed
 to one of its channels or ``--poll-timeout`` passes (then every list is
-empty).  Message ids come from one counter shared by all channels; a reader
-passes the reply's ``last_id`` as its next ``since`` and so sees every
-message once.  Writes and the status page need ``--admin-token`` or, without
-one, a client on loopback or the unix socket.
+empty).  A stream sends what is retained after its cursor, then every new
+message as it is pushed.  Message ids come from one counter shared by all
+channels; a reader passes the reply's ``last_id`` as its next ``since`` (a
+browser's EventSource sends ``Last-Event-ID``) and so sees every message
+once.  Writes and the status page need ``--admin-token`` or, without one, a
+client on loopback or the unix socket.
 
-The file reads top to bottom: configuration, errors, HTTP parsing, the
-pub/sub hub, routes, connection handling, server lifecycle, command line.
+Where messages are kept (memory, or memory plus ``--state-file``) is the
+store's business; how they reach readers (held polls, streams) is the hub's.
+
+The file reads top to bottom: configuration, errors, HTTP parsing, replies,
+storage, the hub and its waiters, routes, connection handling, logging,
+server lifecycle, command line.
 """
 
 import argparse
 import asyncio
+import errno
+import fcntl
 import hmac
 import ipaddress
 import json
 import logging
 import math
 import os
+import queue
+import random
 import re
 import signal
 import socket
 import stat
 import sys
 import time
+import zlib
 from collections import deque
+from logging.handlers import QueueHandler, QueueListener
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"
 
 log = logging.getLogger("simple_comet")
 
@@ -85,6 +101,34 @@ WRITE_BUFFER_HIGH = 64 * 1024
 
 SHUTDOWN_GRACE = 5.0                 # seconds to flush replies on shutdown
 
+# Connections beyond --max-connections that loopback and the unix socket may
+# still open, so that a saturated server can be looked at.
+LOCAL_RESERVE = 4
+
+# After an error reply to a client that is still sending, read and discard
+# until it has been quiet this long (bounded in time and bytes), so that the
+# client reads the reply instead of a reset.
+LINGER_QUIET = 2.0
+LINGER_MAX_TIME = 30.0
+LINGER_MAX_BYTES = 64 * 1024 * 1024
+
+# EventSource streams.
+SSE_RETRY_MS = 3000                  # the browser's reconnect delay
+SSE_SHUTDOWN_RETRY_MS = (1000, 5000) # spread reconnects after a restart
+SSE_MAX_UNSENT = 1024 * 1024         # live events a slow reader may owe
+
+# Logging: client mistakes are rate-limited, and the log is written by a
+# thread from a bounded queue, so a stuck sink never stalls serving.
+CLIENT_LOG_BURST = 20                # client mistakes logged per window
+CLIENT_LOG_WINDOW = 10.0             # seconds
+LOG_QUEUE_SIZE = 10_000              # records waiting for the sink; then dropped
+
+# The state file (--state-file).
+STATE_FSYNC_INTERVAL = 1.0           # seconds: a power loss costs at most this
+STATE_COMPACT_RATIO = 4              # compact when the file is this many times
+STATE_COMPACT_SLACK = 64 * 1024      # ... the live state, plus this
+STATE_COMPACT_SLICE = 0.005          # seconds of work between yields while compacting
+
 
 class Config:
     """The settings, with the defaults of the original server."""
@@ -97,12 +141,15 @@ class Config:
     session_timeout = 60.0
     inactive_channel_timeout = 90.0
     poll_timeout = 25.0
+    sse_heartbeat = 15.0
     messages_per_channel = 100
     quote_json = False
     enable_status = False
     admin_token = None
     max_body = 1024 * 1024
     max_connections = 10_000
+    max_connections_per_ip = 256
+    state_file = None
     log_level = "INFO"
 
     def __init__(self, **settings):
@@ -121,14 +168,23 @@ class HTTPError(Exception):
 
     ``close`` is true where the byte stream can no longer be trusted (or was
     not read to its end), so the connection must be closed after the reply.
+    ``return_code`` goes into the JSON body (-1 unless an API failure is
+    told as an HTTP status, as for streams).
     """
 
-    def __init__(self, status, message, close=True, headers=()):
+    def __init__(self, status, message, close=True, headers=(),
+                 return_code=-1):
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close
         self.headers = headers
+        self.return_code = return_code
+
+
+def unavailable(message):
+    """A write the store could not take: 503, not acknowledged."""
+    return HTTPError(503, message, close=False)
 
 
 class APIError(Exception):
@@ -138,6 +194,10 @@ class APIError(Exception):
         super().__init__(message)
         self.return_code = return_code
         self.message = message
+
+
+class StartupError(Exception):
+    """Cannot start: the message is printed and the process exits 1."""
 
 
 BAD_PARAMETER = -1
@@ -188,13 +248,15 @@ class Request:
 
 
 def parse_head(head):
-    """Parse a request line and headers (``head`` ends with CRLF CRLF)."""
-    crlf = head.count(b"\r\n")
-    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
-        raise HTTPError(400, "Lines must end with CRLF")
+    """Parse a request line and headers (``head`` ends with an empty line).
+
+    Lines end in CRLF or, as RFC 9112 section 2.2 allows, a bare LF.
+    """
+    if head.count(b"\r") != head.count(b"\r\n"):
+        raise HTTPError(400, "Bare CR in request head")
     if _BAD_HEAD_BYTE.search(head):
         raise HTTPError(400, "Control character in request head")
-    lines = head[:-4].split(b"\r\n")
+    lines = head.replace(b"\r\n", b"\n").rstrip(b"\n").split(b"\n")
     request_line = lines[0]
     if len(request_line) > MAX_REQUEST_LINE:
         raise HTTPError(414, f"Request line over {MAX_REQUEST_LINE} bytes")
@@ -251,6 +313,49 @@ def parse_head(head):
     if version == "HTTP/1.1" and "host" not in headers:
         raise HTTPError(400, "HTTP/1.1 request without Host header")
     return Request(method, path, query, version, headers)
+
+
+class HeadReader(asyncio.StreamReader):
+    """A StreamReader that can read a request head whose lines end in CRLF
+    or in a bare LF.
+
+    ``readuntil()`` takes a single separator, and the two kinds of blank
+    line that may end a head are two; ``readhead()`` mirrors it on the same
+    buffer (the attributes it shares with ``readuntil`` have been stable
+    since Python 3.7).
+    """
+
+    async def readhead(self):
+        if self._exception is not None:
+            raise self._exception
+        buffer = self._buffer
+        offset = 0
+        while True:
+            crlf = buffer.find(b"\n\r\n", offset)
+            # Look for a bare-LF blank line only before the CRLF one, so a
+            # long pipelined buffer is not scanned to its end per request.
+            lf = buffer.find(b"\n\n", offset,
+                             len(buffer) if crlf < 0 else crlf + 2)
+            if lf >= 0:
+                end = lf + 2
+                break
+            if crlf >= 0:
+                end = crlf + 3
+                break
+            offset = max(0, len(buffer) - 2)
+            if offset > self._limit:
+                raise asyncio.LimitOverrunError("Request head too long", offset)
+            if self._eof:
+                partial = bytes(buffer)
+                buffer.clear()
+                raise asyncio.IncompleteReadError(partial, None)
+            await self._wait_for_data("readhead")
+        if end > self._limit:
+            raise asyncio.LimitOverrunError("Request head too long", end)
+        head = bytes(buffer[:end])
+        del buffer[:end]
+        self._maybe_resume_transport()
+        return head
 
 
 def body_length(request, max_body):
@@ -408,256 +513,7 @@ def error_text(return_code, message):
 
 
 # ---------------------------------------------------------------------------
-# The pub/sub hub
-# ---------------------------------------------------------------------------
-
-class Channel:
-    """A channel owns its retained messages and the polls waiting on it."""
-
-    __slots__ = ("name", "key", "messages", "use_sessions", "polls",
-                 "last_read", "dropped_id")
-
-    def __init__(self, name, max_messages, use_sessions, now):
-        self.name = name
-        self.key = json.dumps(name)          # encoded once, used per reply
-        # Each message is (id, its JSON text), encoded once at push time.
-        self.messages = deque(maxlen=max_messages)
-        self.use_sessions = use_sessions
-        self.polls = {}                      # Poll -> None, in arrival order
-        self.last_read = now
-        self.dropped_id = 0                  # newest id the history dropped
-
-    def since(self, since):
-        """JSON texts of the messages with id > since, oldest first."""
-        messages = self.messages
-        if not messages or messages[-1][0] <= since:
-            return []
-        if messages[0][0] > since:
-            return [text for _, text in messages]
-        newer = []
-        for message_id, text in reversed(messages):
-            if message_id <= since:
-                break
-            newer.append(text)
-        newer.reverse()
-        return newer
-
-
-class Client:
-    """A registered client: alive while it reads or holds a poll."""
-
-    __slots__ = ("client_id", "last_read", "held")
-
-    def __init__(self, client_id, now):
-        self.client_id = client_id
-        self.last_read = now
-        self.held = 0
-
-
-class Poll:
-    """A held read, waiting for a push to one of its channels."""
-
-    __slots__ = ("conn", "channels", "since", "client", "callback",
-                 "deadline")
-
-    def __init__(self, conn, channels, since, client, callback):
-        self.conn = conn
-        self.channels = channels
-        self.since = since
-        self.client = client
-        self.callback = callback         # JSON-P callback, None for JSON
-        self.deadline = None
-
-
-class Hub:
-    """All channels and clients; the only place pub/sub state lives."""
-
-    def __init__(self, config, loop):
-        self.config = config
-        self.loop = loop
-        self.channels = {}
-        self.clients = {}
-        # Every held poll, oldest first.  They all share one timeout, so this
-        # is also deadline order: one sweep answers the expired ones, where a
-        # timer per poll would cost more memory and time than the poll.
-        self.polls = {}
-        self.sweep_interval = min(1.0, config.poll_timeout / 10)
-        self.pushed = 0
-        self.delivered = 0
-        self.started = time.time()
-        self.last_id = min(int(self.started * ID_UNITS_PER_SECOND), MAX_SAFE_ID)
-        self.sweeper = loop.call_later(self.sweep_interval, self.sweep)
-
-    # -- channels and clients -------------------------------------------
-
-    def add_channel(self, name, max_messages, use_sessions):
-        if name in self.channels:
-            raise APIError(NO_CHANNEL, "Channel already exists")
-        self.channels[name] = Channel(name, max_messages, use_sessions,
-                                      self.loop.time())
-
-    def remove_channel(self, name):
-        channel = self.channels.pop(name, None)
-        if channel is None:
-            return False
-        for poll in list(channel.polls):
-            remaining = tuple(c for c in poll.channels if c is not channel)
-            if remaining:
-                poll.channels = remaining
-            else:
-                self.answer(poll, error_text(NO_CHANNEL, "No valid channels"))
-        return True
-
-    def add_client(self, client_id):
-        if client_id in self.clients:
-            raise APIError(NO_CHANNEL, "Client already exists")
-        self.clients[client_id] = Client(client_id, self.loop.time())
-
-    # -- messages ---------------------------------------------------------
-
-    def push(self, channel, content):
-        """Store a message and answer every poll held on the channel."""
-        if self.last_id >= MAX_SAFE_ID:
-            raise APIError(BAD_PARAMETER, "Message id space exhausted")
-        self.last_id += 1
-        message_id = self.last_id
-        messages = channel.messages
-        if len(messages) == messages.maxlen:
-            channel.dropped_id = messages[0][0]
-        messages.append((message_id, '{"id": %d, "ts": %d, "content": %s}' % (
-            message_id, time.time(), json.dumps(content))))
-        self.pushed += 1
-        polls = channel.polls
-        if not polls:
-            return message_id, 0
-        # Polls that share channels, since and format get the same bytes:
-        # the reply is built once per distinct kind, not once per poll.
-        cache = {}
-        now = self.loop.time()
-        count = len(polls)
-        for poll in list(polls):
-            conn = poll.conn
-            key = (poll.channels, poll.since, poll.callback, conn.keep_alive,
-                   conn.version)
-            data = cache.get(key)
-            if data is None:
-                data = cache[key] = conn.poll_reply(
-                    poll.callback, self.read_text(poll.channels, poll.since))
-            self.release(poll, now)
-            conn.finish_poll(data)
-        self.delivered += count
-        return message_id, count
-
-    def read_text(self, channels, since):
-        """The JSON reply of a read, or None when there is nothing newer."""
-        parts = []
-        lost = []
-        empty = True
-        for channel in channels:
-            newer = channel.since(since)
-            if newer:
-                empty = False
-                if since and channel.dropped_id > since:
-                    lost.append(channel.key)
-            parts.append(self.part(channel, newer))
-        if empty:
-            return None
-        return self.reply_text(since, parts, lost)
-
-    @staticmethod
-    def part(channel, texts=()):
-        """A channel's entry in a reply's "messages"."""
-        return channel.key + ": [" + ", ".join(texts) + "]"
-
-    def reply_text(self, since, parts, lost=()):
-        lost = ', "lost": [%s]' % ", ".join(lost) if lost else ""
-        return ('{"return_code": 1, "error_message": "", "since": %d, '
-                '"last_id": %d, "messages": {%s}%s}' % (
-                    since, self.last_id, ", ".join(parts), lost))
-
-    def empty_text(self, channels, since):
-        """A read's reply with every list empty."""
-        return self.reply_text(since, [self.part(c) for c in channels])
-
-    # -- held polls -------------------------------------------------------
-
-    @property
-    def held(self):
-        return len(self.polls)
-
-    def hold(self, poll):
-        # Answered by the sweep that follows the deadline, so never later
-        # than --poll-timeout.
-        poll.deadline = (self.loop.time() + self.config.poll_timeout -
-                         self.sweep_interval)
-        self.polls[poll] = None
-        for channel in poll.channels:
-            channel.polls[poll] = None
-        if poll.client is not None:
-            poll.client.held += 1
-        poll.conn.poll = poll
-
-    def release(self, poll, now=None):
-        """Forget a held poll: it was answered or its client went away."""
-        if now is None:
-            now = self.loop.time()
-        del self.polls[poll]
-        for channel in poll.channels:
-            channel.polls.pop(poll, None)
-            channel.last_read = now
-        if poll.client is not None:
-            poll.client.held -= 1
-            poll.client.last_read = now
-        poll.conn.poll = None
-
-    def answer(self, poll, text):
-        """Send a held poll its reply (a JSON text) and forget it."""
-        self.release(poll)
-        conn = poll.conn
-        conn.finish_poll(conn.poll_reply(poll.callback, text))
-
-    def time_out(self, poll):
-        self.answer(poll, self.empty_text(poll.channels, poll.since))
-
-    def sweep(self):
-        now = self.loop.time()
-        expired = []
-        for poll in self.polls:
-            if poll.deadline > now:
-                break
-            expired.append(poll)
-        for poll in expired:
-            self.time_out(poll)
-        self.sweeper = self.loop.call_later(self.sweep_interval, self.sweep)
-
-    def answer_all(self):
-        """Shutdown: every held poll gets its empty reply now."""
-        self.sweeper.cancel()
-        for poll in list(self.polls):
-            poll.conn.keep_alive = False
-            self.time_out(poll)
-
-    # -- expiry -----------------------------------------------------------
-
-    def reap(self):
-        """Forget idle clients and channels nobody has read."""
-        now = self.loop.time()
-        limit = now - self.config.session_timeout
-        idle = [c for c in self.clients.values()
-                if not c.held and c.last_read < limit]
-        for client in idle:
-            del self.clients[client.client_id]
-        limit = now - self.config.inactive_channel_timeout
-        idle = [c for c in self.channels.values()
-                if not c.polls and c.last_read < limit]
-        for channel in idle:
-            del self.channels[channel.name]
-        if idle:
-            log.debug("removed %d inactive channels", len(idle))
-
-
-# ---------------------------------------------------------------------------
-# Routes
+# Parameters
 # ---------------------------------------------------------------------------
 
 def check_id(value, what, channel=False):
@@ -683,47 +539,1092 @@ def parse_count(value, what, lowest):
     return number
 
 
+# ---------------------------------------------------------------------------
+# Storage: channels, their messages, clients and the id counter
+# ---------------------------------------------------------------------------
+
+def message_text(message_id, content):
+    """A message's JSON, encoded once when it is pushed."""
+    return '{"id": %d, "ts": %d, "content": %s}' % (
+        message_id, time.time(), json.dumps(content))
+
+
+class Channel:
+    """A channel: its options, its retained messages and who waits on it.
+
+    Idle channels are many (one per user is common), so nothing is
+    allocated before it is needed: no history until the first push, no
+    waiter map while nobody waits, no encoded name until the first reply.
+    """
+
+    __slots__ = ("name", "max_messages", "use_sessions", "messages",
+                 "dropped_id", "last_read", "waiters", "_key")
+
+    def __init__(self, name, max_messages, use_sessions, now):
+        self.name = name
+        self.max_messages = max_messages
+        self.use_sessions = use_sessions
+        self.messages = None     # deque of (id, JSON text), oldest first
+        self.dropped_id = 0      # newest id the history dropped
+        self.last_read = now
+        self.waiters = None      # held polls and open streams -> None
+        self._key = None
+
+    @property
+    def key(self):
+        """The name as a JSON string."""
+        if self._key is None:
+            self._key = json.dumps(self.name)
+        return self._key
+
+    @property
+    def newest_id(self):
+        return self.messages[-1][0] if self.messages else 0
+
+    def add(self, message_id, text):
+        messages = self.messages
+        if messages is None:
+            messages = self.messages = deque(maxlen=self.max_messages)
+        elif len(messages) == self.max_messages:
+            self.dropped_id = messages[0][0]
+        messages.append((message_id, text))
+
+    def since(self, since):
+        """The retained (id, JSON text) with id > since, oldest first."""
+        messages = self.messages
+        if not messages or messages[-1][0] <= since:
+            return []
+        if messages[0][0] > since:
+            return list(messages)
+        newer = []
+        for message in reversed(messages):
+            if message[0] <= since:
+                break
+            newer.append(message)
+        newer.reverse()
+        return newer
+
+
+class MemoryStore:
+    """Channels, clients and the id counter, kept in memory.
+
+    The writes (add_channel, add_client, push, remove_channel) check, store
+    and then apply; applying is where the hub hears of a new message or a
+    removed channel, whichever store made the change.  Both dicts are kept
+    in order of last read (a read moves its entry to the end), so expiry
+    walks from the oldest entry to the first one still alive: its cost
+    follows what expires, not what exists.  A client is only its id and the
+    time of its last read.
+    """
+
+    def __init__(self, config, loop):
+        self.config = config
+        self.loop = loop
+        self.channels = {}
+        self.clients = {}                # client id -> time of last read
+        self.last_id = min(int(time.time() * ID_UNITS_PER_SECOND), MAX_SAFE_ID)
+        self.pushed = 0
+        self.hub = None                  # set by the Hub
+        self.background = set()          # tasks that end only at close()
+
+    def open(self):
+        """Load what was stored (nothing, in memory)."""
+
+    async def close(self):
+        pass
+
+    def health(self):
+        """None when writes can be taken, else why not."""
+        return None
+
+    def describe(self):
+        """Extra fields for the status page."""
+        return {}
+
+    def metrics(self):
+        """Extra metric families: (name, type, help, [(labels, value)])."""
+        return []
+
+    # -- writes -----------------------------------------------------------
+
+    def add_channel(self, name, max_messages, use_sessions):
+        if name in self.channels:
+            raise APIError(NO_CHANNEL, "Channel already exists")
+        self.apply_channel(name, max_messages, use_sessions)
+
+    def add_client(self, client_id):
+        if client_id in self.clients:
+            raise APIError(NO_CHANNEL, "Client already exists")
+        self.clients[client_id] = self.loop.time()
+
+    def push(self, channel, content):
+        """Store a message; returns (its id, waiters it reached)."""
+        message_id = self.next_id()
+        return message_id, self.apply_push(
+            channel, message_id, message_text(message_id, content))
+
+    def remove_channel(self, channel):
+        self.apply_remove(channel)
+
+    def next_id(self):
+        if self.last_id >= MAX_SAFE_ID:
+            raise APIError(BAD_PARAMETER, "Message id space exhausted")
+        return self.last_id + 1
+
+    # -- applying ---------------------------------------------------------
+
+    def apply_channel(self, name, max_messages, use_sessions):
+        channel = Channel(name, max_messages, use_sessions, self.loop.time())
+        self.channels[name] = channel
+        return channel
+
+    def apply_push(self, channel, message_id, text):
+        if message_id > self.last_id:
+            self.last_id = message_id
+        channel.add(message_id, text)
+        self.pushed += 1
+        return self.hub.deliver(channel, message_id, text) \
+            if channel.waiters else 0
+
+    def apply_remove(self, channel):
+        del self.channels[channel.name]
+        if channel.waiters:
+            self.hub.channel_removed(channel)
+
+    # -- reads and expiry -------------------------------------------------
+
+    def touch_channel(self, channel, now):
+        channels = self.channels
+        del channels[channel.name]
+        channels[channel.name] = channel
+        channel.last_read = now
+
+    def touch_client(self, client_id, now):
+        clients = self.clients
+        del clients[client_id]
+        clients[client_id] = now
+
+    def expire(self, now, reading):
+        """Forget clients and channels nobody has read for their timeout;
+        those with a held poll or an open stream count as read now."""
+        limit = now - self.config.session_timeout
+        clients = []
+        for client_id, last_read in self.clients.items():
+            if last_read >= limit:
+                break
+            clients.append(client_id)
+        limit = now - self.config.inactive_channel_timeout
+        channels = []
+        for channel in self.channels.values():
+            if channel.last_read >= limit:
+                break
+            channels.append(channel)
+        gone_clients = []
+        for client_id in clients:
+            if client_id in reading:
+                self.touch_client(client_id, now)
+            else:
+                gone_clients.append(client_id)
+        gone_channels = []
+        for channel in channels:
+            if channel.waiters:
+                self.touch_channel(channel, now)
+            else:
+                gone_channels.append(channel)
+        if gone_clients or gone_channels:
+            self.forget(gone_clients, gone_channels)
+            log.debug("expired %d clients and %d channels",
+                      len(gone_clients), len(gone_channels))
+
+    def forget(self, client_ids, channels):
+        for client_id in client_ids:
+            del self.clients[client_id]
+        for channel in channels:
+            del self.channels[channel.name]
+
+
+class StateFileStore(MemoryStore):
+    """Memory, plus a journal at PATH that survives restarts and crashes.
+
+    Every write appends one record to PATH before it is applied and
+    acknowledged, so a crash or SIGKILL loses nothing acknowledged; a
+    thread fsyncs the file once a second, so a power loss costs at most
+    about the last second.  A record is one line,
+
+        <crc32 of the payload, 8 hex digits> <kind>\\t<field>\\t...\\n
+
+    with JSON-encoded names, so no field holds a tab or a newline:
+
+        i  LAST_ID                          the id counter is at least this
+        c  NAME MAX_MESSAGES USE_SESSIONS DROPPED_ID     channel registered
+        u  CLIENT                           client registered
+        p  NAME ID MESSAGE_JSON             message pushed
+        d  NAME                             channel deleted or expired
+        x  CLIENT                           client expired
+
+    Replaying is idempotent (a push at or below a channel's newest id is
+    skipped), which is what lets compaction write a snapshot while writes
+    go on: it copies the list of channels and clients, writes each one as
+    it is when reached, a slice at a time, appends every record that
+    arrived meanwhile, fsyncs, and renames the result over PATH.  Files:
+    PATH, PATH.tmp while compacting, PATH.lock (held with flock while the
+    server runs); all mode 0600.
+    """
+
+    def __init__(self, config, loop):
+        super().__init__(config, loop)
+        self.path = config.state_file
+        self.fd = None
+        self.lock_fd = None
+        self.size = 0                    # bytes in PATH
+        self.live = 0                    # about what a snapshot would take
+        self.dirty = False               # written since the last fsync
+        self.error = None                # why the last write failed
+        self.broken = None               # why PATH cannot be trusted
+        self.during = None               # records written while compacting
+        self.compacting = None           # the compaction task
+        self.swap = asyncio.Lock()       # fsync of PATH vs replacing PATH
+        self.syncer = None
+        self.compactions = 0
+
+    # -- records ----------------------------------------------------------
+
+    @staticmethod
+    def record(payload):
+        payload = payload.encode()
+        return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+    def channel_record(self, channel):
+        return self.record("c\t%s\t%d\t%d\t%d" % (
+            channel.key, channel.max_messages, channel.use_sessions,
+            channel.dropped_id))
+
+    def write(self, data):
+        """Append records to PATH, or raise a 503 with nothing stored."""
+        if self.broken:
+            raise unavailable(f"state file not writable: {self.broken}")
+        try:
+            written = os.write(self.fd, data)
+        except OSError as e:
+            written = e
+        if written != len(data):
+            # A short write (the disk filled mid-record) or none: cut the
+            # file back to its last whole record, so that no half record
+            # is followed by good ones.
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError as e:
+                self.fail("cannot cut back a failed write: " + e.strerror,
+                          broken=True)
+            reason = (written.strerror if isinstance(written, OSError)
+                      else "short write") or str(written)
+            self.fail(reason)
+            raise unavailable(f"state file not writable: {reason}")
+        self.size += written
+        self.dirty = True
+        if self.during is not None:
+            self.during.append(data)
+        if self.error is not None:
+            log.info("state file %s is writable again", self.path)
+            self.error = None
+        if (self.compacting is None and self.size >
+                STATE_COMPACT_RATIO * self.live + STATE_COMPACT_SLACK):
+            self.start_compaction()
+
+    def fail(self, reason, broken=False):
+        if broken:
+            if self.broken is None:
+                log.error("state file %s: %s; writes are refused until it "
+                          "is rewritten", self.path, reason)
+            self.broken = reason
+        elif self.error is None:
+            log.error("state file %s: %s; writes are refused meanwhile",
+                      self.path, reason)
+        self.error = reason
+
+    def health(self):
+        if self.broken or self.error:
+            return f"state file not writable: {self.broken or self.error}"
+        return None
+
+    def describe(self):
+        return {"state_file": {"writable": self.health() is None,
+                               "bytes": self.size,
+                               "compactions": self.compactions}}
+
+    def metrics(self):
+        return [
+            ("state_file_writable", "gauge",
+             "1 when the state file takes writes.",
+             [("", int(self.health() is None))]),
+            ("state_file_bytes", "gauge", "Size of the state file.",
+             [("", self.size)]),
+            ("state_file_compactions_total", "counter",
+             "Rewrites of the state file to its live records.",
+             [("", self.compactions)]),
+        ]
+
+    # -- writes -----------------------------------------------------------
+
+    def add_channel(self, name, max_messages, use_sessions):
+        if name in self.channels:
+            raise APIError(NO_CHANNEL, "Channel already exists")
+        record = self.record("c\t%s\t%d\t%d\t0" % (
+            json.dumps(name), max_messages, use_sessions))
+        self.write(record)
+        self.live += len(record)
+        self.apply_channel(name, max_messages, use_sessions)
+
+    def add_client(self, client_id):
+        if client_id in self.clients:
+            raise APIError(NO_CHANNEL, "Client already exists")
+        record = self.record("u\t" + json.dumps(client_id))
+        self.write(record)
+        self.live += len(record)
+        self.clients[client_id] = self.loop.time()
+
+    def push(self, channel, content):
+        message_id = self.next_id()
+        text = message_text(message_id, content)
+        record = self.record("p\t%s\t%d\t%s" % (channel.key, message_id, text))
+        self.write(record)
+        self.live += len(record)
+        messages = channel.messages
+        if messages and len(messages) == channel.max_messages:
+            # Roughly: the record of the message the history drops.
+            self.live -= len(record) - len(text) + len(messages[0][1])
+        return message_id, self.apply_push(channel, message_id, text)
+
+    def remove_channel(self, channel):
+        self.write(self.record("d\t" + channel.key))
+        self.live -= self.channel_bytes(channel)
+        self.apply_remove(channel)
+
+    def channel_bytes(self, channel):
+        overhead = 30 + len(channel.key)
+        return overhead + sum(overhead + len(text)
+                              for _, text in channel.messages or ())
+
+    def forget(self, client_ids, channels):
+        # Journaled first, so what expired stays gone after a restart.  If
+        # that fails (a full disk), they expire at a later pass.
+        records = [self.record("x\t" + json.dumps(c)) for c in client_ids]
+        records += [self.record("d\t" + c.key) for c in channels]
+        try:
+            self.write(b"".join(records))
+        except HTTPError:
+            return
+        self.live -= sum(len(r) for r in records[:len(client_ids)])
+        self.live -= sum(self.channel_bytes(c) for c in channels)
+        super().forget(client_ids, channels)
+
+    # -- startup ----------------------------------------------------------
+
+    def open(self):
+        path = self.path
+        if os.path.exists(path + ".lock"):
+            # Refuse before reading if another server holds PATH.
+            self.lock()
+        data = self.read_file()
+        end = self.load(data)
+        self.lock()
+        self.fd = self.open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        if end < len(data):
+            log.warning("state file %s: dropped %d bytes of an incomplete "
+                        "last record at byte %d", path, len(data) - end, end)
+            os.ftruncate(self.fd, end)
+            os.fsync(self.fd)
+        self.size = end
+        if os.path.exists(path + ".tmp"):
+            os.unlink(path + ".tmp")     # a compaction cut short
+        self.syncer = self.loop.create_task(self.sync_loop())
+        self.background.add(self.syncer)
+        log.info("state file %s: %d channels, %d clients, %d messages",
+                 path, len(self.channels), len(self.clients),
+                 sum(len(c.messages or ()) for c in self.channels.values()))
+
+    @staticmethod
+    def open_file(path, flags):
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)             # whatever the umask
+        return fd
+
+    def lock(self):
+        if self.lock_fd is None:
+            try:
+                self.lock_fd = self.open_file(self.path + ".lock",
+                                              os.O_RDWR | os.O_CREAT)
+            except OSError as e:
+                raise StartupError(f"{self.path}.lock: {e.strerror}") from None
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StartupError(f"{self.path} is in use by another server") \
+                from None
+
+    def read_file(self):
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return b""
+        except OSError as e:
+            raise StartupError(f"{self.path}: {e.strerror}") from None
+
+    def load(self, data):
+        """Apply the records of ``data``; returns where the good ones end.
+
+        A bad or incomplete record with no good one after it is a write cut
+        short by a crash, and is dropped; one followed by good records is
+        damage, and the server stops without touching the file.
+        """
+        now = self.loop.time()
+        channels = self.channels
+        clients = self.clients
+        last_id = 0
+        position = 0
+        size = len(data)
+        crc32 = zlib.crc32
+        while position < size:
+            newline = data.find(b"\n", position)
+            line = data[position:newline if newline >= 0 else size]
+            try:
+                if newline < 0 or line[8:9] != b" " or \
+                        int(line[:8], 16) != crc32(line[9:]):
+                    raise ValueError("checksum mismatch")
+                fields = line[9:].split(b"\t")
+                kind = fields[0]
+                if kind == b"p":
+                    message_id = int(fields[2])
+                    if message_id > last_id:
+                        last_id = message_id
+                    channel = channels.get(json.loads(fields[1]))
+                    if channel is not None and \
+                            channel.newest_id < message_id:
+                        channel.add(message_id, fields[3].decode())
+                elif kind == b"c":
+                    name = json.loads(fields[1])
+                    channel = channels[name] = Channel(
+                        name, int(fields[2]), fields[3] == b"1", now)
+                    channel.dropped_id = int(fields[4])
+                elif kind == b"u":
+                    clients[json.loads(fields[1])] = now
+                elif kind == b"d":
+                    channels.pop(json.loads(fields[1]), None)
+                elif kind == b"x":
+                    clients.pop(json.loads(fields[1]), None)
+                elif kind == b"i":
+                    last_id = max(last_id, int(fields[1]))
+                else:
+                    raise ValueError("unknown record")
+            except (ValueError, IndexError, UnicodeDecodeError) as e:
+                if self.good_record_after(data, newline):
+                    raise StartupError(
+                        f"{self.path}: damaged record at byte {position} "
+                        f"({e}); fix or move the file") from None
+                break
+            position = newline + 1
+        self.last_id = max(self.last_id, last_id)
+        self.live = sum(map(self.channel_bytes, channels.values())) + \
+            sum(30 + len(client_id) for client_id in clients)
+        return position
+
+    @staticmethod
+    def good_record_after(data, newline):
+        while newline >= 0:
+            start = newline + 1
+            newline = data.find(b"\n", start)
+            if newline < 0:
+                return False
+            line = data[start:newline]
+            if line[8:9] == b" " and line[:8].isalnum():
+                try:
+                    if int(line[:8], 16) == zlib.crc32(line[9:]):
+                        return True
+                except ValueError:
+                    pass
+        return False
+
+    # -- durability -------------------------------------------------------
+
+    async def sync_loop(self):
+        """Once a second: fsync what was written; while PATH cannot be
+        trusted, rewrite it; while writes fail, try again."""
+        while True:
+            await asyncio.sleep(STATE_FSYNC_INTERVAL)
+            if self.dirty and not self.broken:
+                self.dirty = False
+                async with self.swap:
+                    try:
+                        await self.loop.run_in_executor(
+                            None, os.fdatasync, self.fd)
+                    except OSError as e:
+                        # The kernel may have dropped the pages it could
+                        # not write: retrying the fsync would report
+                        # success for data that is gone.
+                        self.fail("fsync failed: " + e.strerror, broken=True)
+            if self.broken and self.compacting is None:
+                self.start_compaction()
+            elif self.error and not self.broken:
+                try:
+                    self.write(self.record("i\t%d" % self.last_id))
+                except HTTPError:
+                    pass
+
+    def start_compaction(self):
+        self.compacting = self.loop.create_task(self.compact())
+        self.background.add(self.compacting)
+        self.compacting.add_done_callback(self.background.discard)
+
+    async def compact(self):
+        """Rewrite PATH as the live state (see the class docstring)."""
+        started = time.monotonic()
+        tmp = self.path + ".tmp"
+        channels = list(self.channels.values())
+        clients = list(self.clients)
+        self.during = []
+        fd = None
+        try:
+            fd = self.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            size = self.write_all(fd, self.record("i\t%d" % self.last_id))
+            chunk = []
+            deadline = time.perf_counter() + STATE_COMPACT_SLICE
+            record = self.record
+            for channel in channels:
+                if self.channels.get(channel.name) is not channel:
+                    continue             # removed since the copy
+                chunk.append(self.channel_record(channel))
+                for message_id, text in channel.messages or ():
+                    chunk.append(record("p\t%s\t%d\t%s" % (
+                        channel.key, message_id, text)))
+                if time.perf_counter() > deadline:
+                    size += self.write_all(fd, b"".join(chunk))
+                    chunk = []
+                    await asyncio.sleep(0)
+                    deadline = time.perf_counter() + STATE_COMPACT_SLICE
+            for client_id in clients:
+                if client_id in self.clients:
+                    chunk.append(record("u\t" + json.dumps(client_id)))
+                    if len(chunk) >= 1000 and \
+                            time.perf_counter() > deadline:
+                        size += self.write_all(fd, b"".join(chunk))
+                        chunk = []
+                        await asyncio.sleep(0)
+                        deadline = time.perf_counter() + STATE_COMPACT_SLICE
+            size += self.write_all(fd, b"".join(chunk))
+            live = size
+            size += self.write_all(fd, b"".join(self.during))
+            self.during.clear()
+            async with self.swap:
+                await self.loop.run_in_executor(None, os.fdatasync, fd)
+                # From here to the swap nothing awaits: no record can go to
+                # the old file only.
+                size += self.write_all(fd, b"".join(self.during))
+                os.replace(tmp, self.path)
+                old, self.fd, fd = self.fd, fd, None
+                os.close(old)
+                self.size, self.live = size, live
+                self.during = None
+                self.dirty = True
+            await self.loop.run_in_executor(None, self.sync_directory)
+        except BaseException as e:
+            if fd is not None:
+                os.close(fd)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            if not isinstance(e, OSError):
+                raise
+            log.error("state file %s: compaction failed: %s", self.path,
+                      e.strerror or e)
+            await asyncio.sleep(STATE_FSYNC_INTERVAL)
+        else:
+            self.compactions += 1
+            if self.broken:
+                log.info("state file %s rewritten; writes are taken again",
+                         self.path)
+            self.broken = self.error = None
+            log.debug("compacted %s to %d bytes in %.3f s", self.path,
+                      size, time.monotonic() - started)
+        finally:
+            self.during = None
+            self.compacting = None
+
+    @staticmethod
+    def write_all(fd, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        return len(data)
+
+    def sync_directory(self):
+        fd = os.open(os.path.dirname(os.path.abspath(self.path)),
+                     os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def close(self):
+        if self.syncer is not None:
+            self.syncer.cancel()
+        if self.compacting is not None:
+            self.compacting.cancel()
+            try:
+                await self.compacting
+            except asyncio.CancelledError:
+                pass
+        if self.fd is not None:
+            try:
+                os.fsync(self.fd)
+            except OSError as e:
+                log.error("state file %s: fsync failed at exit: %s",
+                          self.path, e.strerror)
+            os.close(self.fd)
+            self.fd = None
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+# ---------------------------------------------------------------------------
+# The hub: held polls and open streams, the two kinds of waiter
+# ---------------------------------------------------------------------------
+
+def event_bytes(channel, message_id, text):
+    """A message as one EventSource event (the JSON gains its channel)."""
+    return ('id: %d\ndata: {"channel": %s, %s\n\n' % (
+        message_id, channel.key, text[1:])).encode()
+
+
+class Poll:
+    """A held read, answered once: by a push to one of its channels, by
+    the poll timeout, or when its channels are deleted."""
+
+    __slots__ = ("conn", "channels", "since", "client_id", "callback",
+                 "deadline")
+
+    def __init__(self, conn, channels, since, client_id, callback):
+        self.conn = conn
+        self.channels = channels
+        self.since = since
+        self.client_id = client_id
+        self.callback = callback         # JSON-P callback, None for JSON
+        self.deadline = None
+
+    def notify(self, hub, channel, message_id, text, cache, now):
+        # Polls that share channels, since and format get the same bytes:
+        # the reply is built once per distinct kind, not once per poll.
+        conn = self.conn
+        key = (self.channels, self.since, self.callback, conn.keep_alive,
+               conn.version)
+        data = cache.get(key)
+        if data is None:
+            data = cache[key] = conn.poll_reply(
+                self.callback, hub.read_text(self.channels, self.since))
+        hub.release(self, now)
+        conn.finish_poll(data)
+
+    def channel_gone(self, hub, channel):
+        remaining = tuple(c for c in self.channels if c is not channel)
+        if remaining:
+            self.channels = remaining
+        else:
+            hub.answer(self, error_text(NO_CHANNEL, "No valid channels"))
+
+
+class Stream:
+    """An open EventSource stream: one event per message, for as long as
+    the client stays.  While the opening replay is written, live events
+    wait in ``backlog``."""
+
+    __slots__ = ("conn", "channels", "client_id", "sent", "backlog")
+
+    def __init__(self, conn, channels, client_id, now):
+        self.conn = conn
+        self.channels = channels
+        self.client_id = client_id
+        self.sent = now                  # last write, for heartbeats
+        self.backlog = None
+
+    def notify(self, hub, channel, message_id, text, cache, now):
+        data = cache.get(Stream)
+        if data is None:
+            data = cache[Stream] = event_bytes(channel, message_id, text)
+        self.send(hub, data)
+        self.sent = now
+
+    def send(self, hub, data):
+        if self.backlog is not None:
+            self.backlog.append(data)
+            if sum(map(len, self.backlog)) > SSE_MAX_UNSENT:
+                hub.end_stream(self, abort=True)
+            return
+        transport = self.conn.transport
+        transport.write(data)
+        if transport.get_write_buffer_size() > SSE_MAX_UNSENT:
+            # Too slow for its events: cut it rather than skip some.  The
+            # browser reconnects with Last-Event-ID and is replayed (or
+            # told it lost messages).
+            hub.end_stream(self, abort=True)
+
+    def channel_gone(self, hub, channel):
+        self.channels = tuple(c for c in self.channels if c is not channel)
+        self.send(hub, b'event: deleted\ndata: {"channel": %s}\n\n'
+                  % channel.key.encode())
+        if not self.channels:
+            hub.end_stream(self)
+
+
+class Hub:
+    """Delivery: who waits for which channel, in front of the store that
+    keeps the messages.  Routes talk to the hub only."""
+
+    def __init__(self, config, loop, store):
+        self.config = config
+        self.loop = loop
+        self.store = store
+        store.hub = self
+        # Every held poll, oldest first.  They all share one timeout, so this
+        # is also deadline order: one sweep answers the expired ones, where a
+        # timer per poll would cost more memory and time than the poll.
+        self.polls = {}
+        self.streams = {}
+        self.reading = {}                # client id -> its polls and streams
+        self.delivered = 0
+        self.started = time.time()
+        self.sweep_interval = min(1.0, config.poll_timeout / 10)
+        self.sweeper = loop.call_later(self.sweep_interval, self.sweep)
+        self.heartbeat_interval = config.sse_heartbeat / 4
+        self.heartbeats = loop.call_later(self.heartbeat_interval,
+                                          self.heartbeat)
+
+    @property
+    def last_id(self):
+        return self.store.last_id
+
+    # -- writes (the store may answer later: Redis) -------------------------
+
+    def add_channel(self, name, max_messages, use_sessions):
+        return self.store.add_channel(name, max_messages, use_sessions)
+
+    def add_client(self, client_id):
+        return self.store.add_client(client_id)
+
+    def push(self, name, content):
+        """Store a message; (its id, waiters reached) or a awaitable of it."""
+        channel = self.store.channels.get(name)
+        if channel is None:
+            check_id(name, "channel id", channel=True)
+            raise APIError(NO_CHANNEL, "Nonexistent channel")
+        if content is None:
+            raise APIError(BAD_PARAMETER, "Missing content")
+        return self.store.push(channel, content)
+
+    def remove_channel(self, name):
+        """True when the channel existed (or an awaitable of it)."""
+        channel = self.store.channels.get(name)
+        if channel is None:
+            return False
+        self.store.remove_channel(channel)
+        return True
+
+    # -- told by the store --------------------------------------------------
+
+    def deliver(self, channel, message_id, text):
+        """A message was stored: every waiter on its channel gets it."""
+        waiters = list(channel.waiters)
+        cache = {}
+        now = self.loop.time()
+        for waiter in waiters:
+            waiter.notify(self, channel, message_id, text, cache, now)
+        self.delivered += len(waiters)
+        return len(waiters)
+
+    def channel_removed(self, channel):
+        for waiter in list(channel.waiters):
+            waiter.channel_gone(self, channel)
+
+    # -- reads --------------------------------------------------------------
+
+    def readable(self, names, client_id):
+        """The channels of ``names`` that this reader may read, touched."""
+        store = self.store
+        now = self.loop.time()
+        if client_id is not None:
+            if client_id not in store.clients:
+                raise APIError(UNREGISTERED_CLIENT, "Unregistered client_id")
+            store.touch_client(client_id, now)
+        channels = []
+        for name in names:
+            channel = store.channels.get(name)
+            if channel is None:
+                # Existing names were checked when registered; an unknown
+                # one is left out, unless no channel could have it.
+                check_id(name, "channel id", channel=True)
+            elif client_id is not None or not channel.use_sessions:
+                store.touch_channel(channel, now)
+                channels.append(channel)
+        if not channels:
+            raise APIError(NO_CHANNEL, "No valid channels")
+        return tuple(channels)
+
+    def read_text(self, channels, since):
+        """The JSON reply of a read, or None when there is nothing newer."""
+        parts = []
+        lost = []
+        empty = True
+        for channel in channels:
+            newer = channel.since(since)
+            if newer:
+                empty = False
+                if since and channel.dropped_id > since:
+                    lost.append(channel.key)
+            parts.append(self.part(channel, [text for _, text in newer]))
+        if empty:
+            return None
+        return self.reply_text(since, parts, lost)
+
+    @staticmethod
+    def part(channel, texts=()):
+        """A channel's entry in a reply's "messages"."""
+        return channel.key + ": [" + ", ".join(texts) + "]"
+
+    def reply_text(self, since, parts, lost=()):
+        lost = ', "lost": [%s]' % ", ".join(lost) if lost else ""
+        return ('{"return_code": 1, "error_message": "", "since": %d, '
+                '"last_id": %d, "messages": {%s}%s}' % (
+                    since, self.store.last_id, ", ".join(parts), lost))
+
+    def empty_text(self, channels, since):
+        """A read's reply with every list empty."""
+        return self.reply_text(since, [self.part(c) for c in channels])
+
+    # -- waiters ------------------------------------------------------------
+
+    def attach(self, waiter):
+        for channel in waiter.channels:
+            if channel.waiters is None:
+                channel.waiters = {}
+            channel.waiters[waiter] = None
+        if waiter.client_id is not None:
+            reading = self.reading
+            reading[waiter.client_id] = reading.get(waiter.client_id, 0) + 1
+        waiter.conn.held = waiter
+
+    def release(self, waiter, now=None):
+        """Forget a waiter: it was answered, or its client went away.  Its
+        channels and session count as read until now."""
+        if now is None:
+            now = self.loop.time()
+        if waiter.__class__ is Poll:
+            del self.polls[waiter]
+        else:
+            del self.streams[waiter]
+        store = self.store
+        for channel in waiter.channels:
+            waiters = channel.waiters
+            del waiters[waiter]
+            if not waiters:
+                channel.waiters = None
+            # Polls answered by one push share ``now``: one touch does.
+            if channel.last_read != now and \
+                    store.channels.get(channel.name) is channel:
+                store.touch_channel(channel, now)
+        client_id = waiter.client_id
+        if client_id is not None:
+            count = self.reading[client_id] - 1
+            if count:
+                self.reading[client_id] = count
+            else:
+                del self.reading[client_id]
+            if client_id in store.clients:
+                store.touch_client(client_id, now)
+        waiter.conn.held = None
+
+    def hold(self, poll):
+        # Answered by the sweep that follows the deadline, so never later
+        # than --poll-timeout.
+        poll.deadline = (self.loop.time() + self.config.poll_timeout -
+                         self.sweep_interval)
+        self.polls[poll] = None
+        self.attach(poll)
+
+    def answer(self, poll, text):
+        """Send a held poll its reply (a JSON text) and forget it."""
+        self.release(poll)
+        conn = poll.conn
+        conn.finish_poll(conn.poll_reply(poll.callback, text))
+
+    def time_out(self, poll):
+        self.answer(poll, self.empty_text(poll.channels, poll.since))
+
+    def sweep(self):
+        now = self.loop.time()
+        expired = []
+        for poll in self.polls:
+            if poll.deadline > now:
+                break
+            expired.append(poll)
+        for poll in expired:
+            self.time_out(poll)
+        self.sweeper = self.loop.call_later(self.sweep_interval, self.sweep)
+
+    def open_stream(self, conn, channels, cursor, client_id):
+        """Start a stream; returns the opening replay, a list of event
+        bytes: ``lost`` first where history was dropped, then what is
+        retained after the cursor, oldest first."""
+        stream = Stream(conn, channels, client_id, self.loop.time())
+        lost = [c.key for c in channels if cursor and c.dropped_id > cursor]
+        replay = [(message_id, channel, text) for channel in channels
+                  for message_id, text in channel.since(cursor)]
+        if len(channels) > 1:
+            replay.sort(key=lambda item: item[0])
+        events = [event_bytes(channel, message_id, text)
+                  for message_id, channel, text in replay]
+        if lost:
+            events.insert(0, b'event: lost\ndata: {"channels": [%s]}\n\n'
+                          % ", ".join(lost).encode())
+        if events:
+            stream.backlog = []
+        self.streams[stream] = None
+        self.attach(stream)
+        return stream, events
+
+    def end_stream(self, stream, abort=False, retry=None):
+        """Close a stream: flushed first, unless its reader is too slow."""
+        self.release(stream)
+        transport = stream.conn.transport
+        if abort:
+            transport.abort()
+        else:
+            if retry is not None:
+                transport.write(b"retry: %d\n\n" % retry)
+            transport.close()
+
+    def heartbeat(self):
+        """A comment to every stream that has had no event for a while, so
+        proxies and browsers keep it."""
+        limit = self.loop.time() - self.config.sse_heartbeat
+        for stream in self.streams:
+            if stream.sent <= limit and stream.backlog is None:
+                stream.conn.transport.write(b": keep-alive\n\n")
+                stream.sent = limit + self.config.sse_heartbeat
+        self.heartbeats = self.loop.call_later(self.heartbeat_interval,
+                                               self.heartbeat)
+
+    def close_all(self):
+        """Shutdown: every held poll gets its empty reply now, every stream
+        ends with a reconnect delay spread so clients do not all come back
+        at once."""
+        self.sweeper.cancel()
+        self.heartbeats.cancel()
+        for poll in list(self.polls):
+            poll.conn.keep_alive = False
+            self.time_out(poll)
+        for stream in list(self.streams):
+            self.end_stream(stream, retry=random.randint(
+                *SSE_SHUTDOWN_RETRY_MS))
+
+    # -- expiry -------------------------------------------------------------
+
+    def expire(self):
+        self.store.expire(self.loop.time(), self.reading)
+
+
+# ---------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------
+
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"", "0", "false", "no", "off"}
+
+PUBLIC, ADMIN = False, True              # who may call a route
+
+# Method, path, handler, access.  A path with a "fmt" group is an API
+# resource (JSON or JSON-P, failures as negative return codes); the others
+# build their whole reply.  Status and metrics exist with --enable-status.
+ROUTES = (
+    ("GET", r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)", "read", PUBLIC),
+    ("HEAD", r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)", "read", PUBLIC),
+    ("POST", r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)", "push", ADMIN),
+    ("DELETE", r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)", "delete",
+     ADMIN),
+    ("OPTIONS", r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)", "preflight",
+     PUBLIC),
+    ("GET", r"/channels/(?P<names>[^/]*)\.sse", "stream", PUBLIC),
+    ("OPTIONS", r"/channels/(?P<names>[^/]*)\.sse", "preflight", PUBLIC),
+    ("POST", r"/channels\.(?P<fmt>jsonp?)", "register_channel", ADMIN),
+    ("POST", r"/clients\.(?P<fmt>jsonp?)", "register_client", ADMIN),
+    ("GET", r"/health\.(?P<fmt>jsonp?)", "health", PUBLIC),
+    ("HEAD", r"/health\.(?P<fmt>jsonp?)", "health", PUBLIC),
+    ("GET", r"/(?:status|stats)\.(?P<fmt>jsonp?)", "status", ADMIN),
+    ("HEAD", r"/(?:status|stats)\.(?P<fmt>jsonp?)", "status", ADMIN),
+    ("GET", r"/metrics", "metrics", ADMIN),
+    ("HEAD", r"/metrics", "metrics", ADMIN),
+)
+STATUS_ROUTES = {"status", "metrics"}
+
+# A stream refused before it starts gets a real HTTP status: a browser's
+# EventSource then stops reconnecting.
+STREAM_REFUSALS = {BAD_PARAMETER: 400, NO_CHANNEL: 404,
+                   UNREGISTERED_CLIENT: 403}
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\n"
+            b"Content-Type: text/event-stream; charset=utf-8\r\n" + NO_CACHE +
+            b"X-Accel-Buffering: no\r\nX-Content-Type-Options: nosniff\r\n" +
+            CORS + b"Connection: close\r\n\r\n"
+            # The comment makes proxies pass the head on at once.
+            b"retry: %d\n: stream open\n\n" % SSE_RETRY_MS)
+
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+def awaitable(value):
+    return hasattr(value, "__await__")
 
 
 class App:
     """Routes a parsed request to the hub and builds the reply."""
 
-    def __init__(self, config, hub, server_state):
+    def __init__(self, config, hub, server):
         self.config = config
         self.hub = hub
-        self.state = server_state
+        self.server = server
         self.token = config.admin_token.encode() if config.admin_token else None
+        # One compiled pattern per path, with its methods.
+        self.routes = []
+        paths = {}
+        for method, path, handler, admin in ROUTES:
+            if handler in STATUS_ROUTES and not config.enable_status:
+                continue
+            if path not in paths:
+                paths[path] = {}
+                self.routes.append((re.compile(path), paths[path]))
+            paths[path][method] = (getattr(self, handler), admin)
 
     def route(self, request, conn):
-        """Return (status, content type, body, cors, extra headers), or None
-        when the read is held.  Raises HTTPError."""
-        segments = request.path.split("/")
-        allowed = None
-        if len(segments) == 2 and segments[0] == "":
-            resource, fmt = self.split_format(segments[1])
-            name = None
-            if resource in ("channels", "clients"):
-                allowed = ("POST",)
-            elif resource in ("status", "stats") and self.config.enable_status:
-                allowed = ("GET", "HEAD")
-        elif len(segments) == 3 and segments[:2] == ["", "channels"]:
-            resource = "channel"
-            name, fmt = self.split_format(decode_segment(segments[2]))
-            allowed = ("GET", "HEAD", "POST", "DELETE", "OPTIONS")
-        if allowed is None:
+        """The reply: (status, content type, body, cors, extra headers);
+        None when a read is held; or an awaitable of either (a stream, or a
+        write the store answers later).  Raises HTTPError."""
+        for pattern, methods in self.routes:
+            match = pattern.fullmatch(request.path)
+            if match is not None:
+                break
+        else:
             raise HTTPError(404, f"No resource at {request.path[:100]}",
                             close=False)
         method = request.method
-        if fmt is None:
-            raise HTTPError(404, "Resources end in .json or .jsonp",
-                            close=False)
-        if method not in allowed:
+        if method not in methods:
             raise HTTPError(405, f"{method} not allowed here", close=False,
-                            headers=[("Allow", ", ".join(allowed))])
-        if method == "OPTIONS":
-            return self.preflight(request)
+                            headers=[("Allow", ", ".join(methods))])
+        handler, admin = methods[method]
+        fmt = match.groupdict().get("fmt")
+        if fmt is None or method == "OPTIONS":
+            if admin:
+                self.authorize(request, conn)
+            return handler(request, conn, match)
 
         reading = method in ("GET", "HEAD")
         # Until the callback is known, errors go through the default one.
@@ -738,28 +1639,35 @@ class App:
                     # request whose answer could not be read.
                     return 200, b"application/javascript", \
                         f"/* {refused} */".encode(), reading, b""
-            if not reading or resource != "channel":
+            if admin:
                 self.authorize(request, conn)
-            if resource == "channel":
-                if method == "POST":
-                    text = self.push(name, params)
-                elif method == "DELETE":
-                    text = self.delete(name)
-                else:
-                    text = self.read(name, params, conn, callback,
-                                     hold=(method == "GET"))
-                    if text is None:
-                        return None
-            elif resource == "channels":
-                text = self.register_channel(params)
-            elif resource == "clients":
-                text = self.register_client(params)
-            else:
-                text = self.status()
+            text = handler(match, params, conn, callback, method)
+            if text is None:
+                return None
+            if awaitable(text):
+                return self.answer_later(text, callback, reading)
         except APIError as e:
             text = error_text(e.return_code, e.message)
         content_type, body = frame_body(text, callback, self.config.quote_json)
         return 200, content_type, body, reading, b""
+
+    async def answer_later(self, pending, callback, reading):
+        try:
+            text = await pending
+        except APIError as e:
+            text = error_text(e.return_code, e.message)
+        content_type, body = frame_body(text, callback, self.config.quote_json)
+        return 200, content_type, body, reading, b""
+
+    @staticmethod
+    def then(result, reply):
+        """``reply(result)`` now, or once the store has answered."""
+        if not awaitable(result):
+            return reply(result)
+
+        async def later():
+            return reply(await result)
+        return later()
 
     @staticmethod
     def parameters(request):
@@ -779,22 +1687,6 @@ class App:
         # As in the original, the query string counts too; the form wins.
         return {**params, **decode_params(form, "body")}
 
-    @staticmethod
-    def split_format(segment):
-        if segment.endswith(".jsonp"):
-            return segment[:-6], "jsonp"
-        if segment.endswith(".json"):
-            return segment[:-5], "json"
-        return segment, None
-
-    def preflight(self, request):
-        requested = request.headers.get("access-control-request-headers", "")
-        extra = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
-                 b"Access-Control-Max-Age: 86400\r\n")
-        if requested and not requested.strip(TOKEN + ", "):
-            extra += b"Access-Control-Allow-Headers: %s\r\n" % requested.encode()
-        return 204, b"text/plain", b"", True, extra
-
     def authorize(self, request, conn):
         """Writes and status need the admin token, or a local client."""
         if self.token is not None:
@@ -810,9 +1702,29 @@ class App:
                                  "the unix socket; set --admin-token to allow "
                                  "them from elsewhere", close=False)
 
-    # -- resources --------------------------------------------------------
+    # -- reading parameters -------------------------------------------------
 
-    def register_channel(self, params):
+    def channel_names(self, match):
+        names = list(dict.fromkeys(
+            decode_segment(match.group("names")).split("|")))
+        if len(names) > MAX_CHANNELS_PER_READ:
+            raise APIError(BAD_PARAMETER, "More than "
+                           f"{MAX_CHANNELS_PER_READ} channels in one read")
+        return names
+
+    def cursor(self, value):
+        """A read's ``since``: A3's rules, clamped to the counter."""
+        return min(parse_count(value, "since", 0), self.hub.last_id)
+
+    @staticmethod
+    def client_id(params):
+        if "client_id" not in params:
+            return None
+        return check_id(params["client_id"], "client_id")
+
+    # -- resources ----------------------------------------------------------
+
+    def register_channel(self, match, params, conn, callback, method):
         name = check_id(params.get("channel_id"), "channel_id", channel=True)
         word = params.get("use_sessions", "0").lower()
         if word not in TRUE_WORDS and word not in FALSE_WORDS:
@@ -824,86 +1736,143 @@ class App:
             if max_messages > MAX_MESSAGES_PARAM:
                 raise APIError(BAD_PARAMETER, "Invalid max_messages: above "
                                               f"{MAX_MESSAGES_PARAM}")
-        self.hub.add_channel(name, max_messages, word in TRUE_WORDS)
-        return success_text(channel_id=name)
+        return self.then(
+            self.hub.add_channel(name, max_messages, word in TRUE_WORDS),
+            lambda _: success_text(channel_id=name))
 
-    def register_client(self, params):
+    def register_client(self, match, params, conn, callback, method):
         client_id = check_id(params.get("client_id"), "client_id")
-        self.hub.add_client(client_id)
-        return success_text(client_id=client_id)
+        return self.then(self.hub.add_client(client_id),
+                         lambda _: success_text(client_id=client_id))
 
-    def push(self, name, params):
-        channel = self.hub.channels.get(name)
-        if channel is None:
-            check_id(name, "channel id", channel=True)
-            raise APIError(NO_CHANNEL, "Nonexistent channel")
-        content = params.get("content")
-        if content is None:
-            raise APIError(BAD_PARAMETER, "Missing content")
+    def push(self, match, params, conn, callback, method):
+        return self.then(self.hub.push(decode_segment(match.group("names")),
+                                       params.get("content")), self.push_text)
+
+    @staticmethod
+    def push_text(result):
         # The hottest write: formatted directly rather than through a dict.
+        if len(result) == 2:
+            return ('{"return_code": 1, "error_message": "", "message_id": '
+                    '%d, "delivered": %d}' % result)
         return ('{"return_code": 1, "error_message": "", "message_id": %d, '
-                '"delivered": %d}' % self.hub.push(channel, content))
+                '"delivered": %d, "instances": %d}' % result)
 
-    def delete(self, name):
-        check_id(name, "channel id", channel=True)
-        removed = self.hub.remove_channel(name)
-        return success_text(2 if removed else 1, channel_id=name,
-                            removed=removed)
+    def delete(self, match, params, conn, callback, method):
+        name = check_id(decode_segment(match.group("names")), "channel id",
+                        channel=True)
+        return self.then(self.hub.remove_channel(name), lambda removed:
+                         success_text(2 if removed else 1, channel_id=name,
+                                      removed=removed))
 
-    def read(self, names, params, conn, callback, hold):
+    def read(self, match, params, conn, callback, method):
         hub = self.hub
-        names = list(dict.fromkeys(names.split("|")))
-        if len(names) > MAX_CHANNELS_PER_READ:
-            raise APIError(BAD_PARAMETER, "More than "
-                           f"{MAX_CHANNELS_PER_READ} channels in one read")
-        since = params.get("since", "0")
-        since = min(parse_count(since, "since", 0), hub.last_id)
-        client = None
-        if "client_id" in params:
-            client_id = check_id(params["client_id"], "client_id")
-            client = hub.clients.get(client_id)
-            if client is None:
-                raise APIError(UNREGISTERED_CLIENT, "Unregistered client_id")
-        now = hub.loop.time()
-        if client is not None:
-            client.last_read = now
-        channels = []
-        for name in names:
-            channel = hub.channels.get(name)
-            if channel is None:
-                # Existing names were checked when registered; an unknown
-                # one is left out, unless no channel could have it.
-                check_id(name, "channel id", channel=True)
-            elif client or not channel.use_sessions:
-                channel.last_read = now
-                channels.append(channel)
-        if not channels:
-            raise APIError(NO_CHANNEL, "No valid channels")
-        channels = tuple(channels)
+        names = self.channel_names(match)
+        since = self.cursor(params.get("since", "0"))
+        client_id = self.client_id(params)
+        channels = hub.readable(names, client_id)
         # No await between this check and hold(): a push cannot slip between.
         text = hub.read_text(channels, since) if since < hub.last_id else None
         if text is not None:
             return text
-        if not hold:
+        if method == "HEAD":
             return hub.empty_text(channels, since)
-        hub.hold(Poll(conn, channels, since, client, callback))
+        hub.hold(Poll(conn, channels, since, client_id, callback))
         return None
 
-    def status(self):
+    def stream(self, request, conn, match):
+        """Start an EventSource stream (the reply is written here)."""
+        try:
+            params = self.parameters(request)
+            names = self.channel_names(match)
+            # A reconnecting browser sends the last id it saw: it wins.
+            last_event_id = request.headers.get("last-event-id", "").strip()
+            if last_event_id.isascii() and last_event_id.isdigit():
+                cursor = self.cursor(last_event_id)
+            else:
+                cursor = self.cursor(params.get("since", "0"))
+            client_id = self.client_id(params)
+            channels = self.hub.readable(names, client_id)
+        except APIError as e:
+            raise HTTPError(STREAM_REFUSALS[e.return_code], e.message,
+                            close=False, return_code=e.return_code) from None
+        stream, replay = self.hub.open_stream(conn, channels, cursor,
+                                              client_id)
+        conn.send(SSE_HEAD, 200, keep=True)
+        return conn.replay(stream, replay)
+
+    def preflight(self, request, conn, match):
+        requested = request.headers.get("access-control-request-headers", "")
+        extra = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
+                 b"Access-Control-Max-Age: 86400\r\n")
+        if requested and not requested.strip(TOKEN + ", "):
+            extra += b"Access-Control-Allow-Headers: %s\r\n" % requested.encode()
+        return 204, b"text/plain", b"", True, extra
+
+    def health(self, match, params, conn, callback, method):
+        problem = self.hub.store.health()
+        if problem is not None:
+            raise HTTPError(503, problem, close=False)
+        return success_text()
+
+    def status(self, match, params, conn, callback, method):
         hub = self.hub
+        store = hub.store
+        server = self.server
         return success_text(status={
-            "channels": list(hub.channels),
-            "clients": list(hub.clients),
-            "held_connections_count": hub.held,
+            "channels": list(store.channels),
+            "clients": list(store.clients),
+            "held_connections_count": len(hub.polls),
             "uptime": round(time.time() - hub.started, 3),
-            "connections": len(self.state.connections),
-            "polls_held": hub.held,
-            "channels_count": len(hub.channels),
-            "clients_count": len(hub.clients),
-            "messages_pushed": hub.pushed,
+            "connections": len(server.connections),
+            "polls_held": len(hub.polls),
+            "streams_open": len(hub.streams),
+            "channels_count": len(store.channels),
+            "clients_count": len(store.clients),
+            "messages_pushed": store.pushed,
             "messages_delivered": hub.delivered,
-            "last_id": hub.last_id,
+            "last_id": store.last_id,
+            **store.describe(),
         })
+
+    def metrics(self, request, conn, match):
+        hub = self.hub
+        store = hub.store
+        server = self.server
+        families = [
+            ("connections", "gauge", "Open client connections.",
+             [("", len(server.connections))]),
+            ("polls_held", "gauge", "Long polls held, waiting for a message.",
+             [("", len(hub.polls))]),
+            ("streams_open", "gauge", "EventSource streams open.",
+             [("", len(hub.streams))]),
+            ("channels", "gauge", "Registered channels.",
+             [("", len(store.channels))]),
+            ("clients", "gauge", "Registered clients (sessions).",
+             [("", len(store.clients))]),
+            ("messages_pushed_total", "counter", "Messages pushed.",
+             [("", store.pushed)]),
+            ("messages_delivered_total", "counter",
+             "Held polls answered and stream events sent by pushes.",
+             [("", hub.delivered)]),
+            ("requests_total", "counter", "Replies sent, by status class.",
+             [('{class="%dxx"}' % n, server.replies[n]) for n in (2, 3, 4, 5)]),
+            ("connections_refused_total", "counter",
+             "Connections refused at the connection caps.",
+             [("", server.refused)]),
+            ("writable", "gauge",
+             "1 when the server can take writes (see /health.json).",
+             [("", int(store.health() is None))]),
+        ]
+        families += store.metrics()
+        lines = []
+        for name, kind, text, samples in families:
+            lines.append(f"# HELP simple_comet_{name} {text}")
+            lines.append(f"# TYPE simple_comet_{name} {kind}")
+            lines.extend(f"simple_comet_{name}{labels} {value}"
+                         for labels, value in samples)
+        return 200, METRICS_TYPE, ("\n".join(lines) + "\n").encode(), \
+            False, b""
 
 
 # ---------------------------------------------------------------------------
@@ -926,30 +1895,29 @@ def is_local(peer):
 class Connection:
     """One client connection: a keep-alive loop of requests and replies.
 
-    A held poll does not block the loop: it goes back to reading, so a
-    client that goes away is noticed at once, and the push that answers the
-    poll writes straight to the transport.
+    A held poll or an open stream does not block the loop: it goes back to
+    reading, so a client that goes away is noticed at once, and the push
+    that reaches the waiter writes straight to the transport.
     """
 
     __slots__ = ("server", "reader", "writer", "transport", "local", "peer",
-                 "poll", "keep_alive", "version", "deadline",
+                 "held", "keep_alive", "version", "deadline",
                  "waiter", "busy")
 
-    def __init__(self, server, reader, writer):
+    def __init__(self, server, reader, writer, peer, local):
         self.server = server
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
-        peer = writer.get_extra_info("peername")
         self.peer = peer
-        self.local = is_local(peer)
-        self.poll = None
+        self.local = local
+        self.held = None                 # a held Poll or an open Stream
         self.keep_alive = True
         self.version = "HTTP/1.1"
         self.waiter = None               # set while a request waits on a poll
         self.busy = False                # a request read but not answered
-        # Checked by Server.tick(): one sweep for all connections costs less
-        # than a timer each, and a held poll is never idle.
+        # Server.tick() closes idle connections from the oldest deadline on;
+        # one walk for all costs less than a timer each.
         self.deadline = server.loop.time() + server.config.http_timeout
 
     def poll_reply(self, callback, text):
@@ -960,17 +1928,22 @@ class Connection:
                       cors=True)
 
     def finish_poll(self, data):
-        self.send(data)
+        self.send(data, 200)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def send(self, data):
+    def send(self, data, status, keep=False):
+        server = self.server
+        server.replies[status // 100] += 1
         self.busy = False
         self.transport.write(data)
-        if not self.keep_alive or self.server.closing:
+        if not keep and (not self.keep_alive or server.closing):
             self.transport.close()
-        self.deadline = self.server.loop.time() + self.server.config.http_timeout
+        self.deadline = server.loop.time() + server.config.http_timeout
+        connections = server.connections
+        del connections[self]
+        connections[self] = None         # kept in deadline order
 
     def peer_text(self):
         if isinstance(self.peer, tuple):
@@ -982,19 +1955,20 @@ class Connection:
         try:
             while True:
                 try:
-                    # While a poll is held the connection waits here, and
-                    # only here: this frame is part of every held poll's
-                    # memory, so it keeps no request and the rest of the
-                    # work is in serve().
-                    if not await self.serve(
-                            await reader.readuntil(b"\r\n\r\n")):
+                    # While a poll is held or a stream open, the connection
+                    # waits here, and only here: this frame is part of every
+                    # waiter's memory, so it keeps no request and the rest
+                    # of the work is in serve().
+                    if not await self.serve(await reader.readhead()):
                         break
                 except asyncio.LimitOverrunError:
                     self.fail(await self.head_too_long())
+                    await self.linger()
                     break
                 except HTTPError as e:
                     self.fail(e)
                     if not self.keep_alive:
+                        await self.linger()
                         break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass                             # the client went away
@@ -1006,7 +1980,7 @@ class Connection:
 
     async def head_too_long(self):
         buffered = await self.reader.read(MAX_REQUEST_LINE + 2)
-        if b"\r\n" in buffered:
+        if b"\n" in buffered:
             return HTTPError(431, f"Request head over {MAX_HEADER_BYTES} bytes")
         return HTTPError(414, f"Request line over {MAX_REQUEST_LINE} bytes")
 
@@ -1014,7 +1988,10 @@ class Connection:
         """Answer (or hold) one request; False ends the connection."""
         server = self.server
         reader = self.reader
-        if self.poll is not None:
+        held = self.held
+        if held is not None:
+            if held.__class__ is Stream:
+                return True              # nothing is answered after a stream
             # Pipelined behind a held poll: replies go out in order.
             await self.wait_for_poll()
         if self.transport.is_closing():
@@ -1039,13 +2016,17 @@ class Connection:
         except asyncio.LimitOverrunError:
             raise HTTPError(400, "Chunk size line too long") from None
         reply = server.app.route(request, self)
+        if reply is not None and reply.__class__ is not tuple:
+            reply = await reply          # a stream, or a write answered later
         if reply is None:
             self.busy = False
-            # Held: keep reading, so a client that leaves is noticed at once.
+            # Held, or streaming: keep reading, so a client that leaves is
+            # noticed at once.
             return True
         status, content_type, body, cors, extra = reply
         self.send(render(status, content_type, body, self.keep_alive,
-                         self.version, cors, extra, request.method == "HEAD"))
+                         self.version, cors, extra, request.method == "HEAD"),
+                  status)
         if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
             await self.writer.drain()
         return self.keep_alive
@@ -1057,23 +2038,76 @@ class Connection:
         finally:
             self.waiter = None
 
+    async def replay(self, stream, events):
+        """Write a new stream's opening replay as the client reads it; live
+        events wait meanwhile, then follow."""
+        transport = self.transport
+        batch = []
+        size = 0
+        for event in events:
+            batch.append(event)
+            size += len(event)
+            if size >= WRITE_BUFFER_HIGH:
+                if self.held is not stream:
+                    return               # ended meanwhile (deleted, shutdown)
+                transport.write(b"".join(batch))
+                batch = []
+                size = 0
+                await self.writer.drain()
+        if self.held is not stream:
+            return
+        backlog = stream.backlog
+        stream.backlog = None
+        if batch or backlog:
+            stream.send(self.server.hub, b"".join(batch + (backlog or [])))
+
     def fail(self, error):
         if self.transport.is_closing():
             return
-        if self.poll is not None:
-            self.server.hub.release(self.poll)
-        log.warning("%s: %d %s", self.peer_text(), error.status, error.message)
+        if self.held is not None:
+            self.server.hub.release(self.held)
+        self.server.client_log.mistake("%s: %d %s", self.peer_text(),
+                                       error.status, error.message)
         extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode())
                          for k, v in error.headers)
-        body = error_text(BAD_PARAMETER, f"{error.status} "
+        body = error_text(error.return_code, f"{error.status} "
                           f"{REASONS[error.status]}: {error.message}").encode()
         self.keep_alive = self.keep_alive and not error.close
+        # Not closed here: run() lingers first.
         self.send(render(error.status, b"application/json", body,
-                         self.keep_alive, self.version, extra=extra))
+                         self.keep_alive, self.version, extra=extra),
+                  error.status, keep=True)
+
+    async def linger(self):
+        """After an error reply that closes the connection, read and drop
+        what the client still sends until it has been quiet for a while,
+        so it reads the reply instead of a reset (RFC 9112 section 9.6)."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        reader = self.reader
+        deadline = self.server.loop.time() + LINGER_MAX_TIME
+        received = 0
+        try:
+            while received < LINGER_MAX_BYTES:
+                left = deadline - self.server.loop.time()
+                if left <= 0:
+                    break
+                async with asyncio.timeout(min(LINGER_QUIET, left)):
+                    data = await reader.read(65536)
+                if not data:
+                    break
+                received += len(data)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        transport.close()
 
     async def close(self):
-        if self.poll is not None:
-            self.server.hub.release(self.poll)
+        server = self.server
+        if self.held is not None:
+            server.hub.release(self.held)
         self.transport.close()
         try:
             # Until the socket is really closed the connection stays counted
@@ -1084,16 +2118,77 @@ class Connection:
         except ConnectionError:
             pass
         finally:
-            self.server.connections.discard(self)
+            server.forget(self)
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+class DroppingQueueHandler(QueueHandler):
+    """Hands records to the writer thread; drops them when it is stuck
+    (a full pipe, a hung terminal) rather than stall the event loop."""
+
+    dropped = 0
+
+    def enqueue(self, record):
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            DroppingQueueHandler.dropped += 1
+
+
+def start_logging(level):
+    """Log to stderr from a thread; returns the listener to stop at exit."""
+    sink = logging.StreamHandler(sys.stderr)
+    sink.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(message)s"))
+    records = queue.Queue(LOG_QUEUE_SIZE)
+    root = logging.getLogger()
+    root.handlers[:] = [DroppingQueueHandler(records)]
+    root.setLevel(level)
+    listener = QueueListener(records, sink)
+    listener.start()
+    return listener
+
+
+class ClientLog:
+    """Client mistakes at INFO, at most CLIENT_LOG_BURST per window; then a
+    line says how many were left out, so a flood of bad requests cannot
+    flood the log."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.window_end = 0.0
+        self.logged = 0
+        self.left_out = 0
+
+    def mistake(self, message, *args):
+        now = self.clock()
+        if now >= self.window_end:
+            self.flush()
+            self.window_end = now + CLIENT_LOG_WINDOW
+        if self.logged < CLIENT_LOG_BURST:
+            self.logged += 1
+            log.info(message, *args)
+        else:
+            self.left_out += 1
+
+    def flush(self):
+        """Called at least once a window, and at shutdown."""
+        if self.left_out:
+            log.info("%d more client errors not logged in the last %g s",
+                     self.left_out, CLIENT_LOG_WINDOW)
+        self.logged = self.left_out = 0
+
+    def tick(self):
+        if self.clock() >= self.window_end:
+            self.flush()
 
 
 # ---------------------------------------------------------------------------
 # Server lifecycle
 # ---------------------------------------------------------------------------
-
-class StartupError(Exception):
-    """Cannot start: the message is printed and the process exits 1."""
-
 
 class Server:
     def __init__(self, config):
@@ -1101,42 +2196,79 @@ class Server:
         self.loop = None
         self.hub = None
         self.app = None
-        self.connections = set()
+        # Open connections in deadline order, so the idle sweep stops at the
+        # first one still in time.
+        self.connections = {}
+        self.per_ip = {}                 # non-local address -> connections
+        self.replies = [0] * 6           # replies sent, by status // 100
+        self.refused = 0
         self.servers = []
         self.closing = False
         self.socket_inode = None
         self.ticker = None
+        self.client_log = ClientLog(time.monotonic)
 
     def handle(self, reader, writer):
         """Called for each new connection; returns the coroutine that serves
         it (not a coroutine itself, to keep one frame less per connection)."""
-        if self.closing or len(self.connections) >= self.config.max_connections:
+        config = self.config
+        peer = writer.get_extra_info("peername")
+        local = is_local(peer)
+        count = len(self.connections)
+        if local:
+            refused = count >= config.max_connections + LOCAL_RESERVE
+        else:
+            ip = peer[0]
+            refused = count >= config.max_connections or \
+                self.per_ip.get(ip, 0) >= config.max_connections_per_ip
+        if refused or self.closing:
+            self.refused += 1
             writer.transport.write(render(
                 503, b"application/json",
                 error_text(BAD_PARAMETER, "503 Service Unavailable: too many "
                            "connections").encode(), False, "HTTP/1.1"))
             writer.transport.close()
             return None
-        conn = Connection(self, reader, writer)
-        self.connections.add(conn)
+        if not local:
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        conn = Connection(self, reader, writer, peer, local)
+        self.connections[conn] = None
         return conn.run()
+
+    def forget(self, conn):
+        """A connection is closed: it counts no more."""
+        if self.connections.pop(conn, False) is not False and not conn.local:
+            ip = conn.peer[0]
+            count = self.per_ip[ip] - 1
+            if count:
+                self.per_ip[ip] = count
+            else:
+                del self.per_ip[ip]
 
     async def start(self):
         config = self.config
-        self.loop = asyncio.get_running_loop()
-        self.hub = Hub(config, self.loop)
+        self.loop = loop = asyncio.get_running_loop()
+        store = (StateFileStore if config.state_file else MemoryStore)(
+            config, loop)
+        store.open()
+        self.hub = Hub(config, loop, store)
         self.app = App(config, self.hub, self)
-        # Requests are read whole with readuntil(); the limit lets the
-        # biggest legal head through and reports anything longer.
+        # Request heads are read whole; the limit lets the biggest legal
+        # head through and reports anything longer.
         limit = MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4
+
+        def protocol():
+            return asyncio.StreamReaderProtocol(
+                HeadReader(limit=limit, loop=loop), self.handle, loop=loop)
+
         if config.unix_socket_path:
-            self.servers.append(await self.start_unix(limit))
+            self.servers.append(await self.start_unix(protocol))
         if config.http_port or not config.unix_socket_path:
             port = config.http_port or DEFAULT_PORT
             try:
-                server = await asyncio.start_server(
-                    self.handle, config.http_host, port, limit=limit,
-                    backlog=1024, reuse_address=True)
+                server = await loop.create_server(
+                    protocol, config.http_host, port, backlog=1024,
+                    reuse_address=True)
             except OSError as e:
                 raise StartupError(f"cannot listen on port {port}: "
                                    f"{e.strerror or e}") from None
@@ -1149,9 +2281,9 @@ class Server:
         interval = min(1.0, config.session_timeout / 4,
                        config.inactive_channel_timeout / 4,
                        config.http_timeout / 4)
-        self.ticker = self.loop.create_task(self.tick(interval))
+        self.ticker = loop.create_task(self.tick(interval))
 
-    async def start_unix(self, limit):
+    async def start_unix(self, protocol):
         path = self.config.unix_socket_path
         try:
             mode = os.lstat(path).st_mode
@@ -1171,8 +2303,8 @@ class Server:
             finally:
                 probe.close()
         try:
-            server = await asyncio.start_unix_server(
-                self.handle, path, limit=limit, backlog=1024)
+            server = await self.loop.create_unix_server(protocol, path,
+                                                        backlog=1024)
             os.chmod(path, self.config.unix_socket_mode)
         except OSError as e:
             raise StartupError(f"cannot listen on {path}: "
@@ -1183,15 +2315,25 @@ class Server:
         return server
 
     async def tick(self, interval):
-        """Housekeeping: expire clients and channels, close idle connections."""
+        """Housekeeping: expire clients and channels, close idle
+        connections, count the client errors left out of the log."""
         while True:
             await asyncio.sleep(interval)
-            self.hub.reap()
+            self.hub.expire()
+            self.client_log.tick()
             now = self.loop.time()
-            idle = [c for c in self.connections
-                    if c.deadline < now and c.poll is None]
+            idle = []
+            for conn in self.connections:
+                if conn.deadline >= now:
+                    break
+                idle.append(conn)
             for conn in idle:
-                if conn.transport.get_write_buffer_size():
+                if conn.held is not None:
+                    # Waiting for a message is not idle.
+                    conn.deadline = now + self.config.http_timeout
+                    del self.connections[conn]
+                    self.connections[conn] = None
+                elif conn.transport.get_write_buffer_size():
                     # A client that stopped reading its replies: close()
                     # would wait for them to drain, forever.
                     conn.transport.abort()
@@ -1199,22 +2341,26 @@ class Server:
                     conn.transport.close()
 
     async def shutdown(self):
-        """Stop accepting, answer held polls, flush replies, clean up."""
+        """Stop accepting, answer held polls, end streams, flush replies,
+        clean up."""
         self.closing = True
         for server in self.servers:
             server.close()
         self.ticker.cancel()
-        self.hub.answer_all()
+        self.hub.close_all()
         for conn in list(self.connections):
             if not conn.busy:
                 conn.transport.close()
+        background = self.hub.store.background
         pending = [t for t in asyncio.all_tasks()
-                   if t is not asyncio.current_task()]
+                   if t is not asyncio.current_task() and t not in background]
         if pending:
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
         for conn in list(self.connections):
             conn.transport.abort()
+        await self.hub.store.close()
         self.remove_socket()
+        self.client_log.flush()
         log.info("stopped")
 
     def remove_socket(self):
@@ -1233,6 +2379,8 @@ async def serve(config):
         await server.start()
     except BaseException:
         server.remove_socket()       # e.g. the socket came up, the port not
+        if server.hub is not None:
+            await server.hub.store.close()
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1325,26 +2473,85 @@ def parse_args(argv):
     a("--enable-status", action="store_true",
       help="serve /status.json (alias /stats.json)")
     a("--admin-token", metavar="T",
-      default=os.environ.get("SIMPLE_COMET_ADMIN_TOKEN") or None,
-      help="require 'Authorization: Bearer T' for writes and status "
-           "(default: $SIMPLE_COMET_ADMIN_TOKEN; without one, writes are "
-           "accepted from loopback and the unix socket only)")
+      help="require 'Authorization: Bearer T' for writes and status; "
+           "visible to every local user, so prefer --admin-token-file "
+           "(default: $SIMPLE_COMET_ADMIN_TOKEN, then the systemd credential "
+           "admin-token; without one, writes are accepted from loopback and "
+           "the unix socket only)")
+    a("--admin-token-file", metavar="PATH",
+      help="read the admin token from this file (one line)")
     a("--max-body", type=positive, default=d.max_body, metavar="BYTES",
       help="largest request body (default %(default)s)")
     a("--max-connections", type=positive, default=d.max_connections,
-      metavar="N", help="refuse connections beyond N (default %(default)s)")
+      metavar="N", help="refuse connections beyond N (default %(default)s; "
+                        f"loopback and the unix socket get {LOCAL_RESERVE} more)")
+    a("--max-connections-per-ip", type=positive,
+      default=d.max_connections_per_ip, metavar="N",
+      help="refuse connections beyond N from one non-local address "
+           "(default %(default)s)")
+    a("--sse-heartbeat", type=duration, default=d.sse_heartbeat, metavar="S",
+      help="send a comment to an EventSource stream after S seconds "
+           "without an event (default %(default)s)")
+    a("--state-file", metavar="PATH",
+      help="keep channels, messages and clients in PATH (and files beside "
+           "it starting with PATH) across restarts and crashes")
     a("--log-level", default=d.log_level, type=str.upper,
       choices=["DEBUG", "INFO", "WARNING", "ERROR"],
       help="logging level (default %(default)s)")
     a("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
-    return Config(**vars(args))
+    warnings = []
+    try:
+        args.admin_token = admin_token(args, warnings)
+    except ValueError as e:
+        p.error(str(e))
+    del args.admin_token_file
+    return Config(**vars(args)), warnings
+
+
+def read_secret(path, what):
+    """A secret kept in a file: its one line, surrounding space ignored."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise ValueError(f"cannot read {what} from {path}: {reason}") from None
+    if not secret or "\n" in secret:
+        raise ValueError(f"{path} must hold the {what} on one line")
+    return secret
+
+
+def admin_token(args, warnings):
+    """The admin token: from --admin-token-file, --admin-token, the
+    environment or a systemd credential, in that order."""
+    if args.admin_token_file:
+        if args.admin_token:
+            raise ValueError("give --admin-token or --admin-token-file, "
+                             "not both")
+        return read_secret(args.admin_token_file, "admin token")
+    if args.admin_token:
+        warnings.append("--admin-token on the command line is visible to "
+                        "every local user (ps, /proc); use "
+                        "--admin-token-file or $SIMPLE_COMET_ADMIN_TOKEN")
+        return args.admin_token
+    if os.environ.get("SIMPLE_COMET_ADMIN_TOKEN"):
+        return os.environ["SIMPLE_COMET_ADMIN_TOKEN"]
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and os.path.exists(os.path.join(credentials,
+                                                   "admin-token")):
+        return read_secret(os.path.join(credentials, "admin-token"),
+                           "admin token")
+    return None
 
 
 def main(argv=None):
-    config = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    config, warnings = parse_args(sys.argv[1:] if argv is None else argv)
+    listener = start_logging(config.log_level)
+    for warning in warnings:
+        log.warning("%s", warning)
+    # Past a file size limit, writes should fail with EFBIG, not kill us.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         asyncio.run(serve(config))
     except StartupError as e:
@@ -1352,6 +2559,8 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         pass
+    finally:
+        listener.stop()
     return 0
 
 

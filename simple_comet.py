@@ -61,6 +61,7 @@ import sys
 import time
 import zlib
 from collections import deque
+from itertools import islice
 from logging.handlers import QueueHandler, QueueListener
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -122,6 +123,10 @@ SSE_MAX_UNSENT = 1024 * 1024         # live events a slow reader may owe
 CLIENT_LOG_BURST = 20                # client mistakes logged per window
 CLIENT_LOG_WINDOW = 10.0             # seconds
 LOG_QUEUE_SIZE = 10_000              # records waiting for the sink; then dropped
+
+# Expiry removes at most this many entries between two turns of the event
+# loop, so that a mass expiry does not hold up replies.
+EXPIRY_SLICE = 2000
 
 # The state file (--state-file).
 STATE_FSYNC_INTERVAL = 1.0           # seconds: a power loss costs at most this
@@ -657,14 +662,33 @@ class MemoryStore:
             raise APIError(NO_CHANNEL, "Client already exists")
         self.clients[client_id] = self.loop.time()
 
-    def push(self, channel, content):
+    def push(self, name, content):
         """Store a message; returns (its id, waiters it reached)."""
+        channel = self.channel(name)
         message_id = self.next_id()
         return message_id, self.apply_push(
             channel, message_id, message_text(message_id, content))
 
-    def remove_channel(self, channel):
+    def remove_channel(self, name):
+        """True when the channel existed."""
+        channel = self.channels.get(name)
+        if channel is None:
+            return False
         self.apply_remove(channel)
+        return True
+
+    def channel(self, name):
+        channel = self.channels.get(name)
+        if channel is None:
+            check_id(name, "channel id", channel=True)
+            raise APIError(NO_CHANNEL, "Nonexistent channel")
+        return channel
+
+    def settled(self):
+        """None: this state is the whole truth.  A store that other
+        instances also write (Redis) returns an awaitable that is done once
+        this instance has applied everything stored before the call."""
+        return None
 
     def next_id(self):
         if self.last_id >= MAX_SAFE_ID:
@@ -704,43 +728,54 @@ class MemoryStore:
         del clients[client_id]
         clients[client_id] = now
 
-    def expire(self, now, reading):
+    async def expire(self, now, reading):
         """Forget clients and channels nobody has read for their timeout;
-        those with a held poll or an open stream count as read now."""
-        limit = now - self.config.session_timeout
-        clients = []
-        for client_id, last_read in self.clients.items():
+        those with a held poll or an open stream count as read now.  Done
+        in slices, so a mass expiry does not hold up replies."""
+        while True:
+            clients = list(islice(self.stale(
+                self.clients.items(), now - self.config.session_timeout),
+                EXPIRY_SLICE))
+            channels = list(islice(self.stale(
+                ((c, c.last_read) for c in self.channels.values()),
+                now - self.config.inactive_channel_timeout), EXPIRY_SLICE))
+            if not clients and not channels:
+                return
+            gone_clients = []
+            for client_id in clients:
+                if client_id in reading:
+                    self.touch_client(client_id, now)
+                else:
+                    gone_clients.append(client_id)
+            gone_channels = []
+            for channel in channels:
+                if channel.waiters:
+                    self.touch_channel(channel, now)
+                else:
+                    gone_channels.append(channel)
+            if gone_clients or gone_channels:
+                if not self.forget(gone_clients, gone_channels):
+                    return
+                log.debug("expired %d clients and %d channels",
+                          len(gone_clients), len(gone_channels))
+            await asyncio.sleep(0)
+
+    @staticmethod
+    def stale(entries, limit):
+        """The oldest of (key, last read) pairs, up to the first read since
+        ``limit``."""
+        for key, last_read in entries:
             if last_read >= limit:
-                break
-            clients.append(client_id)
-        limit = now - self.config.inactive_channel_timeout
-        channels = []
-        for channel in self.channels.values():
-            if channel.last_read >= limit:
-                break
-            channels.append(channel)
-        gone_clients = []
-        for client_id in clients:
-            if client_id in reading:
-                self.touch_client(client_id, now)
-            else:
-                gone_clients.append(client_id)
-        gone_channels = []
-        for channel in channels:
-            if channel.waiters:
-                self.touch_channel(channel, now)
-            else:
-                gone_channels.append(channel)
-        if gone_clients or gone_channels:
-            self.forget(gone_clients, gone_channels)
-            log.debug("expired %d clients and %d channels",
-                      len(gone_clients), len(gone_channels))
+                return
+            yield key
 
     def forget(self, client_ids, channels):
+        """Remove expired entries; False when they could not be (yet)."""
         for client_id in client_ids:
             del self.clients[client_id]
         for channel in channels:
             del self.channels[channel.name]
+        return True
 
 
 class StateFileStore(MemoryStore):
@@ -883,7 +918,8 @@ class StateFileStore(MemoryStore):
         self.live += len(record)
         self.clients[client_id] = self.loop.time()
 
-    def push(self, channel, content):
+    def push(self, name, content):
+        channel = self.channel(name)
         message_id = self.next_id()
         text = message_text(message_id, content)
         record = self.record("p\t%s\t%d\t%s" % (channel.key, message_id, text))
@@ -895,10 +931,14 @@ class StateFileStore(MemoryStore):
             self.live -= len(record) - len(text) + len(messages[0][1])
         return message_id, self.apply_push(channel, message_id, text)
 
-    def remove_channel(self, channel):
+    def remove_channel(self, name):
+        channel = self.channels.get(name)
+        if channel is None:
+            return False
         self.write(self.record("d\t" + channel.key))
         self.live -= self.channel_bytes(channel)
         self.apply_remove(channel)
+        return True
 
     def channel_bytes(self, channel):
         overhead = 30 + len(channel.key)
@@ -913,10 +953,10 @@ class StateFileStore(MemoryStore):
         try:
             self.write(b"".join(records))
         except HTTPError:
-            return
+            return False
         self.live -= sum(len(r) for r in records[:len(client_ids)])
         self.live -= sum(self.channel_bytes(c) for c in channels)
-        super().forget(client_ids, channels)
+        return super().forget(client_ids, channels)
 
     # -- startup ----------------------------------------------------------
 
@@ -1313,22 +1353,16 @@ class Hub:
         return self.store.add_client(client_id)
 
     def push(self, name, content):
-        """Store a message; (its id, waiters reached) or a awaitable of it."""
-        channel = self.store.channels.get(name)
-        if channel is None:
-            check_id(name, "channel id", channel=True)
-            raise APIError(NO_CHANNEL, "Nonexistent channel")
+        """Store a message: (its id, waiters reached[, instances]), or an
+        awaitable of it."""
         if content is None:
+            self.store.channel(name)     # a missing channel is told first
             raise APIError(BAD_PARAMETER, "Missing content")
-        return self.store.push(channel, content)
+        return self.store.push(name, content)
 
     def remove_channel(self, name):
         """True when the channel existed (or an awaitable of it)."""
-        channel = self.store.channels.get(name)
-        if channel is None:
-            return False
-        self.store.remove_channel(channel)
-        return True
+        return self.store.remove_channel(name)
 
     # -- told by the store --------------------------------------------------
 
@@ -1529,8 +1563,8 @@ class Hub:
 
     # -- expiry -------------------------------------------------------------
 
-    def expire(self):
-        self.store.expire(self.loop.time(), self.reading)
+    async def expire(self):
+        await self.store.expire(self.loop.time(), self.reading)
 
 
 # ---------------------------------------------------------------------------
@@ -2319,7 +2353,7 @@ class Server:
         connections, count the client errors left out of the log."""
         while True:
             await asyncio.sleep(interval)
-            self.hub.expire()
+            await self.hub.expire()
             self.client_log.tick()
             now = self.loop.time()
             idle = []

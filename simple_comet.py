@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import errno
 import fcntl
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -63,7 +64,8 @@ import zlib
 from collections import deque
 from itertools import islice
 from logging.handlers import QueueHandler, QueueListener
-from urllib.parse import parse_qsl, unquote_to_bytes
+from typing import NamedTuple
+from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes
 
 __version__ = "2.0.0"
 
@@ -155,6 +157,8 @@ class Config:
     max_connections = 10_000
     max_connections_per_ip = 256
     state_file = None
+    redis = None
+    redis_prefix = "comet:"
     log_level = "INFO"
 
     def __init__(self, **settings):
@@ -666,6 +670,7 @@ class MemoryStore:
         """Store a message; returns (its id, waiters it reached)."""
         channel = self.channel(name)
         message_id = self.next_id()
+        self.pushed += 1
         return message_id, self.apply_push(
             channel, message_id, message_text(message_id, content))
 
@@ -706,7 +711,6 @@ class MemoryStore:
         if message_id > self.last_id:
             self.last_id = message_id
         channel.add(message_id, text)
-        self.pushed += 1
         return self.hub.deliver(channel, message_id, text) \
             if channel.waiters else 0
 
@@ -924,6 +928,7 @@ class StateFileStore(MemoryStore):
         text = message_text(message_id, content)
         record = self.record("p\t%s\t%d\t%s" % (channel.key, message_id, text))
         self.write(record)
+        self.pushed += 1
         self.live += len(record)
         messages = channel.messages
         if messages and len(messages) == channel.max_messages:
@@ -1229,6 +1234,1386 @@ class StateFileStore(MemoryStore):
 
 
 # ---------------------------------------------------------------------------
+# Redis client: RESP2 over asyncio streams, pipelined, reconnecting
+# ---------------------------------------------------------------------------
+#
+# Replies: simple strings are ``str``, bulk strings ``bytes``, integers
+# ``int``, nulls ``None``, arrays ``list``.  An error reply raises
+# RedisReplyError in the caller.  A command that Redis does not confirm
+# within REDIS_COMMAND_TIMEOUT raises RedisTimeout and closes its
+# connection: replies are matched by order only, so once one is missing no
+# later reply can be trusted.  Nothing is queued while disconnected.
+
+redis_log = logging.getLogger("simple_comet.redis")
+
+
+# Limits.  Redis's own proto-max-bulk-len is 512 MiB, so a longer bulk can
+# only be garbage; the others are far above anything Redis sends to us.
+REDIS_DEFAULT_PORT = 6379
+REDIS_MAX_BULK = 512 * 1024 * 1024
+REDIS_MAX_ARRAY = 2 ** 32            # elements announced by one array header
+REDIS_MAX_DEPTH = 32                 # nested arrays (an XREAD reply uses 4)
+REDIS_MAX_LINE = 64 * 1024           # a status, error or header line
+REDIS_MAX_DB = 2 ** 31 - 1           # Redis keeps databases in an int
+REDIS_READ_SIZE = 256 * 1024
+
+REDIS_CONNECT_TIMEOUT = 5.0          # seconds for connect, AUTH and SELECT
+REDIS_COMMAND_TIMEOUT = 5.0          # seconds for Redis to confirm a command
+
+# Reconnect back-off: the first retry after about RECONNECT_FIRST seconds,
+# then RECONNECT_FACTOR times longer each failure, +-RECONNECT_JITTER so
+# that many instances do not reconnect in step, never above RECONNECT_MAX.
+REDIS_RECONNECT_FIRST = 0.2
+REDIS_RECONNECT_FACTOR = 2.0
+REDIS_RECONNECT_JITTER = 0.2
+REDIS_RECONNECT_MAX = 5.0
+REDIS_LOG_REPEAT = 60.0              # seconds between "still unreachable" lines
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+class RedisError(Exception):
+    """Anything that went wrong talking to Redis."""
+
+
+class RedisReplyError(RedisError):
+    """Redis answered the command with an error reply.
+
+    The connection is fine and stays open.  ``code`` is the error's first
+    word ("ERR", "NOSCRIPT", "WRONGTYPE", ...).
+    """
+
+    @property
+    def code(self):
+        return str(self).split(" ", 1)[0]
+
+
+class RedisConnectionError(RedisError):
+    """Not connected, or the connection was lost before the reply came.
+
+    The command may or may not have been carried out by Redis.
+    """
+
+
+class RedisTimeout(RedisConnectionError):
+    """Redis did not confirm the command in time; the connection is closed."""
+
+
+class RedisProtocolError(RedisError):
+    """The bytes from the server are not RESP2: the stream is unusable."""
+
+
+# ---------------------------------------------------------------------------
+# URLs
+# ---------------------------------------------------------------------------
+
+_DIGITS = re.compile(r"[0-9]+")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
+_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
+_QUERY_KEYS = {"db", "password", "username"}
+
+
+class RedisURL(NamedTuple):
+    """Where Redis is and how to log in: ``path`` for a unix socket, else
+    ``host`` and ``port``.  Its repr and str hide the password."""
+
+    host: str | None
+    port: int | None
+    path: str | None
+    username: str | None
+    password: str | None
+    db: int
+
+    @property
+    def where(self):
+        """The address alone, for messages."""
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def redacted(self):
+        """The URL with '***' in place of the password."""
+        login = ""
+        if self.username is not None or self.password is not None:
+            login = quote(self.username or "", safe="")
+            if self.password is not None:
+                login += ":***"
+            login += "@"
+        if self.path is not None:
+            db = f"?db={self.db}" if self.db else ""
+            return f"unix://{login}{quote(self.path)}{db}"
+        return f"redis://{login}{self.where}/{self.db}"
+
+    def __repr__(self):
+        return f"RedisURL({self.redacted()!r})"
+
+    __str__ = redacted
+
+
+def parse_redis_url(text):
+    """Parse ``redis://[[user]:password@]host[:port][/db]`` or
+    ``unix://[[user]:password@]/path/redis.sock[?db=N]`` into a RedisURL.
+
+    User and password are percent-decoded; ``?db=``, ``?password=`` and
+    ``?username=`` are accepted in either form.  A user without a password
+    is refused: ``redis://secret@host`` is more often a password written
+    without its colon than a user who needs none.  Raises ValueError with a
+    one-line message that never contains the password.
+    """
+    if not isinstance(text, str):
+        raise ValueError("redis URL must be a string")
+    # No URL has them raw; a stray newline from a secrets file would
+    # otherwise end up in the password.
+    if _URL_FORBIDDEN.search(text):
+        raise ValueError("redis URL contains a space or control character")
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("redis", "unix"):
+        if scheme == "rediss":
+            raise ValueError("redis URL: TLS (rediss://) is not supported")
+        raise ValueError("redis URL must start with redis:// or unix://")
+    if "#" in rest:
+        raise ValueError("redis URL must not have a #fragment")
+    rest, _, query = rest.partition("?")
+    if scheme == "redis":
+        netloc, _, path = rest.partition("/")
+    else:
+        # unix://[login@]/path: the login, if any, ends at the first "@"
+        # that comes before the path's first "/".
+        at = rest.find("@")
+        if at >= 0 and at < rest.find("/"):
+            netloc, path = rest[:at + 1], rest[at + 1:]
+        else:
+            netloc, path = "", rest
+    login, at, hostport = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = login.partition(":")
+        if not colon:
+            raise ValueError("redis URL has a user but no password "
+                             "(write redis://:PASSWORD@host for a password alone)")
+        username = _unquote(user, "user") if user else None
+        password = _unquote(secret, "password")
+
+    fields = {}
+    for field in query.split("&") if query else ():
+        key, equals, value = field.partition("=")
+        if key not in _QUERY_KEYS or not equals:
+            # Named only when it is a plain word: the text after a "?" may
+            # be the end of a password whose "?" was not percent-encoded.
+            raise ValueError("redis URL: unknown parameter"
+                             + (f" {key!r}" if key.isalpha() and len(key) < 20 else "")
+                             + " (use db, password, username)")
+        if key in fields:
+            raise ValueError(f"redis URL: parameter {key!r} given twice")
+        fields[key] = _unquote(value, key)
+    if "password" in fields:
+        if password is not None:
+            raise ValueError("redis URL gives the password twice")
+        password = fields["password"]
+    if "username" in fields:
+        if username is not None:
+            raise ValueError("redis URL gives the user twice")
+        username = fields["username"] or None
+    if username is not None and password is None:
+        raise ValueError("redis URL has a user but no password")
+    if username is None and password == "":
+        password = None               # redis://:@host: nothing to AUTH with
+
+    db_text = fields.get("db")
+    host = port = socket_path = None
+    if scheme == "redis":
+        host, port = _parse_host_port(hostport)
+        if path:
+            if db_text is not None:
+                raise ValueError("redis URL gives the database twice")
+            db_text = path
+    else:
+        if hostport:
+            raise ValueError("redis URL: unix:// takes no host "
+                             "(write unix:///path/redis.sock)")
+        socket_path = _unquote(path, "socket path")
+        if not socket_path.startswith("/"):
+            raise ValueError("redis URL: unix:// needs an absolute socket path "
+                             "(write unix:///path/redis.sock)")
+        if "\x00" in socket_path:
+            raise ValueError("redis URL: the socket path contains NUL")
+    db = 0
+    if db_text is not None:
+        if not _DIGITS.fullmatch(db_text) or int(db_text) > REDIS_MAX_DB:
+            raise ValueError(f"redis URL: database {db_text!r} is not "
+                             f"a number from 0 to {REDIS_MAX_DB}")
+        db = int(db_text)
+    return RedisURL(host, port, socket_path, username, password, db)
+
+
+def _unquote(text, what):
+    if _BAD_PERCENT.search(text):
+        raise ValueError(f"redis URL: bad %-escape in the {what}")
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        # Its own message would quote the bytes, the password's perhaps.
+        raise ValueError(f"redis URL: the {what} is not UTF-8 "
+                         f"once %-decoded") from None
+
+
+def _parse_host_port(text):
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("redis URL: unclosed [ in the host")
+        host, rest = text[1:end], text[end + 1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"redis URL: {host!r} is not an IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ValueError("redis URL: unexpected text after the IPv6 address")
+        port_text = rest[1:] if rest else None
+    else:
+        host, colon, port_text = text.partition(":")
+        if ":" in port_text:
+            raise ValueError("redis URL: put an IPv6 address in [brackets]")
+        if not host:
+            raise ValueError("redis URL has no host")
+        if not colon:
+            port_text = None
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"redis URL: {host!r} is not a host name")
+    if port_text is None:
+        return host, REDIS_DEFAULT_PORT
+    if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+        raise ValueError(f"redis URL: port {port_text!r} is not "
+                         f"a number from 1 to 65535")
+    return host, int(port_text)
+
+
+# ---------------------------------------------------------------------------
+# RESP2
+# ---------------------------------------------------------------------------
+
+def encode_command(*args):
+    """One command as a RESP array of bulk strings.
+
+    str is sent as UTF-8, int and float as their decimal text, bytes as
+    they are.  bool and None are refused: Redis has no such types and
+    "True" or "None" stored by mistake is hard to find afterwards.
+    """
+    if not args:
+        raise ValueError("a Redis command needs at least a name")
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, (bytes, bytearray, memoryview)):
+            arg = bytes(arg)
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            arg = b"%d" % arg
+        elif isinstance(arg, float):
+            if arg != arg:
+                raise ValueError("NaN cannot be sent to Redis")
+            arg = repr(arg).encode()
+        else:
+            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+INCOMPLETE = object()                # gets(): no complete reply yet
+
+_INTEGER = re.compile(rb"-?[0-9]{1,19}")
+
+
+class RedisReader:
+    """Turns the bytes Redis sends into replies, however they are split.
+
+    ``feed(data)`` adds bytes; ``gets()`` returns the next complete reply,
+    or INCOMPLETE.  An array is built up across calls (a stack of the
+    arrays still open), so a large reply that arrives in many pieces is
+    parsed once, not again on every piece.  Raises RedisProtocolError on
+    anything that is not RESP2; the reader is unusable afterwards.
+    """
+
+    def __init__(self):
+        self._buffer = bytearray()
+        self._pos = 0
+        self._stack = []              # [[items so far, items still to come]]
+
+    def feed(self, data):
+        self._buffer += data
+
+    def gets(self):
+        stack = self._stack
+        while True:
+            item = self._item()
+            if item is INCOMPLETE:
+                # Deleting from the front of a bytearray is cheap in CPython.
+                del self._buffer[:self._pos]
+                self._pos = 0
+                return INCOMPLETE
+            if item is _OPENED:
+                continue
+            while stack:
+                frame = stack[-1]
+                frame[0].append(item)
+                frame[1] -= 1
+                if frame[1]:
+                    break
+                item = stack.pop()[0]
+            else:
+                return item
+
+    def _item(self):
+        """One reply element, INCOMPLETE, or _OPENED when an array begins."""
+        buffer, pos = self._buffer, self._pos
+        end = buffer.find(b"\r\n", pos)
+        if end < 0 or end - pos > REDIS_MAX_LINE:
+            if len(buffer) - pos > REDIS_MAX_LINE:
+                raise RedisProtocolError(
+                    f"line longer than {REDIS_MAX_LINE} bytes")
+            return INCOMPLETE
+        kind, line = buffer[pos], buffer[pos + 1:end]
+        if kind == 36:                                   # $ bulk string
+            size = self._length(line, REDIS_MAX_BULK)
+            if size < 0:
+                self._pos = end + 2
+                return None
+            start = end + 2
+            stop = start + size
+            if len(buffer) < stop + 2:
+                return INCOMPLETE
+            if buffer[stop:stop + 2] != b"\r\n":
+                raise RedisProtocolError("bulk string not followed by CRLF")
+            self._pos = stop + 2
+            return bytes(buffer[start:stop])
+        self._pos = end + 2
+        if kind == 43 or kind == 45:                     # + simple, - error
+            if 10 in line or 13 in line:
+                raise RedisProtocolError("bare CR or LF in a status line")
+            text = line.decode("utf-8", "replace")
+            return text if kind == 43 else RedisReplyError(text)
+        if kind == 58:                                   # : integer
+            if not _INTEGER.fullmatch(line):
+                raise RedisProtocolError(f"bad integer {bytes(line)[:40]!r}")
+            return int(line)
+        if kind == 42:                                   # * array
+            count = self._length(line, REDIS_MAX_ARRAY)
+            if count < 0:
+                return None
+            if count == 0:
+                return []
+            if len(self._stack) >= REDIS_MAX_DEPTH:
+                raise RedisProtocolError(
+                    f"arrays nested deeper than {REDIS_MAX_DEPTH}")
+            self._stack.append([[], count])
+            return _OPENED
+        raise RedisProtocolError(f"unknown reply type {bytes([kind])!r}")
+
+    @staticmethod
+    def _length(line, limit):
+        # isdigit() first: int() would also take " 7", "+7" and "7_0".
+        if line.isdigit() and len(line) <= 10:
+            length = int(line)
+            if length <= limit:
+                return length
+        elif line == b"-1":
+            return -1
+        raise RedisProtocolError(f"bad length {bytes(line)[:40]!r}")
+
+
+_OPENED = object()
+
+
+# ---------------------------------------------------------------------------
+# One connection
+# ---------------------------------------------------------------------------
+
+def _reason(exc):
+    """Why a socket operation failed, in a few words, for messages."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    # asyncio's "Connect call failed ('127.0.0.1', 6379)" hides the errno's
+    # meaning, which is what an operator needs.
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+class RedisConnection:
+    """One stream to Redis, shared by any number of concurrent commands.
+
+    ``execute()`` sends its command at once and returns a future; a reader
+    task resolves the futures in the order the commands were written, which
+    is the order Redis answers them.  Once closed, for whatever reason, a
+    connection stays closed (``close_reason`` says why): make a new one.
+    """
+
+    def __init__(self, url, *, connect_timeout=REDIS_CONNECT_TIMEOUT,
+                 command_timeout=REDIS_COMMAND_TIMEOUT):
+        self.url = url if isinstance(url, RedisURL) else parse_redis_url(url)
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.close_reason = None
+        self._loop = None
+        self._writer = None
+        self._reader_task = None
+        self._pending = deque()       # (future, deadline, timeout), in order
+        self._timer = None            # fires at the earliest deadline
+        self._timer_when = None
+        self._closed = None           # an Event, set once closed
+        self._outgoing = None
+
+    @property
+    def connected(self):
+        return self._writer is not None and not self._closed.is_set()
+
+    @property
+    def closed(self):
+        return self._closed is not None and self._closed.is_set()
+
+    async def connect(self):
+        """Open the stream, log in (AUTH) and select the database.
+
+        All within connect_timeout.  Raises RedisConnectionError when it
+        cannot, a refused login included.
+        """
+        if self._closed is not None:
+            raise RuntimeError("a RedisConnection connects only once")
+        self._loop = loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        url = self.url
+        deadline = loop.time() + self.connect_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                if url.path is not None:
+                    reader, writer = await asyncio.open_unix_connection(url.path)
+                else:
+                    reader, writer = await asyncio.open_connection(url.host, url.port)
+        except (OSError, TimeoutError) as exc:
+            self._abort(_reason(exc))
+            raise RedisConnectionError(
+                f"{url.where}: cannot connect: {self.close_reason}") from None
+        except BaseException:
+            self._abort("connect cancelled")
+            raise
+        self._writer = writer
+        self._reader_task = loop.create_task(self._read(reader))
+
+        # One round trip for all three.  PING also proves that the other
+        # end speaks RESP before the connection is handed out.
+        timeout = max(0.001, deadline - loop.time())
+        replies = []
+        if url.password is not None:
+            login = (url.password,) if url.username is None else (url.username, url.password)
+            replies.append(self.execute("AUTH", *login, timeout=timeout))
+        if url.db:
+            replies.append(self.execute("SELECT", url.db, timeout=timeout))
+        replies.append(self.execute("PING", timeout=timeout))
+        try:
+            # All of them, so that no error is left unretrieved.
+            results = await asyncio.gather(*replies, return_exceptions=True)
+        except BaseException:
+            self._abort("connect cancelled")
+            raise
+        for result in results:
+            if isinstance(result, RedisReplyError):
+                # WRONGPASS, NOAUTH, a bad db, LOADING: Redis's own words.
+                self._abort(str(result))
+            if isinstance(result, BaseException):
+                raise RedisConnectionError(
+                    f"{url.where}: cannot connect: {self.close_reason}") from None
+
+    def execute(self, *args, timeout=None):
+        """Send one command (in this turn of the event loop, after those
+        issued before it); return a future for its reply.
+
+        The future raises RedisReplyError for an error reply, RedisTimeout
+        if no reply comes within ``timeout`` seconds (default
+        command_timeout), RedisConnectionError if the connection is lost
+        first.  Raises RedisConnectionError at once when not connected.
+        """
+        if not self.connected or self._writer.transport.is_closing():
+            raise RedisConnectionError(
+                f"{self.url.where}: not connected"
+                + (f" ({self.close_reason})" if self.close_reason else ""))
+        data = encode_command(*args)
+        loop = self._loop
+        future = loop.create_future()
+        if timeout is None:
+            timeout = self.command_timeout
+        deadline = loop.time() + timeout
+        self._pending.append((future, deadline, timeout))
+        if self._timer is None or deadline < self._timer_when:
+            self._arm(deadline)
+        # Commands issued in one turn of the event loop go out in one write:
+        # a syscall per command would cost a third of the throughput with
+        # many callers.  The buffer is bounded by the timeout: what Redis
+        # does not take within command_timeout goes with the connection.
+        if self._outgoing is None:
+            self._outgoing = [data]
+            loop.call_soon(self._flush)
+        else:
+            self._outgoing.append(data)
+        return future
+
+    def _flush(self):
+        outgoing, self._outgoing = self._outgoing, None
+        if outgoing and not self._closed.is_set():
+            self._writer.write(b"".join(outgoing))
+
+    def close(self, reason="closed by the client"):
+        """Close now; every command still waiting fails."""
+        self._abort(reason)
+
+    async def wait_closed(self):
+        """Return once the connection is closed, by close() or by loss."""
+        await self._closed.wait()
+
+    async def _read(self, reader):
+        parser = RedisReader()
+        pending = self._pending
+        try:
+            while True:
+                data = await reader.read(REDIS_READ_SIZE)
+                if not data:
+                    self._abort("connection closed by the server")
+                    return
+                parser.feed(data)
+                while (reply := parser.gets()) is not INCOMPLETE:
+                    if not pending:
+                        raise RedisProtocolError("a reply to no command")
+                    future = pending.popleft()[0]
+                    if future.done():         # its caller was cancelled
+                        continue
+                    if type(reply) is RedisReplyError:
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        except OSError as exc:
+            self._abort(f"connection lost: {_reason(exc)}")
+        except RedisProtocolError as exc:
+            self._abort(f"protocol error: {exc}")
+        except Exception as exc:
+            self._abort(f"internal error: {exc!r}")
+            raise
+
+    def _arm(self, when):
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._check_deadlines)
+        self._timer_when = when
+
+    def _check_deadlines(self):
+        # One timer serves every command: it fires at the earliest deadline
+        # and, if that command has been answered meanwhile, sets itself for
+        # the next one.  Replies come about in deadline order, so the scan
+        # of the waiting commands happens about once per command_timeout.
+        self._timer = None
+        if not self._pending:
+            return
+        deadline, timeout = min((entry[1], entry[2]) for entry in self._pending)
+        # call_at may fire up to a clock tick early.
+        if deadline <= self._loop.time() + 0.001:
+            self._abort(f"no reply within {timeout:g} s", timed_out=True)
+        else:
+            self._arm(deadline)
+
+    def _abort(self, reason, timed_out=False):
+        if self._closed is None:
+            self._closed = asyncio.Event()
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self.close_reason = reason
+        self._outgoing = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writer is not None:
+            # abort, not close: close would first flush what a stalled
+            # server is not reading.
+            self._writer.transport.abort()
+        task = self._reader_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        message = f"{self.url.where}: {reason}"
+        now = self._loop.time() + 0.001 if self._loop else 0.0
+        pending, self._pending = self._pending, deque()
+        for future, deadline, _ in pending:
+            if future.done():
+                continue
+            # Commands behind the one that timed out were maybe not late
+            # themselves, but their replies can no longer be matched.
+            # A fresh exception each: one instance raised in many tasks
+            # would collect all their tracebacks.
+            late = timed_out and deadline <= now
+            future.set_exception((RedisTimeout if late else RedisConnectionError)(message))
+            # Marks it retrieved: a caller that stopped waiting (a
+            # fire-and-forget write) must not cause an asyncio error log.
+            future.exception()
+
+
+# ---------------------------------------------------------------------------
+# A connection kept up
+# ---------------------------------------------------------------------------
+
+class RedisBackoff:
+    """Delays between reconnect attempts: growing, jittered, capped."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._base = REDIS_RECONNECT_FIRST
+
+    def next(self):
+        delay = self._base * random.uniform(1 - REDIS_RECONNECT_JITTER,
+                                            1 + REDIS_RECONNECT_JITTER)
+        # Capping the base, not the result, keeps the jitter at the cap too.
+        self._base = min(self._base * REDIS_RECONNECT_FACTOR,
+                         REDIS_RECONNECT_MAX / (1 + REDIS_RECONNECT_JITTER))
+        return delay
+
+
+def script_sha(script):
+    """The SHA1 by which Redis knows a Lua script."""
+    if isinstance(script, str):
+        script = script.encode()
+    return hashlib.sha1(script).hexdigest()
+
+
+class RedisClient:
+    """A connection to Redis that reconnects by itself.
+
+    ``start()`` (in a running loop) begins connecting in the background
+    and returns at once.
+    After each (re)connection ``await on_connect(client)`` runs (to load
+    scripts and catch up): during it ``execute`` already works but
+    ``connected`` is still false, so whoever checks ``connected`` before
+    writing waits for the catch-up.  If on_connect raises, the connection
+    is dropped and retried.  Commands issued while disconnected fail at
+    once with RedisConnectionError.
+    """
+
+    def __init__(self, url, *, on_connect=None,
+                 connect_timeout=REDIS_CONNECT_TIMEOUT,
+                 command_timeout=REDIS_COMMAND_TIMEOUT):
+        self.url = url if isinstance(url, RedisURL) else parse_redis_url(url)
+        self.on_connect = on_connect
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.last_error = None        # why it is not connected, for status
+        self.connects = 0             # successful (re)connections so far
+        self._conn = None             # set once logged in, before on_connect
+        self._ready = False           # on_connect has returned
+        self._ready_event = asyncio.Event()
+        self._task = None
+        self._blocking_conn = None
+        self._blocking_lock = asyncio.Lock()
+        self._blocking_backoff = RedisBackoff()
+        self._blocking_retry_at = 0.0
+
+    @property
+    def connected(self):
+        return self._ready and self._conn is not None and self._conn.connected
+
+    def start(self):
+        """Begin connecting; returns the task that keeps the connection."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._keep())
+        return self._task
+
+    async def wait_connected(self, timeout=None):
+        """Wait until connected; return False if timeout seconds pass first."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.connected:
+                    await self._ready_event.wait()
+                    if not self.connected:
+                        await asyncio.sleep(0)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self):
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for conn in (self._conn, self._blocking_conn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._blocking_conn = None
+        self._ready = False
+        self._ready_event.clear()
+
+    def execute(self, *args, timeout=None):
+        """As RedisConnection.execute, on the current connection."""
+        conn = self._conn
+        if conn is None:
+            raise RedisConnectionError(
+                f"{self.url.where}: not connected"
+                + (f" ({self.last_error})" if self.last_error else ""))
+        return conn.execute(*args, timeout=timeout)
+
+    async def evalsha(self, sha, script, keys=(), args=()):
+        """Run a Lua script by its SHA1 (None: computed), loading it if need be.
+
+        On NOSCRIPT (Redis restarted, failed over, or SCRIPT FLUSH) the
+        script is sent whole with EVAL, which also caches it again.  The
+        retry goes after whatever was issued meanwhile.
+        """
+        keys = tuple(keys)
+        args = tuple(args)
+        if sha is None:
+            sha = script_sha(script)
+        try:
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+        except RedisReplyError as exc:
+            if exc.code != "NOSCRIPT":
+                raise
+        return await self.execute("EVAL", script, len(keys), *keys, *args)
+
+    async def execute_blocking(self, *args, block):
+        """Run a blocking command (``XREAD BLOCK ms ...``) on a connection
+        of its own, so that it holds up no other command.
+
+        ``block`` is the command's own blocking time in seconds; no reply
+        within block + command_timeout raises RedisTimeout.  One at a time:
+        concurrent calls wait their turn.  The connection is opened on
+        first use and again after a failure, not sooner than the back-off
+        allows, so a loop around this call does not spin.  While the client
+        is not connected it raises RedisConnectionError at once: a tailing
+        loop waits with ``wait_connected()`` first.
+        """
+        if not block or block <= 0:
+            raise ValueError("execute_blocking needs a finite block time")
+        loop = asyncio.get_running_loop()
+        async with self._blocking_lock:
+            conn = self._blocking_conn
+            if conn is None or not conn.connected:
+                self._blocking_conn = None
+                if not self.connected:
+                    raise RedisConnectionError(
+                        f"{self.url.where}: not connected"
+                        + (f" ({self.last_error})" if self.last_error else ""))
+                delay = self._blocking_retry_at - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                conn = RedisConnection(self.url,
+                                       connect_timeout=self.connect_timeout,
+                                       command_timeout=self.command_timeout)
+                try:
+                    await conn.connect()
+                except RedisConnectionError:
+                    self._blocking_retry_at = loop.time() + self._blocking_backoff.next()
+                    raise
+                self._blocking_backoff.reset()
+                self._blocking_conn = conn
+            future = conn.execute(*args, timeout=block + self.command_timeout)
+            try:
+                return await future
+            except asyncio.CancelledError:
+                # Its reply is still to come; the next command would get it.
+                conn.close("a blocking command was cancelled")
+                raise
+
+    async def _keep(self):
+        loop = asyncio.get_running_loop()
+        backoff = RedisBackoff()
+        down_since = loop.time()
+        failures = 0
+        logged_reason = None
+        logged_at = 0.0
+        while True:
+            conn = RedisConnection(self.url,
+                                   connect_timeout=self.connect_timeout,
+                                   command_timeout=self.command_timeout)
+            try:
+                await conn.connect()
+                self._conn = conn
+                if self.on_connect is not None:
+                    await self.on_connect(self)
+                if not conn.connected:
+                    raise RedisConnectionError(f"{self.url.where}: {conn.close_reason}")
+            except RedisError as exc:
+                reason = conn.close_reason if conn.closed else f"on_connect: {exc}"
+            except Exception as exc:
+                # A bug in on_connect, not a Redis state: its traceback helps.
+                redis_log.error("redis: on_connect failed", exc_info=exc)
+                reason = f"on_connect: {exc!r}"
+            else:
+                reason = None
+            if reason is not None:
+                conn.close("on_connect failed")
+                self._conn = None
+                self.last_error = reason
+                failures += 1
+                now = loop.time()
+                # The first failure of an outage at WARNING, then only news
+                # or a periodic reminder, so a long outage stays readable.
+                if reason != logged_reason or now - logged_at >= REDIS_LOG_REPEAT:
+                    if failures == 1:
+                        redis_log.warning("redis: cannot connect to %s: %s; "
+                                          "retrying", self.url, reason)
+                    else:
+                        redis_log.warning("redis: still cannot connect to %s: "
+                                          "%s (%d attempts in %.0f s)", self.url,
+                                          reason, failures, now - down_since)
+                    logged_reason, logged_at = reason, now
+                else:
+                    redis_log.debug("redis: cannot connect to %s: %s",
+                                    self.url, reason)
+                await asyncio.sleep(backoff.next())
+                continue
+
+            self.connects += 1
+            self.last_error = None
+            self._ready = True
+            self._ready_event.set()
+            if self.connects == 1 and failures == 0:
+                redis_log.info("redis: connected to %s", self.url)
+            else:
+                redis_log.info("redis: connected to %s after %.1f s",
+                               self.url, loop.time() - down_since)
+            up_since = loop.time()
+            await conn.wait_closed()
+
+            self._ready = False
+            self._ready_event.clear()
+            self._conn = None
+            self.last_error = conn.close_reason
+            redis_log.warning("redis: connection to %s lost: %s; reconnecting",
+                              self.url, conn.close_reason)
+            # A connection that drops as soon as it is made must not be
+            # retried at the first delay for ever.
+            if loop.time() - up_since >= REDIS_RECONNECT_MAX:
+                backoff.reset()
+            down_since = loop.time()
+            failures = 0
+            logged_reason = None
+            await asyncio.sleep(backoff.next())
+
+
+# ---------------------------------------------------------------------------
+# Storage shared by several instances: Redis (--redis)
+# ---------------------------------------------------------------------------
+
+# Lua run by every script: ids from one counter, never below what this
+# instance has seen (so they never go backwards, even if Redis lost its
+# data), and one log entry per change, chained to the one before so that an
+# instance notices a gap.
+REDIS_LUA_COMMON = r"""
+local function now_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000), t[1]
+end
+local function next_id(counter, floor)
+  local id = redis.call('INCR', counter)
+  if id <= tonumber(floor) then
+    id = tonumber(floor) + 1
+    redis.call('SET', counter, string.format('%d', id))
+  end
+  return id
+end
+local function append(tail, log, id, kind, rest, loglen)
+  local sid = string.format('%d', id)
+  local prev = redis.call('GET', tail) or '0'
+  redis.call('SET', tail, sid)
+  redis.call('XADD', log, 'MAXLEN', '~', loglen, sid .. '-1', 'r',
+             kind .. '\t' .. prev .. '\t' .. rest)
+  return sid
+end
+"""
+
+# KEYS: counter tail log channels meta  ARGV: floor name max sessions loglen ttl
+REDIS_ADD_CHANNEL = REDIS_LUA_COMMON + r"""
+if redis.call('EXISTS', KEYS[5]) == 1 then return -2 end
+local id = next_id(KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[5], 'max', ARGV[3], 'sessions', ARGV[4], 'dropped', 0)
+redis.call('PEXPIRE', KEYS[5], ARGV[6])
+redis.call('ZADD', KEYS[4], now_ms(), ARGV[2])
+append(KEYS[2], KEYS[3], id, 'c', ARGV[2] .. '\t' .. ARGV[3] .. '\t' .. ARGV[4],
+       ARGV[5])
+return id
+"""
+
+# KEYS: counter tail log clients  ARGV: floor client loglen
+REDIS_ADD_CLIENT = REDIS_LUA_COMMON + r"""
+if redis.call('ZADD', KEYS[4], 'NX', now_ms(), ARGV[2]) == 0 then return -2 end
+local id = next_id(KEYS[1], ARGV[1])
+append(KEYS[2], KEYS[3], id, 'u', ARGV[2], ARGV[3])
+return id
+"""
+
+# KEYS: counter tail log meta history instances
+# ARGV: floor name content_json loglen ttl instance_window_ms
+REDIS_PUSH = REDIS_LUA_COMMON + r"""
+local max = tonumber(redis.call('HGET', KEYS[4], 'max'))
+if not max then return {-2, 0} end
+local id = next_id(KEYS[1], ARGV[1])
+local ms, seconds = now_ms()
+local sid = string.format('%d', id)
+local text = '{"id": ' .. sid .. ', "ts": ' .. seconds .. ', "content": ' ..
+             ARGV[3] .. '}'
+if redis.call('RPUSH', KEYS[5], text) > max then
+  local oldest = redis.call('LPOP', KEYS[5])
+  redis.call('HSET', KEYS[4], 'dropped', string.match(oldest, '^{"id": (%d+)'))
+end
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
+redis.call('PEXPIRE', KEYS[5], ARGV[5])
+append(KEYS[2], KEYS[3], id, 'p', ARGV[2] .. '\t' .. text, ARGV[4])
+return {id, redis.call('ZCOUNT', KEYS[6], ms - tonumber(ARGV[6]), '+inf')}
+"""
+
+# KEYS: counter tail log channels meta history  ARGV: floor name loglen
+REDIS_REMOVE_CHANNEL = REDIS_LUA_COMMON + r"""
+if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
+redis.call('DEL', KEYS[5], KEYS[6])
+redis.call('ZREM', KEYS[4], ARGV[2])
+local id = next_id(KEYS[1], ARGV[1])
+append(KEYS[2], KEYS[3], id, 'd', ARGV[2], ARGV[3])
+return id
+"""
+
+# Run by every instance about once a second: it is alive, these channels
+# and clients were read here (or are held by a poll or stream), and what
+# nobody read for its timeout goes, as log entries every instance applies.
+# KEYS: counter tail log channels clients instances
+# ARGV: floor loglen instance channel_timeout_ms session_timeout_ms ttl
+#       prefix limit n_channels channels... clients...
+REDIS_HOUSEKEEPING = REDIS_LUA_COMMON + r"""
+local ms = now_ms()
+local floor = ARGV[1]
+local prefix = ARGV[7]
+redis.call('ZADD', KEYS[6], ms, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ms - 60000)
+local n = tonumber(ARGV[9])
+for i = 10, 9 + n do
+  if redis.call('ZADD', KEYS[4], 'XX', 'CH', ms, ARGV[i]) == 1 then
+    redis.call('PEXPIRE', prefix .. 'c:' .. ARGV[i], ARGV[6])
+    redis.call('PEXPIRE', prefix .. 'h:' .. ARGV[i], ARGV[6])
+  end
+end
+for i = 10 + n, #ARGV do
+  redis.call('ZADD', KEYS[5], 'XX', ms, ARGV[i])
+end
+local gone = 0
+local names = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ms - tonumber(ARGV[4]),
+                         'LIMIT', 0, tonumber(ARGV[8]))
+for _, name in ipairs(names) do
+  redis.call('DEL', prefix .. 'c:' .. name, prefix .. 'h:' .. name)
+  redis.call('ZREM', KEYS[4], name)
+  floor = append(KEYS[2], KEYS[3], next_id(KEYS[1], floor), 'd', name, ARGV[2])
+  gone = gone + 1
+end
+names = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', ms - tonumber(ARGV[5]),
+                   'LIMIT', 0, tonumber(ARGV[8]))
+for _, client in ipairs(names) do
+  redis.call('ZREM', KEYS[5], client)
+  floor = append(KEYS[2], KEYS[3], next_id(KEYS[1], floor), 'x', client, ARGV[2])
+  gone = gone + 1
+end
+redis.call('PEXPIRE', KEYS[4], ARGV[6])
+redis.call('PEXPIRE', KEYS[5], ARGV[6])
+return gone
+"""
+
+REDIS_LOG_LENGTH = 100_000           # entries kept in the shared log (about)
+REDIS_INSTANCE_WINDOW = 3000         # ms: an instance seen since is counted
+REDIS_APPLY_WAIT = 5.0               # seconds a reply waits for its entry
+REDIS_TAIL_BLOCK = 1.0               # seconds one XREAD waits for entries
+REDIS_EXPIRE_BATCH = 1000            # expiries per housekeeping run
+REDIS_TOUCH_BATCH = 5000             # names per housekeeping script
+
+
+class LogGap(Exception):
+    """The shared log does not continue where this instance stopped."""
+
+
+class RedisStore(MemoryStore):
+    """A replica of the state that every instance keeps in one Redis.
+
+    Writes run a Lua script that checks, assigns an id from the shared
+    counter, stores and appends one entry to a shared log (a stream), all
+    atomically.  Each instance tails the log from the last entry it applied
+    and applies entries in order to its local channels and clients, which
+    wakes its own polls and streams; a write is answered once its own entry
+    is applied, so the writer reads what it wrote.  Reads are answered from
+    the replica; one that needs more than the replica has (a channel, a
+    client or a ``since`` it has not seen yet) first waits until it has
+    caught up with Redis.  Expiry is decided in Redis (every instance sends
+    what it read once a second), so all instances agree.  Keys, under the
+    prefix: id, tail, log, epoch, channels, clients, instances (sorted
+    sets), c:NAME (options), h:NAME (history).
+    """
+
+    def __init__(self, config, loop):
+        super().__init__(config, loop)
+        prefix = config.redis_prefix
+        self.prefix = prefix
+        self.k = {name: prefix + name for name in (
+            "id", "tail", "log", "epoch", "channels", "clients", "instances")}
+        self.client = RedisClient(config.redis, on_connect=self.connected)
+        self.scripts = {}
+        self.position = None             # last log entry applied; None: load
+        self.epoch = None
+        self.instance = os.urandom(8).hex()
+        self.touched_channels = set()
+        self.touched_clients = set()
+        self.reached = {}                # message id -> waiters it reached
+        self.awaited = {}                # log position -> futures
+        self.ttl = int(max(config.inactive_channel_timeout,
+                           config.session_timeout, 30) * 2000)
+        self.tail_task = None
+        self.housekeeping_task = None
+
+    def open(self):
+        self.background.add(self.client.start())
+        self.tail_task = self.loop.create_task(self.tail())
+        self.background.add(self.tail_task)
+        log.info("redis: using %s with prefix %r", self.client.url,
+                 self.prefix)
+
+    async def close(self):
+        if self.tail_task is not None:
+            self.tail_task.cancel()
+        await self.client.close()
+
+    def health(self):
+        if not self.client.connected:
+            return ("Redis unreachable: " +
+                    (self.client.last_error or "connecting"))
+        if self.position is None:
+            return "Redis: catching up"
+        return None
+
+    def describe(self):
+        return {"redis": {"connected": self.health() is None,
+                          "applied_id": self.position or 0,
+                          "instance": self.instance}}
+
+    def metrics(self):
+        return [("redis_connected", "gauge",
+                 "1 when connected to Redis and caught up.",
+                 [("", int(self.health() is None))]),
+                ("redis_reconnects_total", "counter",
+                 "Connections made to Redis.", [("", self.client.connects)])]
+
+    # -- talking to Redis ---------------------------------------------------
+
+    async def connected(self, client):
+        # A new connection: whatever was missed is in the log (or, if Redis
+        # lost its data, the state is reloaded); the tail finds out.  Say
+        # at once that this instance is here, and what it read meanwhile.
+        self.touched_channels.update(self.channels)
+        self.touched_clients.update(self.clients)
+        await self.housekeeping(check=False)
+
+    async def run(self, name, script, keys, args, check=True):
+        """Run a script; a Redis that cannot answer is a 503."""
+        if check and not self.client.connected:
+            raise unavailable("Redis unreachable: " +
+                              (self.client.last_error or "connecting"))
+        sha = self.scripts.get(name)
+        if sha is None:
+            sha = self.scripts[name] = script_sha(script)
+        try:
+            return await self.client.evalsha(sha, script, keys, args)
+        except RedisReplyError as e:
+            raise unavailable(f"Redis refused the write: {e}") from None
+        except RedisError as e:
+            # Not confirmed: Redis may or may not have stored it.
+            raise unavailable(f"Redis did not confirm the write: {e}") \
+                from None
+
+    def floor(self):
+        return max(self.last_id,
+                   min(int(time.time() * ID_UNITS_PER_SECOND), MAX_SAFE_ID))
+
+    def key(self, kind, name):
+        return self.prefix + kind + name
+
+    async def applied(self, position):
+        """Wait until this instance has applied the log up to position."""
+        if self.position is not None and self.position >= position:
+            return
+        future = self.loop.create_future()
+        self.awaited.setdefault(position, []).append(future)
+        try:
+            async with asyncio.timeout(REDIS_APPLY_WAIT):
+                await future
+        except TimeoutError:
+            pass
+
+    def settled(self):
+        return self.catch_up()
+
+    async def catch_up(self):
+        tail = await self.run_command("GET", self.k["tail"])
+        await self.applied(int(tail or 0))
+
+    async def run_command(self, *args):
+        if not self.client.connected:
+            raise unavailable("Redis unreachable")
+        try:
+            return await self.client.execute(*args)
+        except RedisError as e:
+            raise unavailable(f"Redis: {e}") from None
+
+    # -- writes -------------------------------------------------------------
+
+    def add_channel(self, name, max_messages, use_sessions):
+        return self.change(
+            "add_channel", REDIS_ADD_CHANNEL,
+            [self.k["id"], self.k["tail"], self.k["log"], self.k["channels"],
+             self.key("c:", name)],
+            [self.floor(), name, max_messages, int(use_sessions),
+             REDIS_LOG_LENGTH, self.ttl], "Channel already exists")
+
+    def add_client(self, client_id):
+        return self.change(
+            "add_client", REDIS_ADD_CLIENT,
+            [self.k["id"], self.k["tail"], self.k["log"], self.k["clients"]],
+            [self.floor(), client_id, REDIS_LOG_LENGTH],
+            "Client already exists")
+
+    async def change(self, name, script, keys, args, refusal):
+        position = await self.run(name, script, keys, args)
+        if position == -2:
+            raise APIError(NO_CHANNEL, refusal)
+        await self.applied(position)
+
+    def push(self, name, content):
+        return self.push_later(name, content)
+
+    async def push_later(self, name, content):
+        message_id, instances = await self.run(
+            "push", REDIS_PUSH,
+            [self.k["id"], self.k["tail"], self.k["log"], self.key("c:", name),
+             self.key("h:", name), self.k["instances"]],
+            [self.floor(), name, json.dumps(content), REDIS_LOG_LENGTH,
+             self.ttl, REDIS_INSTANCE_WINDOW])
+        if message_id == -2:
+            check_id(name, "channel id", channel=True)
+            raise APIError(NO_CHANNEL, "Nonexistent channel")
+        self.pushed += 1
+        await self.applied(message_id)
+        return message_id, self.reached.pop(message_id, 0), instances
+
+    def remove_channel(self, name):
+        return self.remove_later(name)
+
+    async def remove_later(self, name):
+        removed = await self.run(
+            "remove_channel", REDIS_REMOVE_CHANNEL,
+            [self.k["id"], self.k["tail"], self.k["log"], self.k["channels"],
+             self.key("c:", name), self.key("h:", name)],
+            [self.floor(), name, REDIS_LOG_LENGTH])
+        if removed:
+            await self.applied(removed)
+        return bool(removed)
+
+    # -- reads and expiry ---------------------------------------------------
+
+    def touch_channel(self, channel, now):
+        self.touched_channels.add(channel.name)
+        super().touch_channel(channel, now)
+
+    def touch_client(self, client_id, now):
+        self.touched_clients.add(client_id)
+        super().touch_client(client_id, now)
+
+    async def expire(self, now, reading):
+        """Tell Redis what was read here (held polls and open streams count)
+        and let it expire what nobody read.  Locally, entries are only
+        moved along, so each is looked at once per timeout."""
+        for client_id in list(self.stale(
+                self.clients.items(), now - self.config.session_timeout)):
+            if client_id in reading:
+                self.touch_client(client_id, now)
+            else:
+                MemoryStore.touch_client(self, client_id, now)
+        for channel in list(self.stale(
+                ((c, c.last_read) for c in self.channels.values()),
+                now - self.config.inactive_channel_timeout)):
+            if channel.waiters:
+                self.touch_channel(channel, now)
+            else:
+                MemoryStore.touch_channel(self, channel, now)
+        if self.client.connected and (self.housekeeping_task is None or
+                                      self.housekeeping_task.done()):
+            self.housekeeping_task = self.loop.create_task(self.housekeeping())
+            self.background.add(self.housekeeping_task)
+            self.housekeeping_task.add_done_callback(self.background.discard)
+        # Push counts of entries applied here but pushed elsewhere.
+        if len(self.reached) > 10_000:
+            self.reached.clear()
+
+    async def housekeeping(self, check=True):
+        channels = list(self.touched_channels)
+        clients = list(self.touched_clients)
+        self.touched_channels.clear()
+        self.touched_clients.clear()
+        config = self.config
+        keys = [self.k[k] for k in ("id", "tail", "log", "channels", "clients",
+                                     "instances")]
+        try:
+            while True:
+                some_channels = channels[:REDIS_TOUCH_BATCH]
+                some_clients = clients[:REDIS_TOUCH_BATCH - len(some_channels)]
+                del channels[:len(some_channels)]
+                del clients[:len(some_clients)]
+                await self.run("housekeeping", REDIS_HOUSEKEEPING, keys, [
+                    self.floor(), REDIS_LOG_LENGTH, self.instance,
+                    int(config.inactive_channel_timeout * 1000),
+                    int(config.session_timeout * 1000), self.ttl, self.prefix,
+                    REDIS_EXPIRE_BATCH, len(some_channels), *some_channels,
+                    *some_clients], check)
+                if not channels and not clients:
+                    return
+        except HTTPError:
+            # Told again next time.
+            self.touched_channels.update(channels)
+            self.touched_clients.update(clients)
+
+    # -- following the log --------------------------------------------------
+
+    async def tail(self):
+        """Apply the shared log, in order, for as long as the server runs."""
+        client = self.client
+        while True:
+            await client.wait_connected()
+            try:
+                if self.position is None:
+                    await self.load()
+                position = self.position
+                reply = await client.execute_blocking(
+                    "XREAD", "COUNT", 1000,
+                    "BLOCK", int(REDIS_TAIL_BLOCK * 1000),
+                    "STREAMS", self.k["log"], "%d-1" % position,
+                    block=REDIS_TAIL_BLOCK)
+                if position != self.position:
+                    continue             # reloaded meanwhile
+                if reply:
+                    for entry_id, fields in reply[0][1]:
+                        self.apply_entry(int(entry_id.partition(b"-")[0]),
+                                         fields[1].decode())
+                else:
+                    # Quiet: a good moment to check that Redis still has
+                    # this deployment's data (new entries would show a gap).
+                    epoch = await client.execute("GET", self.k["epoch"])
+                    if epoch is None or epoch.decode() != self.epoch:
+                        raise LogGap("Redis lost its data")
+            except LogGap as e:
+                log.warning("redis: %s; reloading the shared state", e)
+                self.position = None
+            except RedisError:
+                await asyncio.sleep(0.1)  # the client reconnects meanwhile
+            except HTTPError:
+                await asyncio.sleep(0.1)
+
+    def apply_entry(self, position, payload):
+        kind, prev, rest = payload.split("\t", 2)
+        if int(prev) != self.position:
+            raise LogGap(f"log entries between {self.position} and "
+                         f"{position} are gone")
+        channels = self.channels
+        if kind == "p":
+            name, text = rest.split("\t", 1)
+            channel = channels.get(name)
+            if channel is not None and channel.newest_id < position:
+                self.reached[position] = self.apply_push(channel, position,
+                                                         text)
+        elif kind == "c":
+            name, max_messages, use_sessions = rest.split("\t")
+            if name not in channels:
+                self.apply_channel(name, int(max_messages),
+                                   use_sessions == "1")
+        elif kind == "d":
+            channel = channels.get(rest)
+            if channel is not None:
+                self.apply_remove(channel)
+        elif kind == "u":
+            if rest not in self.clients:
+                self.clients[rest] = self.loop.time()
+        elif kind == "x":
+            self.clients.pop(rest, None)
+        self.last_id = max(self.last_id, position)
+        self.advance(position)
+
+    def advance(self, position):
+        self.position = position
+        if self.awaited:
+            for wanted in [p for p in self.awaited if p <= position]:
+                for future in self.awaited.pop(wanted):
+                    if not future.done():
+                        future.set_result(None)
+
+    async def load(self):
+        """Make the replica what Redis holds, then follow the log from the
+        entry that was last when loading began (entries applied twice
+        change nothing).  Waiters on channels that are gone get -2 or
+        ``deleted``; messages the replica missed are delivered."""
+        execute = self.client.execute
+        await execute("SET", self.k["epoch"], os.urandom(8).hex(), "NX")
+        epoch, tail, counter = await asyncio.gather(
+            execute("GET", self.k["epoch"]), execute("GET", self.k["tail"]),
+            execute("GET", self.k["id"]))
+        epoch = epoch.decode()
+        if self.epoch is not None and epoch != self.epoch:
+            log.warning("redis: Redis came back without this deployment's "
+                        "data; channels and clients are gone")
+        names, clients = await asyncio.gather(
+            execute("ZRANGE", self.k["channels"], 0, -1),
+            execute("ZRANGE", self.k["clients"], 0, -1))
+        names = [n.decode() for n in names]
+        metas = await asyncio.gather(*[execute(
+            "HMGET", self.key("c:", n), "max", "sessions", "dropped")
+            for n in names])
+        histories = await asyncio.gather(*[execute(
+            "LRANGE", self.key("h:", n), 0, -1) for n in names])
+        now = self.loop.time()
+        loaded = {}
+        for name, (max_messages, sessions, dropped), history in zip(
+                names, metas, histories):
+            if max_messages is not None:
+                loaded[name] = (int(max_messages), sessions == b"1",
+                                int(dropped or 0), history)
+        for channel in list(self.channels.values()):
+            if channel.name not in loaded:
+                self.apply_remove(channel)
+        for name, (max_messages, use_sessions, dropped, history) in \
+                loaded.items():
+            channel = self.channels.get(name)
+            if channel is None:
+                channel = self.apply_channel(name, max_messages, use_sessions)
+            channel.dropped_id = max(channel.dropped_id, dropped)
+            for text in history:
+                text = text.decode()
+                message_id = int(text[7:text.index(",")])
+                if message_id > channel.newest_id:
+                    self.apply_push(channel, message_id, text)
+        clients = {c.decode() for c in clients}
+        for client_id in list(self.clients):
+            if client_id not in clients:
+                del self.clients[client_id]
+        for client_id in clients:
+            self.clients.setdefault(client_id, now)
+        self.epoch = epoch
+        self.last_id = max(self.last_id, int(counter or 0))
+        self.advance(int(tail or 0))
+        log.info("redis: %d channels and %d clients loaded", len(loaded),
+                 len(clients))
+
+
+# ---------------------------------------------------------------------------
 # The hub: held polls and open streams, the two kinds of waiter
 # ---------------------------------------------------------------------------
 
@@ -1261,10 +2646,15 @@ class Poll:
                conn.version)
         data = cache.get(key)
         if data is None:
-            data = cache[key] = conn.poll_reply(
-                self.callback, hub.read_text(self.channels, self.since))
+            text = hub.read_text(self.channels, self.since)
+            if text is None:
+                # Its cursor is ahead of this message (read elsewhere, on
+                # an instance ahead of this one): keep waiting.
+                return 0
+            data = cache[key] = conn.poll_reply(self.callback, text)
         hub.release(self, now)
         conn.finish_poll(data)
+        return 1
 
     def channel_gone(self, hub, channel):
         remaining = tuple(c for c in self.channels if c is not channel)
@@ -1279,21 +2669,26 @@ class Stream:
     the client stays.  While the opening replay is written, live events
     wait in ``backlog``."""
 
-    __slots__ = ("conn", "channels", "client_id", "sent", "backlog")
+    __slots__ = ("conn", "channels", "client_id", "cursor", "sent",
+                 "backlog")
 
-    def __init__(self, conn, channels, client_id, now):
+    def __init__(self, conn, channels, client_id, cursor, now):
         self.conn = conn
         self.channels = channels
         self.client_id = client_id
+        self.cursor = cursor             # the id it started after
         self.sent = now                  # last write, for heartbeats
         self.backlog = None
 
     def notify(self, hub, channel, message_id, text, cache, now):
+        if message_id <= self.cursor:
+            return 0                     # as for polls: seen elsewhere
         data = cache.get(Stream)
         if data is None:
             data = cache[Stream] = event_bytes(channel, message_id, text)
         self.send(hub, data)
         self.sent = now
+        return 1
 
     def send(self, hub, data):
         if self.backlog is not None:
@@ -1368,19 +2763,52 @@ class Hub:
 
     def deliver(self, channel, message_id, text):
         """A message was stored: every waiter on its channel gets it."""
-        waiters = list(channel.waiters)
         cache = {}
         now = self.loop.time()
-        for waiter in waiters:
-            waiter.notify(self, channel, message_id, text, cache, now)
-        self.delivered += len(waiters)
-        return len(waiters)
+        reached = 0
+        for waiter in list(channel.waiters):
+            reached += waiter.notify(self, channel, message_id, text, cache,
+                                     now)
+        self.delivered += reached
+        return reached
 
     def channel_removed(self, channel):
         for waiter in list(channel.waiters):
             waiter.channel_gone(self, channel)
 
     # -- reads --------------------------------------------------------------
+
+    def view(self, names, since, client_id):
+        """(The channels a reader may read, its cursor): now, or once this
+        instance has caught up with a store that others write too.
+
+        A3 clamps a ``since`` above the counter to it.  An instance of a
+        shared store may not have applied yet what the reader saw on
+        another one, nor a channel or client registered there: then it
+        catches up first, rather than answer from a stale view.
+        """
+        store = self.store
+        if since <= store.last_id:
+            try:
+                return self.readable(names, client_id), since
+            except APIError:
+                settled = store.settled()
+                if settled is None:
+                    raise
+        else:
+            settled = store.settled()
+            if settled is None:
+                return self.readable(names, client_id), store.last_id
+        return self.view_later(settled, names, since, client_id)
+
+    async def view_later(self, settled, names, since, client_id):
+        try:
+            await settled
+        except HTTPError:
+            # The shared store is unreachable: answer from what was applied,
+            # and keep a cursor that is ahead (nothing is sent twice).
+            return self.readable(names, client_id), since
+        return self.readable(names, client_id), min(since, self.store.last_id)
 
     def readable(self, names, client_id):
         """The channels of ``names`` that this reader may read, touched."""
@@ -1427,9 +2855,11 @@ class Hub:
 
     def reply_text(self, since, parts, lost=()):
         lost = ', "lost": [%s]' % ", ".join(lost) if lost else ""
+        # A cursor ahead of this instance (see view) is kept, not sent back.
         return ('{"return_code": 1, "error_message": "", "since": %d, '
                 '"last_id": %d, "messages": {%s}%s}' % (
-                    since, self.store.last_id, ", ".join(parts), lost))
+                    since, max(since, self.store.last_id), ", ".join(parts),
+                    lost))
 
     def empty_text(self, channels, since):
         """A read's reply with every list empty."""
@@ -1509,7 +2939,7 @@ class Hub:
         """Start a stream; returns the opening replay, a list of event
         bytes: ``lost`` first where history was dropped, then what is
         retained after the cursor, oldest first."""
-        stream = Stream(conn, channels, client_id, self.loop.time())
+        stream = Stream(conn, channels, client_id, cursor, self.loop.time())
         lost = [c.key for c in channels if cursor and c.dropped_id > cursor]
         replay = [(message_id, channel, text) for channel in channels
                   for message_id, text in channel.since(cursor)]
@@ -1688,6 +3118,8 @@ class App:
     async def answer_later(self, pending, callback, reading):
         try:
             text = await pending
+            if text is None:
+                return None              # held
         except APIError as e:
             text = error_text(e.return_code, e.message)
         content_type, body = frame_body(text, callback, self.config.quote_json)
@@ -1746,9 +3178,9 @@ class App:
                            f"{MAX_CHANNELS_PER_READ} channels in one read")
         return names
 
-    def cursor(self, value):
-        """A read's ``since``: A3's rules, clamped to the counter."""
-        return min(parse_count(value, "since", 0), self.hub.last_id)
+    @staticmethod
+    def cursor(value):
+        return parse_count(value, "since", 0)
 
     @staticmethod
     def client_id(params):
@@ -1800,11 +3232,20 @@ class App:
                                       removed=removed))
 
     def read(self, match, params, conn, callback, method):
-        hub = self.hub
         names = self.channel_names(match)
         since = self.cursor(params.get("since", "0"))
         client_id = self.client_id(params)
-        channels = hub.readable(names, client_id)
+        view = self.hub.view(names, since, client_id)
+        if awaitable(view):
+            return self.read_later(view, conn, client_id, callback, method)
+        return self.answer_read(view, conn, client_id, callback, method)
+
+    async def read_later(self, view, conn, client_id, callback, method):
+        return self.answer_read(await view, conn, client_id, callback, method)
+
+    def answer_read(self, view, conn, client_id, callback, method):
+        hub = self.hub
+        channels, since = view
         # No await between this check and hold(): a push cannot slip between.
         text = hub.read_text(channels, since) if since < hub.last_id else None
         if text is not None:
@@ -1815,7 +3256,8 @@ class App:
         return None
 
     def stream(self, request, conn, match):
-        """Start an EventSource stream (the reply is written here)."""
+        """Start an EventSource stream: the reply is an awaitable that
+        writes the head and the opening replay."""
         try:
             params = self.parameters(request)
             names = self.channel_names(match)
@@ -1826,14 +3268,29 @@ class App:
             else:
                 cursor = self.cursor(params.get("since", "0"))
             client_id = self.client_id(params)
-            channels = self.hub.readable(names, client_id)
+            view = self.hub.view(names, cursor, client_id)
         except APIError as e:
-            raise HTTPError(STREAM_REFUSALS[e.return_code], e.message,
-                            close=False, return_code=e.return_code) from None
+            raise self.stream_refusal(e) from None
+        return self.start_stream(view, conn, client_id)
+
+    async def start_stream(self, view, conn, client_id):
+        if awaitable(view):
+            try:
+                view = await view
+            except APIError as e:
+                raise self.stream_refusal(e) from None
+        channels, cursor = view
         stream, replay = self.hub.open_stream(conn, channels, cursor,
                                               client_id)
         conn.send(SSE_HEAD, 200, keep=True)
-        return conn.replay(stream, replay)
+        await conn.replay(stream, replay)
+
+    @staticmethod
+    def stream_refusal(error):
+        # Before the stream starts, a real HTTP status: a browser's
+        # EventSource then stops reconnecting.
+        return HTTPError(STREAM_REFUSALS[error.return_code], error.message,
+                         close=False, return_code=error.return_code)
 
     def preflight(self, request, conn, match):
         requested = request.headers.get("access-control-request-headers", "")
@@ -2282,8 +3739,12 @@ class Server:
     async def start(self):
         config = self.config
         self.loop = loop = asyncio.get_running_loop()
-        store = (StateFileStore if config.state_file else MemoryStore)(
-            config, loop)
+        if config.redis:
+            store = RedisStore(config, loop)
+        elif config.state_file:
+            store = StateFileStore(config, loop)
+        else:
+            store = MemoryStore(config, loop)
         store.open()
         self.hub = Hub(config, loop, store)
         self.app = App(config, self.hub, self)
@@ -2529,6 +3990,16 @@ def parse_args(argv):
     a("--state-file", metavar="PATH",
       help="keep channels, messages and clients in PATH (and files beside "
            "it starting with PATH) across restarts and crashes")
+    a("--redis", metavar="URL",
+      help="share channels, messages and clients with every instance "
+           "started with the same Redis: redis://[[user]:password@]host"
+           "[:port][/db] or unix:///path/redis.sock[?db=N] (default: "
+           "$SIMPLE_COMET_REDIS; a password here is visible to every "
+           "local user, so prefer --redis-file)")
+    a("--redis-file", metavar="PATH",
+      help="read the Redis URL from this file (one line)")
+    a("--redis-prefix", default=d.redis_prefix, metavar="P",
+      help="prefix of every Redis key (default %(default)s)")
     a("--log-level", default=d.log_level, type=str.upper,
       choices=["DEBUG", "INFO", "WARNING", "ERROR"],
       help="logging level (default %(default)s)")
@@ -2537,9 +4008,15 @@ def parse_args(argv):
     warnings = []
     try:
         args.admin_token = admin_token(args, warnings)
+        args.redis = redis_url(args, warnings)
     except ValueError as e:
         p.error(str(e))
-    del args.admin_token_file
+    if args.redis and args.state_file:
+        p.error("--redis and --state-file do not go together: Redis keeps "
+                "the state (use its persistence, AOF)")
+    if not args.redis_prefix:
+        p.error("--redis-prefix must not be empty")
+    del args.admin_token_file, args.redis_file
     return Config(**vars(args)), warnings
 
 
@@ -2577,6 +4054,27 @@ def admin_token(args, warnings):
         return read_secret(os.path.join(credentials, "admin-token"),
                            "admin token")
     return None
+
+
+def redis_url(args, warnings):
+    """The Redis URL, parsed: from --redis-file, --redis or the
+    environment."""
+    if args.redis_file:
+        if args.redis:
+            raise ValueError("give --redis or --redis-file, not both")
+        text = read_secret(args.redis_file, "Redis URL")
+    elif args.redis:
+        text = args.redis
+    else:
+        text = os.environ.get("SIMPLE_COMET_REDIS")
+        if not text:
+            return None
+    url = parse_redis_url(text)
+    if args.redis and url.password:
+        warnings.append("a password in --redis on the command line is "
+                        "visible to every local user (ps, /proc); use "
+                        "--redis-file or $SIMPLE_COMET_REDIS")
+    return url
 
 
 def main(argv=None):

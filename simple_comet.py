@@ -539,7 +539,8 @@ def check_id(value, what, channel=False):
 
 def parse_count(value, what, lowest):
     if not (value.isascii() and value.isdigit()):
-        raise APIError(BAD_PARAMETER, f"Invalid {what}: not an integer")
+        raise APIError(BAD_PARAMETER,
+                       f"Invalid {what}: not a non-negative integer")
     # Past 20 digits the exact value cannot matter (ids stay below 2**53),
     # and int() of thousands of digits would be slow.
     number = int(value) if len(value) <= 20 else 10 ** 20
@@ -819,6 +820,7 @@ class StateFileStore(MemoryStore):
         self.live = 0                    # about what a snapshot would take
         self.dirty = False               # written since the last fsync
         self.error = None                # why the last write failed
+        self.needed = 0                  # ... and how big it was
         self.broken = None               # why PATH cannot be trusted
         self.during = None               # records written while compacting
         self.compacting = None           # the compaction task
@@ -857,20 +859,22 @@ class StateFileStore(MemoryStore):
                           broken=True)
             reason = (written.strerror if isinstance(written, OSError)
                       else "short write") or str(written)
-            self.fail(reason)
+            self.fail(reason, needed=len(data))
             raise unavailable(f"state file not writable: {reason}")
         self.size += written
         self.dirty = True
         if self.during is not None:
             self.during.append(data)
-        if self.error is not None:
+        if self.error is not None and written >= self.needed:
             log.info("state file %s is writable again", self.path)
             self.error = None
+            self.needed = 0
         if (self.compacting is None and self.size >
                 STATE_COMPACT_RATIO * self.live + STATE_COMPACT_SLACK):
             self.start_compaction()
 
-    def fail(self, reason, broken=False):
+    def fail(self, reason, broken=False, needed=0):
+        self.needed = max(self.needed, needed)
         if broken:
             if self.broken is None:
                 log.error("state file %s: %s; writes are refused until it "
@@ -1019,9 +1023,9 @@ class StateFileStore(MemoryStore):
     def load(self, data):
         """Apply the records of ``data``; returns where the good ones end.
 
-        A bad or incomplete record with no good one after it is a write cut
-        short by a crash, and is dropped; one followed by good records is
-        damage, and the server stops without touching the file.
+        A bad or incomplete last line is a write cut short by a crash, and
+        is dropped; a bad record anywhere else is damage (or not a state
+        file), and the server stops without touching the file.
         """
         now = self.loop.time()
         channels = self.channels
@@ -1063,32 +1067,16 @@ class StateFileStore(MemoryStore):
                 else:
                     raise ValueError("unknown record")
             except (ValueError, IndexError, UnicodeDecodeError) as e:
-                if self.good_record_after(data, newline):
+                if 0 <= newline < size - 1:
                     raise StartupError(
                         f"{self.path}: damaged record at byte {position} "
                         f"({e}); fix or move the file") from None
-                break
+                break                    # the last record, cut short
             position = newline + 1
         self.last_id = max(self.last_id, last_id)
         self.live = sum(map(self.channel_bytes, channels.values())) + \
             sum(30 + len(client_id) for client_id in clients)
         return position
-
-    @staticmethod
-    def good_record_after(data, newline):
-        while newline >= 0:
-            start = newline + 1
-            newline = data.find(b"\n", start)
-            if newline < 0:
-                return False
-            line = data[start:newline]
-            if line[8:9] == b" " and line[:8].isalnum():
-                try:
-                    if int(line[:8], 16) == zlib.crc32(line[9:]):
-                        return True
-                except ValueError:
-                    pass
-        return False
 
     # -- durability -------------------------------------------------------
 
@@ -1111,8 +1099,11 @@ class StateFileStore(MemoryStore):
             if self.broken and self.compacting is None:
                 self.start_compaction()
             elif self.error and not self.broken:
+                # Writable again only if a write as big as the refused one
+                # goes through: the probe is padded to its size.
                 try:
-                    self.write(self.record("i\t%d" % self.last_id))
+                    self.write(self.record("i\t%d\t%s" % (
+                        self.last_id, "." * self.needed)))
                 except HTTPError:
                     pass
 
@@ -1130,7 +1121,10 @@ class StateFileStore(MemoryStore):
         self.during = []
         fd = None
         try:
-            fd = self.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            # O_APPEND: once swapped in, a write cut back by ftruncate()
+            # must go on at the new end, not leave a hole.
+            fd = self.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                                os.O_APPEND)
             size = self.write_all(fd, self.record("i\t%d" % self.last_id))
             chunk = []
             deadline = time.perf_counter() + STATE_COMPACT_SLICE
@@ -2692,8 +2686,8 @@ class Stream:
 
     def send(self, hub, data):
         if self.backlog is not None:
-            self.backlog.append(data)
-            if sum(map(len, self.backlog)) > SSE_MAX_UNSENT:
+            self.backlog += data
+            if len(self.backlog) > SSE_MAX_UNSENT:
                 hub.end_stream(self, abort=True)
             return
         transport = self.conn.transport
@@ -2951,13 +2945,15 @@ class Hub:
             events.insert(0, b'event: lost\ndata: {"channels": [%s]}\n\n'
                           % ", ".join(lost).encode())
         if events:
-            stream.backlog = []
+            stream.backlog = bytearray()
         self.streams[stream] = None
         self.attach(stream)
         return stream, events
 
     def end_stream(self, stream, abort=False, retry=None):
         """Close a stream: flushed first, unless its reader is too slow."""
+        if stream.conn.held is not stream:
+            return                       # ended already
         self.release(stream)
         transport = stream.conn.transport
         if abort:
@@ -3294,8 +3290,11 @@ class App:
 
     def preflight(self, request, conn, match):
         requested = request.headers.get("access-control-request-headers", "")
-        extra = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
-                 b"Access-Control-Max-Age: 86400\r\n")
+        methods = next(m for pattern, m in self.routes if pattern is match.re)
+        extra = (b"Access-Control-Allow-Methods: %s\r\n"
+                 b"Access-Control-Max-Age: 86400\r\n" % ", ".join(
+                     m for m in methods if m in ("GET", "HEAD", "OPTIONS")
+                 ).encode())
         if requested and not requested.strip(TOKEN + ", "):
             extra += b"Access-Control-Allow-Headers: %s\r\n" % requested.encode()
         return 204, b"text/plain", b"", True, extra
@@ -3433,8 +3432,8 @@ class Connection:
             self.transport.close()
         self.deadline = server.loop.time() + server.config.http_timeout
         connections = server.connections
-        del connections[self]
-        connections[self] = None         # kept in deadline order
+        if connections.pop(self, False) is None:
+            connections[self] = None     # kept in deadline order
 
     def peer_text(self):
         if isinstance(self.peer, tuple):
@@ -3463,6 +3462,10 @@ class Connection:
                         break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass                             # the client went away
+        except asyncio.CancelledError:
+            # Shutdown gave up on this client.  The task ends normally:
+            # asyncio's stream callback would log a cancelled one.
+            pass
         except Exception:
             log.exception("internal error serving %s", self.peer_text())
             self.fail(HTTPError(500, "Internal server error"))
@@ -3547,10 +3550,12 @@ class Connection:
                 await self.writer.drain()
         if self.held is not stream:
             return
-        backlog = stream.backlog
+        if stream.backlog:
+            batch.append(stream.backlog)
         stream.backlog = None
-        if batch or backlog:
-            stream.send(self.server.hub, b"".join(batch + (backlog or [])))
+        data = b"".join(batch)
+        if data:
+            stream.send(self.server.hub, data)
 
     def fail(self, error):
         if self.transport.is_closing():
@@ -3853,6 +3858,13 @@ class Server:
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
         for conn in list(self.connections):
             conn.transport.abort()
+        # What is still running (a write to a client that reads nothing)
+        # ends here, not in asyncio.run's cleanup, which would log it.
+        leftover = [t for t in asyncio.all_tasks()
+                    if t is not asyncio.current_task() and t not in background]
+        for task in leftover:
+            task.cancel()
+        await asyncio.gather(*leftover, return_exceptions=True)
         await self.hub.store.close()
         self.remove_socket()
         self.client_log.flush()

@@ -125,6 +125,7 @@ SSE_MAX_UNSENT = 1024 * 1024         # live events a slow reader may owe
 CLIENT_LOG_BURST = 20                # client mistakes logged per window
 CLIENT_LOG_WINDOW = 10.0             # seconds
 LOG_QUEUE_SIZE = 10_000              # records waiting for the sink; then dropped
+LOG_FLUSH_TIMEOUT = 2.0              # seconds to write the last lines at exit
 
 # Expiry removes at most this many entries between two turns of the event
 # loop, so that a mass expiry does not hold up replies.
@@ -635,7 +636,6 @@ class MemoryStore:
         self.last_id = min(int(time.time() * ID_UNITS_PER_SECOND), MAX_SAFE_ID)
         self.pushed = 0
         self.hub = None                  # set by the Hub
-        self.background = set()          # tasks that end only at close()
 
     def open(self):
         """Load what was stored (nothing, in memory)."""
@@ -987,7 +987,6 @@ class StateFileStore(MemoryStore):
         if os.path.exists(path + ".tmp"):
             os.unlink(path + ".tmp")     # a compaction cut short
         self.syncer = self.loop.create_task(self.sync_loop())
-        self.background.add(self.syncer)
         log.info("state file %s: %d channels, %d clients, %d messages",
                  path, len(self.channels), len(self.clients),
                  sum(len(c.messages or ()) for c in self.channels.values()))
@@ -1109,8 +1108,6 @@ class StateFileStore(MemoryStore):
 
     def start_compaction(self):
         self.compacting = self.loop.create_task(self.compact())
-        self.background.add(self.compacting)
-        self.compacting.add_done_callback(self.background.discard)
 
     async def compact(self):
         """Rewrite PATH as the live state (see the class docstring)."""
@@ -2269,9 +2266,8 @@ class RedisStore(MemoryStore):
         self.housekeeping_task = None
 
     def open(self):
-        self.background.add(self.client.start())
+        self.client.start()
         self.tail_task = self.loop.create_task(self.tail())
-        self.background.add(self.tail_task)
         log.info("redis: using %s with prefix %r", self.client.url,
                  self.prefix)
 
@@ -2444,8 +2440,6 @@ class RedisStore(MemoryStore):
         if self.client.connected and (self.housekeeping_task is None or
                                       self.housekeeping_task.done()):
             self.housekeeping_task = self.loop.create_task(self.housekeeping())
-            self.background.add(self.housekeeping_task)
-            self.housekeeping_task.add_done_callback(self.background.discard)
         # Push counts of entries applied here but pushed elsewhere.
         if len(self.reached) > 10_000:
             self.reached.clear()
@@ -3634,8 +3628,22 @@ class DroppingQueueHandler(QueueHandler):
             DroppingQueueHandler.dropped += 1
 
 
+class LogWriter(QueueListener):
+    """Writes queued records to the sink, in a thread of its own."""
+
+    def stop(self, timeout=LOG_FLUSH_TIMEOUT):
+        """Let the thread write what is queued; False if the sink is stuck
+        (then the process must exit without flushing stderr either)."""
+        try:
+            self.enqueue_sentinel()
+        except queue.Full:
+            return False
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
 def start_logging(level):
-    """Log to stderr from a thread; returns the listener to stop at exit."""
+    """Log to stderr from a thread; returns the writer to stop at exit."""
     sink = logging.StreamHandler(sys.stderr)
     sink.setFormatter(logging.Formatter(
         "%(asctime)s %(levelname)s %(message)s"))
@@ -3643,9 +3651,9 @@ def start_logging(level):
     root = logging.getLogger()
     root.handlers[:] = [DroppingQueueHandler(records)]
     root.setLevel(level)
-    listener = QueueListener(records, sink)
-    listener.start()
-    return listener
+    writer = LogWriter(records, sink)
+    writer.start()
+    return writer
 
 
 class ClientLog:
@@ -3851,20 +3859,13 @@ class Server:
         for conn in list(self.connections):
             if not conn.busy:
                 conn.transport.close()
-        background = self.hub.store.background
-        pending = [t for t in asyncio.all_tasks()
-                   if t is not asyncio.current_task() and t not in background]
-        if pending:
-            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+        # Replies in flight (a write waiting for Redis, a client still
+        # reading a stream's last bytes) get a grace period.
+        deadline = self.loop.time() + SHUTDOWN_GRACE
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.transport.abort()
-        # What is still running (a write to a client that reads nothing)
-        # ends here, not in asyncio.run's cleanup, which would log it.
-        leftover = [t for t in asyncio.all_tasks()
-                    if t is not asyncio.current_task() and t not in background]
-        for task in leftover:
-            task.cancel()
-        await asyncio.gather(*leftover, return_exceptions=True)
         await self.hub.store.close()
         self.remove_socket()
         self.client_log.flush()
@@ -4091,21 +4092,24 @@ def redis_url(args, warnings):
 
 def main(argv=None):
     config, warnings = parse_args(sys.argv[1:] if argv is None else argv)
-    listener = start_logging(config.log_level)
+    writer = start_logging(config.log_level)
     for warning in warnings:
         log.warning("%s", warning)
     # Past a file size limit, writes should fail with EFBIG, not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    status = 0
     try:
         asyncio.run(serve(config))
     except StartupError as e:
         log.error("%s", e)
-        return 1
+        status = 1
     except KeyboardInterrupt:
         pass
-    finally:
-        listener.stop()
-    return 0
+    if not writer.stop():
+        # The log sink is stuck (a full pipe nobody reads): exiting
+        # normally would wait for it at the final flush of stderr.
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -9,11 +9,14 @@ those tests are skipped when Chromium or nginx is not installed.
 
 import contextlib
 import fcntl
+import gc
 import grp
 import http.client
 import http.server
+import ipaddress
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -4943,6 +4946,1611 @@ class StateReliabilityTests(unittest.TestCase):
             if server is not None:
                 server.close()
             shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Helpers for C4 and C5
+# ---------------------------------------------------------------------------
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?[ \t]+(\S+)"
+                     r"(?:[ \t]+(-?[0-9]+))?[ \t]*")
+_LABEL = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*'
+                    r'"((?:[^"\\\n]|\\[\\"n])*)"[ \t]*(?:,|$)')
+_VALUE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+                    r"(?:[eE][+-]?[0-9]+)?|[+-]?Inf|NaN")
+_TYPES = ("counter", "gauge", "histogram", "summary", "untyped")
+
+
+class Metrics:
+    """A strictly parsed Prometheus text exposition (format 0.0.4)."""
+
+    def __init__(self, text):
+        def check(condition, why, line=None):
+            if not condition:
+                raise AssertionError(f"/metrics: {why}" +
+                                     (f" at {line!r}" if line else "") +
+                                     "\n" + text)
+        check(text.endswith("\n"), "does not end with a newline")
+        self.text = text
+        self.helps, self.types, self.samples = {}, {}, {}
+        finished = set()            # families whose sample group is over
+        current = None
+        for line in text[:-1].split("\n"):
+            if not line.strip():
+                continue
+            if line.startswith("#"):
+                parts = line.split(None, 3)
+                if len(parts) < 3 or parts[1] not in ("HELP", "TYPE"):
+                    continue                               # a comment
+                kind, name = parts[1], parts[2]
+                check(_METRIC_NAME.fullmatch(name), "bad metric name", line)
+                check(name.startswith("simple_comet_"), "name without the "
+                      "simple_comet_ prefix", line)
+                check(name not in finished and name != current,
+                      f"{kind} after the samples of its family", line)
+                if kind == "HELP":
+                    check(name not in self.helps, "second HELP", line)
+                    doc = parts[3] if len(parts) > 3 else ""
+                    check(not re.search(r"\\(?![\\n])", doc),
+                          "bad escape in HELP", line)
+                    self.helps[name] = doc
+                else:
+                    check(name not in self.types, "second TYPE", line)
+                    check(len(parts) == 4 and parts[3] in _TYPES,
+                          "unknown type", line)
+                    self.types[name] = parts[3]
+                continue
+            m = _SAMPLE.fullmatch(line)
+            check(m, "malformed sample line", line)
+            name, labels_text, value, _ = m.groups()
+            family = self.family(name)
+            check(family is not None, "sample without a TYPE line before it",
+                  line)
+            check(family in self.helps, "sample without a HELP line before "
+                  "it", line)
+            if family != current:
+                check(family not in finished, "samples of one family not "
+                      "grouped together", line)
+                if current is not None:
+                    finished.add(current)
+                current = family
+            labels = {}
+            if labels_text:
+                position = 0
+                while position < len(labels_text):
+                    lm = _LABEL.match(labels_text, position)
+                    check(lm and lm.end() > position, "malformed labels", line)
+                    check(lm.group(1) not in labels, "repeated label", line)
+                    labels[lm.group(1)] = re.sub(
+                        r"\\(.)", lambda e: "\n" if e.group(1) == "n"
+                        else e.group(1), lm.group(2))
+                    position = lm.end()
+            check(_VALUE.fullmatch(value), "malformed value", line)
+            key = (name, tuple(sorted(labels.items())))
+            check(key not in self.samples, "repeated sample", line)
+            number = float(value)
+            if self.types[family] == "counter":
+                check(family.endswith("_total"), "counter not ending in "
+                      "_total", line)
+                check(math.isfinite(number) and number >= 0,
+                      "counter not a finite non-negative number", line)
+            self.samples[key] = number
+
+    def family(self, name):
+        if name in self.types:
+            return name
+        for suffix in ("_bucket", "_sum", "_count"):
+            base = name[:-len(suffix)]
+            if name.endswith(suffix) and \
+                    self.types.get(base) in ("histogram", "summary"):
+                return base
+        return None
+
+    def value(self, name, **labels):
+        """The sum of the samples of `name` whose labels include `labels`."""
+        name = "simple_comet_" + name
+        found = [v for (n, ls), v in self.samples.items()
+                 if n == name and set(labels.items()) <= set(ls)]
+        if not found:
+            raise AssertionError(f"no sample {name}{labels or ''} in\n"
+                                 + self.text)
+        return sum(found)
+
+
+def fetch_metrics(port=None, unix=None, headers=None):
+    """GET /metrics, check its content type, parse it strictly."""
+    resp, body = call("GET", "/metrics", headers=headers, port=port,
+                      unix=unix)
+    assert resp.status == 200, (resp.status, body)
+    content_type = resp.getheader("Content-Type", "")
+    parts = [p.strip().lower() for p in content_type.split(";")]
+    assert parts[0] == "text/plain" and "version=0.0.4" in parts[1:] and \
+        set(parts[1:]) <= {"version=0.0.4", "charset=utf-8"}, content_type
+    return Metrics(body.decode("utf-8"))
+
+
+def serve_free(*args, **kw):
+    """ServerProcess on a port from _free_port() (in .port); another port
+    is tried when that one was taken meanwhile by other tests' sockets."""
+    for attempt in range(3):
+        port = _free_port()
+        try:
+            server = ServerProcess(f"--http-port={port}", *args, **kw)
+        except RuntimeError as e:
+            if "in use" in str(e) and attempt < 2:
+                continue
+            raise
+        server.port = port
+        return server
+
+
+def form_post(path, **params):
+    """The bytes of one form POST (for pipelining)."""
+    body = urlencode(params).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def pipeline(requests, port, timeout=30):
+    """Write the requests back to back on one keep-alive connection and
+    read every reply: [(status, headers, body)].  A thread writes while this
+    one reads, so full socket buffers cannot stall the two sides."""
+    with connect(port, timeout) as s:
+        writer = Background(s.sendall, b"".join(requests))
+        f = s.makefile("rb")
+        replies = []
+        for _ in requests:
+            reply = read_response(f)
+            if reply is None:
+                break
+            replies.append(reply)
+        writer.result(timeout)
+        return replies
+
+
+def log_lines(output):
+    """(level, message) of each line of a log in the server's format
+    "%(asctime)s %(levelname)s %(message)s"; other lines get level None."""
+    lines = []
+    for line in output.splitlines():
+        m = re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]+) (.*)",
+                     line)
+        lines.append((m.group(1), m.group(2)) if m else (None, line))
+    return lines
+
+
+def wait_accepting(port, timeout=10, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("server exited")
+        try:
+            connect(port, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("server did not start")
+
+
+def _find_other_address(family):
+    """An address of this machine that is neither loopback nor link-local,
+    and where a socket bound to it reaches a listener on all interfaces:
+    (source, target), or None."""
+    v6 = family == socket.AF_INET6
+    candidates = []
+    try:
+        out = subprocess.run(["ip", "-6" if v6 else "-4", "-brief", "addr"],
+                             capture_output=True, text=True, timeout=5).stdout
+        candidates = re.findall(r"([0-9a-f:]+:[0-9a-f:]*)/\d+" if v6 else
+                                r"\b(\d+\.\d+\.\d+\.\d+)/\d+", out)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(("2001:db8::1" if v6 else "192.0.2.254", 9))
+            candidates.append(probe.getsockname()[0])   # no packet is sent
+    except OSError:
+        pass
+    for source in candidates:
+        address = ipaddress.ip_address(source)
+        if address.is_loopback or address.is_link_local:
+            continue
+        with socket.socket(family) as listener:
+            if v6:
+                listener.setsockopt(socket.IPPROTO_IPV6,
+                                    socket.IPV6_V6ONLY, 1)
+            listener.bind(("::" if v6 else "0.0.0.0", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            # Loopback first; else the address itself (it never leaves
+            # the machine either).
+            for target in ("::1" if v6 else "127.0.0.1", source):
+                try:
+                    with socket.socket(family) as s:
+                        s.settimeout(2)
+                        s.bind((source, 0))
+                        s.connect((target, port))
+                        peer = listener.accept()[0]
+                        peer.close()
+                        return source, target
+                except OSError:
+                    continue
+    return None
+
+
+_OTHER = {}
+
+
+def other_address(family=socket.AF_INET):
+    """(source, target) for connections from a non-local address, cached;
+    raises SkipTest when the machine has none."""
+    if family not in _OTHER:
+        _OTHER[family] = _find_other_address(family)
+    if _OTHER[family] is None:
+        raise unittest.SkipTest(
+            "this machine has no non-loopback IPv%d address to connect "
+            "from" % (6 if family == socket.AF_INET6 else 4))
+    return _OTHER[family]
+
+
+def connect_from_other(port, timeout=5, family=socket.AF_INET):
+    """A TCP connection whose peer address, as the server sees it, is not
+    a loopback address."""
+    source, target = other_address(family)
+    s = socket.socket(family)
+    s.settimeout(timeout)
+    try:
+        s.bind((source, 0))
+        s.connect((target, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def call_from_other(method, path, port, headers=None, body=None, timeout=5):
+    """One request from the non-local address: (response, body bytes)."""
+    source, target = other_address()
+    conn = http.client.HTTPConnection(target, port, timeout=timeout,
+                                      source_address=(source, 0))
+    try:
+        conn.request(method, path, body, dict(headers or {}))
+        resp = conn.getresponse()
+        return resp, resp.read()
+    finally:
+        conn.close()
+
+
+def connect_unix(path, timeout=5):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    return s
+
+
+def served(sock):
+    """Send a read on the socket and check it is answered (not 503): the
+    connection was taken.  Returns the socket."""
+    sock.sendall(get_request("/channels/none.json"))
+    f = sock.makefile("rb")
+    reply = read_response(f)
+    f.close()
+    assert reply is not None and reply[0] == 200, reply
+    return sock
+
+
+def refused_at_once(sock, what=""):
+    """The server answers a new connection (which sends nothing) with 503
+    and closes it, within a second."""
+    start = time.monotonic()
+    f = sock.makefile("rb")
+    try:
+        reply = read_response(f)
+        assert reply is not None, f"{what}: closed without a reply"
+        assert reply[0] == 503, (what, reply)
+        assert reply[1]["content-type"] == "application/json", reply
+        assert json.loads(reply[2])["return_code"] == -1, reply
+        assert read_response(f) is None, f"{what}: not closed after the 503"
+    except socket.timeout:
+        raise AssertionError(f"{what}: no 503 (the connection was taken)")
+    finally:
+        f.close()
+    assert time.monotonic() - start < 1, what
+
+
+def takes(socks, opener):
+    """True when a connection from opener() is served (it is kept in
+    socks); False when it is refused."""
+    try:
+        sock = opener()
+    except OSError:
+        return False
+    try:
+        socks.append(served(sock))
+        return True
+    except (OSError, AssertionError):
+        sock.close()
+        return False
+
+
+def connections(port):
+    """The status page's count of open connections (its own included),
+    or None while the server refuses the connection that asks."""
+    try:
+        return status(port)["connections"]
+    except (OSError, AssertionError, http.client.HTTPException):
+        return None
+
+
+def close_all(socks):
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass
+    socks.clear()
+
+
+# Requests that are client mistakes.  KEEP_ALIVE_ERRORS leave the
+# connection open (404, 405, 415), so thousands can be pipelined;
+# MALFORMED ones get 400 (or 505) and the connection is closed.
+KEEP_ALIVE_ERRORS = (
+    b"GET /nowhere.json HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"PUT /channels/x.json HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    b"GET /channels/x HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /channels.json HTTP/1.1\r\nHost: x\r\nContent-Type: text/csv\r\n"
+    b"Content-Length: 3\r\n\r\na,b",
+)
+MALFORMED = (
+    b"GARBAGE\r\n\r\n",
+    b"GET /channels/x.json HTTP/1.1\r\n\r\n",                 # no Host
+    b"GET /channels/x.json HTTP/1.1\r\nHost x\r\n\r\n",
+    b"GET /channels/x.json HTTP/7.0\r\nHost: x\r\n\r\n",
+    b"GET /a\x01b.json HTTP/1.1\r\nHost: x\r\n\r\n",
+)
+
+
+def _pipelined_errors(port, count, timeout):
+    data = b"".join(KEEP_ALIVE_ERRORS[i % len(KEEP_ALIVE_ERRORS)]
+                    for i in range(count - 1))
+    data += b"GET /last.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    received = b""
+    with connect(port, timeout) as s:
+        writer = Background(s.sendall, data)
+        try:
+            while chunk := s.recv(65536):
+                received += chunk
+        except OSError:
+            pass
+        try:
+            writer.result(timeout)
+        except OSError:
+            pass
+    return len(re.findall(rb"HTTP/1\.1 [45]\d\d ", received))
+
+
+def _malformed_requests(port, count, timeout):
+    answered = 0
+    for i in range(count):
+        received = b""
+        try:
+            with connect(port, timeout) as s:
+                s.sendall(MALFORMED[i % len(MALFORMED)])
+                while chunk := s.recv(65536):
+                    received += chunk
+        except socket.timeout:
+            break                  # a stuck server: do not wait on each
+        except OSError:
+            pass                   # a reset after the reply
+        answered += received.startswith(b"HTTP/1.1 ")
+    return answered
+
+
+def flood(port, pipelined, malformed, threads=4, timeout=5):
+    """Send `pipelined` keep-alive client errors (pipelined, a few thousand
+    per connection) and `malformed` malformed requests (one per
+    connection), from a few threads.  Returns how many were answered."""
+    jobs = []
+    per_connection = 2500
+    for start in range(0, pipelined, per_connection):
+        jobs.append(Background(_pipelined_errors, port,
+                               min(per_connection, pipelined - start),
+                               timeout))
+    for i in range(threads):
+        share = malformed // threads + (i < malformed % threads)
+        jobs.append(Background(_malformed_requests, port, share, timeout))
+    return sum(job.result(timeout=120) for job in jobs)
+
+
+# ---------------------------------------------------------------------------
+# C4. /metrics
+# ---------------------------------------------------------------------------
+
+class MetricsTests(unittest.TestCase):
+    """The Prometheus exposition: its format, and its values following
+    known activity."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = serve_free("--enable-status", "--poll-timeout=5")
+        cls.port = cls.server.port
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+
+    def metrics(self):
+        return fetch_metrics(self.port)
+
+    def test_strict_format_and_required_families(self):
+        """Content type, HELP and TYPE before every family, counters in
+        _total, the simple_comet_ prefix (all checked by Metrics), and the
+        families the SPEC names, with their types."""
+        m = self.metrics()
+        for gauge in ("connections", "polls_held", "streams_open",
+                      "channels", "clients"):
+            self.assertEqual(m.types.get("simple_comet_" + gauge), "gauge",
+                             gauge)
+            m.value(gauge)
+        for counter in ("messages_pushed_total", "messages_delivered_total",
+                        "requests_total", "connections_refused_total"):
+            self.assertEqual(m.types.get("simple_comet_" + counter),
+                             "counter", counter)
+            m.value(counter)
+        for cls in ("2xx", "3xx", "4xx", "5xx"):
+            m.value("requests_total", **{"class": cls})
+        # The request for /metrics itself is on an open connection.
+        self.assertGreaterEqual(m.value("connections"), 1)
+        # Every sample of requests_total is split by class.
+        for (name, labels), _ in m.samples.items():
+            if name == "simple_comet_requests_total":
+                self.assertIn("class", dict(labels))
+
+    def test_agrees_with_status(self):
+        """The gauges and counters say what /status.json says."""
+        register(port=self.port)
+        api("POST", "/clients.json", {"client_id": fresh("cl")},
+            port=self.port)
+        st = status(self.port)
+        m = self.metrics()
+        self.assertEqual(m.value("channels"), st["channels_count"])
+        self.assertEqual(m.value("clients"), st["clients_count"])
+        self.assertEqual(m.value("messages_pushed_total"),
+                         st["messages_pushed"])
+        self.assertEqual(m.value("messages_delivered_total"),
+                         st["messages_delivered"])
+        self.assertEqual(m.value("polls_held"), st["polls_held"])
+
+    def test_values_follow_activity(self):
+        """Register a channel and a client: channels and clients +1; a push
+        answering a held poll: pushed +1, delivered +1, polls_held back to
+        0; a 404: requests_total{class="4xx"} +1."""
+        before = self.metrics()
+        name = register(port=self.port)
+        api("POST", "/clients.json", {"client_id": fresh("cl")},
+            port=self.port)
+        after = self.metrics()
+        self.assertEqual(after.value("channels"), before.value("channels") + 1)
+        self.assertEqual(after.value("clients"), before.value("clients") + 1)
+
+        poll = Background(read, [name], port=self.port)
+        wait_for(lambda: self.metrics().value("polls_held") == 1)
+        before = self.metrics()
+        self.assertEqual(push(name, "x", port=self.port)["delivered"], 1)
+        self.assertEqual(poll.result()["messages"][name][0]["content"], "x")
+        after = self.metrics()
+        self.assertEqual(after.value("messages_pushed_total"),
+                         before.value("messages_pushed_total") + 1)
+        self.assertEqual(after.value("messages_delivered_total"),
+                         before.value("messages_delivered_total") + 1)
+        self.assertEqual(after.value("polls_held"), 0)
+
+        before = self.metrics()
+        resp, _ = call("GET", "/nowhere.json", port=self.port)
+        self.assertEqual(resp.status, 404)
+        after = self.metrics()
+        four = {"class": "4xx"}
+        two = {"class": "2xx"}
+        self.assertEqual(after.value("requests_total", **four),
+                         before.value("requests_total", **four) + 1)
+        # Between the two reads: one /metrics request answered 200.
+        self.assertEqual(after.value("requests_total", **two),
+                         before.value("requests_total", **two) + 1)
+        self.assertEqual(after.value("requests_total", **{"class": "5xx"}),
+                         before.value("requests_total", **{"class": "5xx"}))
+
+
+    def test_streams_open_and_delivered(self):
+        """An EventSource stream: streams_open 1 while open; a push it
+        receives counts in messages_delivered_total."""
+        name = register(port=self.port)
+        with connect(self.port) as s:
+            s.sendall(get_request(f"/channels/{name}.sse"))
+            f = s.makefile("rb")
+            self.assertEqual(f.readline().split()[1], b"200")
+            wait_for(lambda: self.metrics().value("streams_open") == 1)
+            before = self.metrics()
+            self.assertEqual(before.value("polls_held"), 0)
+            self.assertEqual(push(name, "s", port=self.port)["delivered"], 1)
+            while b'"content": "s"' not in f.readline():
+                pass
+            after = self.metrics()
+            self.assertEqual(after.value("messages_delivered_total"),
+                             before.value("messages_delivered_total") + 1)
+            f.close()
+        wait_for(lambda: self.metrics().value("streams_open") == 0)
+
+
+class MetricsStoreTests(unittest.TestCase):
+    """With --state-file or --redis, /metrics (still strict) adds their
+    health gauges."""
+
+    def gauges(self, *args):
+        server = serve_free("--enable-status", *args)
+        try:
+            wait_for(lambda: call("GET", "/health.json", port=server.port)
+                     [0].status == 200)
+            m = fetch_metrics(server.port)
+            return [name for name, kind in m.types.items() if kind == "gauge"]
+        finally:
+            server.proc.kill()     # a clean shutdown is tested elsewhere
+            server.close()
+
+    def test_state_file_gauges(self):
+        with tempfile.TemporaryDirectory() as d:
+            gauges = self.gauges(f"--state-file={d}/state")
+        self.assertTrue([g for g in gauges if "state" in g], gauges)
+
+    @unittest.skipUnless(shutil.which("redis-server"),
+                         "redis-server is not installed")
+    def test_redis_gauges(self):
+        with tempfile.TemporaryDirectory() as d:
+            port = _free_port()
+            redis = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", d],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+            try:
+                gauges = self.gauges(f"--redis=redis://127.0.0.1:{port}",
+                                     f"--redis-prefix={fresh()}:")
+            finally:
+                _stop(redis, signal.SIGTERM)
+        self.assertTrue([g for g in gauges if "redis" in g], gauges)
+
+
+class MetricsParserTests(unittest.TestCase):
+    """The parser the /metrics tests rely on is strict (no server)."""
+
+    GOOD = ("# HELP simple_comet_a_total A.\n# TYPE simple_comet_a_total "
+            "counter\nsimple_comet_a_total{class=\"2xx\"} 3\n"
+            "simple_comet_a_total{class=\"4xx\",x=\"q\\\"\"} 1e3\n"
+            "# HELP simple_comet_g G.\n# TYPE simple_comet_g gauge\n"
+            "simple_comet_g -1.5\n")
+
+    def test_accepts_good_text(self):
+        m = Metrics(self.GOOD)
+        self.assertEqual(m.value("a_total"), 1003)
+        self.assertEqual(m.value("a_total", x='q"'), 1000)
+        self.assertEqual(m.value("g"), -1.5)
+
+    def test_rejects_bad_text(self):
+        bad = {
+            "no final newline": self.GOOD[:-1],
+            "sample before TYPE": "# HELP simple_comet_g G.\n"
+                                  "simple_comet_g 1\n"
+                                  "# TYPE simple_comet_g gauge\n",
+            "no HELP": "# TYPE simple_comet_g gauge\nsimple_comet_g 1\n",
+            "counter without _total": "# HELP simple_comet_c C.\n# TYPE "
+                                      "simple_comet_c counter\n"
+                                      "simple_comet_c 1\n",
+            "no prefix": "# HELP g G.\n# TYPE g gauge\ng 1\n",
+            "not grouped": self.GOOD + "simple_comet_a_total{class=\"5xx\"}"
+                                       " 0\n",
+            "repeated": self.GOOD + self.GOOD,
+            "bad label": self.GOOD.replace('class="2xx"', "class=2xx"),
+            "bad value": self.GOOD.replace(" -1.5", " 1_5"),
+            "CRLF": self.GOOD.replace("\n", "\r\n"),
+            "negative counter": self.GOOD.replace("} 3", "} -3"),
+        }
+        for why, text in bad.items():
+            with self.subTest(why=why):
+                with self.assertRaises(AssertionError):
+                    Metrics(text)
+
+
+class MetricsAccessTests(unittest.TestCase):
+    """/metrics has the status page's access rules."""
+
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.sock = os.path.join(self.dir.name, "comet.sock")
+        self.port = None
+        self.server = None
+
+    def tearDown(self):
+        if self.server:
+            self.server.close()
+        self.dir.cleanup()
+
+    def test_not_served_without_enable_status(self):
+        self.server = serve_free()
+        self.port = self.server.port
+        resp, body = call("GET", "/metrics", port=self.port)
+        self.assertEqual(resp.status, 404, body)
+
+    def test_admin_token_needed(self):
+        self.server = serve_free("--enable-status", "--admin-token=m3trix")
+        self.port = self.server.port
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            resp, body = call("GET", "/metrics", headers=headers,
+                              port=self.port)
+            self.assertEqual(resp.status, 403, body)
+            self.assertEqual(json.loads(body)["return_code"], -1)
+        fetch_metrics(self.port, headers={"Authorization": "Bearer m3trix"})
+
+    def test_without_token_only_local_clients(self):
+        self.server = serve_free(f"--unix-socket-path={self.sock}",
+                                 "--enable-status", listeners=2)
+        self.port = self.server.port
+        fetch_metrics(self.port)
+        fetch_metrics(unix=self.sock)
+        resp, body = call_from_other("GET", "/metrics", self.port)
+        self.assertEqual(resp.status, 403, body)
+        self.assertIn("--admin-token", json.loads(body)["error_message"])
+
+
+# ---------------------------------------------------------------------------
+# C4. /health.json
+# ---------------------------------------------------------------------------
+
+class HealthTests(unittest.TestCase):
+
+    def test_healthy_and_open_to_everyone(self):
+        """200 {"return_code": 1, "error_message": ""} without
+        --enable-status, without the admin token, from any address."""
+        server = serve_free("--admin-token=h3alth")
+        port = server.port
+        try:
+            resp, body = call("GET", "/health.json", port=port)
+            self.assertEqual(resp.status, 200, body)
+            self.assertEqual(resp.getheader("Content-Type"),
+                             "application/json")
+            self.assertEqual(json.loads(body),
+                             {"return_code": 1, "error_message": ""})
+            resp, body = call("GET", "/health.json", port=port,
+                              headers={"Authorization": "Bearer h3alth"})
+            self.assertEqual(json.loads(body)["return_code"], 1)
+            try:
+                resp, body = call_from_other("GET", "/health.json", port)
+            except unittest.SkipTest:
+                return
+            self.assertEqual(resp.status, 200, body)
+            self.assertEqual(json.loads(body)["return_code"], 1)
+        finally:
+            server.close()
+
+
+# ---------------------------------------------------------------------------
+# C4. The reserve at the connection cap
+# ---------------------------------------------------------------------------
+
+class ConnectionReserveTests(unittest.TestCase):
+    """With --max-connections=3, local clients get 4 more; the next is
+    refused with 503 at once; other addresses never exceed 3."""
+
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.sock = os.path.join(self.dir.name, "comet.sock")
+        self.port = None
+        self.open = []
+        self.server = None
+
+    def tearDown(self):
+        close_all(self.open)
+        if self.server:
+            self.server.close()
+        self.dir.cleanup()
+
+    def test_loopback_reserve(self):
+        self.server = serve_free("--max-connections=3", "--enable-status")
+        self.port = self.server.port
+        for _ in range(3 + 4):
+            self.open.append(served(connect(self.port)))
+        with connect(self.port, timeout=2) as extra:
+            refused_at_once(extra, "8th loopback connection")
+        # The refusal is counted; read on one of the open connections.
+        s = self.open[0]
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = read_response(s.makefile("rb"))
+        self.assertEqual(reply[0], 200, reply)
+        m = Metrics(reply[2].decode())
+        self.assertEqual(m.value("connections"), 7)
+        self.assertGreaterEqual(m.value("connections_refused_total"), 1)
+        # A freed slot is usable again.
+        self.open.pop().close()
+        wait_for(lambda: self.takes(lambda: connect(self.port)))
+
+    def test_unix_socket_reserve(self):
+        self.server = ServerProcess(f"--unix-socket-path={self.sock}",
+                                    "--max-connections=3")
+        for _ in range(3 + 4):
+            self.open.append(served(connect_unix(self.sock)))
+        with connect_unix(self.sock, timeout=2) as extra:
+            refused_at_once(extra, "8th unix socket connection")
+
+    def test_other_addresses_never_exceed_the_cap(self):
+        other_address()
+        self.server = serve_free("--max-connections=3", "--enable-status")
+        self.port = self.server.port
+        for _ in range(3):
+            self.open.append(served(connect_from_other(self.port)))
+        with connect_from_other(self.port, timeout=2) as extra:
+            refused_at_once(extra, "4th connection from another address")
+        for _ in range(4):
+            self.open.append(served(connect(self.port)))
+        with connect(self.port, timeout=2) as extra:
+            refused_at_once(extra, "5th loopback connection over the cap")
+        # Local clients in the reserve do not open it to others.
+        self.open.pop(0).close()
+        wait_for(lambda: connections(self.port) == 3 + 4)
+        with connect_from_other(self.port, timeout=2) as extra:
+            refused_at_once(extra, "another address with 6 open")
+
+    def takes(self, opener):
+        return takes(self.open, opener)
+
+
+# ---------------------------------------------------------------------------
+# C4. Logging: never blocking, never flooded
+# ---------------------------------------------------------------------------
+
+class LoggingTests(unittest.TestCase):
+
+    def start_with_stuck_log(self, *args):
+        """A server whose stderr is a pipe nobody reads, shrunk to one page
+        and filled before the server starts, so its first log line already
+        finds the pipe full.  Returns (process, port, read end)."""
+        for attempt in range(3):
+            read_end, write_end = os.pipe()
+            try:
+                fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031),
+                            4096)
+            except OSError:
+                pass
+            size = fcntl.fcntl(write_end, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+            os.write(write_end, b"#" * size)
+            port = _free_port()
+            proc = subprocess.Popen(
+                [sys.executable, SCRIPT, f"--http-port={port}",
+                 "--http-host=127.0.0.1", *args],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=write_end)
+            os.close(write_end)
+            try:
+                wait_accepting(port, proc=proc)
+                return proc, port, read_end
+            except RuntimeError:
+                os.close(read_end)
+                _stop(proc, signal.SIGTERM)
+                if attempt == 2:
+                    raise
+
+    def test_stuck_log_pipe_does_not_stall_serving(self):
+        """With stderr stuck, 20,000 bad requests are all answered, and
+        reads during and after them take under a second."""
+        proc, port, read_end = self.start_with_stuck_log()
+        try:
+            resp, body = call("POST", "/channels.json", {"channel_id": "a"},
+                              port=port, timeout=2)
+            self.assertEqual(json.loads(body)["return_code"], 1)
+            resp, body = call("POST", "/channels/a.json", {"content": "x"},
+                              port=port, timeout=2)
+            self.assertEqual(json.loads(body)["return_code"], 1)
+            job = Background(flood, port, 18_000, 2_000, timeout=3)
+            worst = 0.0
+            probes = 0
+            while job.is_alive() or probes < 5:
+                if not job.is_alive():
+                    probes += 1
+                start = time.monotonic()
+                try:
+                    resp, body = call("GET", "/channels/a.json", port=port,
+                                      timeout=2)
+                    self.assertEqual(json.loads(body)["return_code"], 1)
+                    worst = max(worst, time.monotonic() - start)
+                except OSError:
+                    worst = math.inf
+                    break
+                time.sleep(0.02)
+            report(f"worst read during a 20,000 bad-request flood with a "
+                   f"stuck log: {worst * 1000:.1f} ms")
+            self.assertLess(worst, 1.0, "a read waited on the stuck log")
+            answered = job.result(timeout=120)
+            self.assertEqual(answered, 20_000)
+        finally:
+            os.close(read_end)             # unblocks a server stuck writing
+            _stop(proc, signal.SIGTERM)
+
+    def test_stuck_log_does_not_stop_shutdown(self):
+        """SIGTERM with stderr stuck: the held poll is answered and the
+        server exits 0 within a few seconds."""
+        proc, port, read_end = self.start_with_stuck_log("--poll-timeout=30")
+        try:
+            resp, body = call("POST", "/channels.json", {"channel_id": "a"},
+                              port=port, timeout=2)
+            self.assertEqual(json.loads(body)["return_code"], 1)
+            poll = Background(call, "GET", "/channels/a.json", port=port,
+                              timeout=10)
+            time.sleep(0.3)                # no status page: let it be held
+            self.assertTrue(poll.is_alive(), "the poll was not held")
+            proc.send_signal(signal.SIGTERM)
+            resp, body = poll.result()
+            self.assertEqual(json.loads(body)["messages"], {"a": []})
+            try:
+                code = proc.wait(5)
+            except subprocess.TimeoutExpired:
+                code = "still running 5 s after SIGTERM"
+            self.assertEqual(code, 0)
+        finally:
+            os.close(read_end)
+            _stop(proc, signal.SIGTERM)
+
+    def test_bad_request_flood_is_rate_limited(self):
+        """5,000 bad requests: at most a few hundred log lines, none at
+        WARNING or above, and an INFO line counts what was left out."""
+        server = serve_free()
+        port = server.port
+        try:
+            self.assertEqual(flood(port, 4_000, 1_000), 5_000)
+            self.assertEqual(server.stop(), 0)
+            output = server.output()
+        finally:
+            server.close()
+        lines = log_lines(output)
+        self.assertLessEqual(len(lines), 300, output[-3000:])
+        for level, message in lines:
+            self.assertIn(level, ("DEBUG", "INFO"), message)
+        # The count of what was left out: the flood took well under 10 s,
+        # so one line (or two, across a window) holds most of the 5,000.
+        # Numbers glued to ':' or '.' (ports, addresses) are not counts.
+        counts = [int(n) for level, message in lines if level == "INFO"
+                  for n in re.findall(r"(?<![\w.:])(\d+)(?![\w.:])", message)
+                  if int(n) <= 5000]
+        self.assertGreaterEqual(max(counts, default=0), 1000,
+                                "no line counts the requests not logged:\n"
+                                + output[-3000:])
+
+
+# ---------------------------------------------------------------------------
+# C4. Lingering after an early error; bare LF
+# ---------------------------------------------------------------------------
+
+class LingerTests(unittest.TestCase):
+    """After an error reply sent while the client is still sending, the
+    server reads and discards, so the client sees the reply, not a reset."""
+
+    HEAD = (b"POST /channels/up.json HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = serve_free("--max-body=1000")
+        cls.port = cls.server.port
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+
+    def upload(self, chunked=False):
+        """Send 512 KiB of a body over --max-body, then read the reply:
+        (status, headers, body), or a string saying what failed."""
+        chunk = b"x" * 65536
+        if chunked:
+            head = self.HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+            chunk = b"10000\r\n" + chunk + b"\r\n"
+        else:
+            head = self.HEAD + b"Content-Length: 1000000\r\n\r\n"
+        with connect(self.port, timeout=10) as s:
+            try:
+                s.sendall(head)
+                for _ in range(8):
+                    s.sendall(chunk)
+            except OSError as e:
+                return f"sending: {e!r}"
+            try:
+                return read_response(s.makefile("rb"))
+            except OSError as e:
+                return f"reading: {e!r}"
+
+    def test_uploads_refused_while_sending_see_the_413(self):
+        """20 clients (and 5 more with chunked bodies) send a body over
+        --max-body and keep sending (512 KiB of a declared 1 MB) before
+        reading: each reads the 413, none gets a reset."""
+        uploads = [Background(self.upload, chunked=i >= 20)
+                   for i in range(25)]
+        for upload in uploads:
+            result = upload.result(timeout=30)
+            self.assertIsInstance(result, tuple, result)
+            self.assertEqual(result[0], 413, result)
+            self.assertEqual(result[1].get("connection"), "close", result)
+            self.assertTrue(json.loads(result[2])["error_message"]
+                            .startswith("413"), result)
+        # The server is still fine.
+        self.assertEqual(call("GET", "/channels/x.json",
+                              port=self.port)[0].status, 200)
+
+    def test_lingering_ends_when_the_client_goes_quiet(self):
+        """A client that stops sending and keeps its socket open is let go
+        about 2 seconds later (not kept for --http-timeout): bytes sent
+        after 3 quiet seconds are answered by a reset."""
+        with connect(self.port, timeout=10) as s:
+            s.sendall(self.HEAD + b"Content-Length: 1000000\r\n\r\n" +
+                      b"x" * 100_000)
+            f = s.makefile("rb")
+            self.assertEqual(read_response(f)[0], 413)
+            time.sleep(3)
+            # A byte to a closed socket draws a reset, and the next send
+            # fails; while the server lingers, both are taken.
+            s.sendall(b"x")
+            time.sleep(0.2)
+            with self.assertRaises((BrokenPipeError, ConnectionResetError)):
+                s.sendall(b"x")
+
+
+class BareLineFeedTests(unittest.TestCase):
+    """Request heads whose lines end in a bare LF are understood."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = serve_free("--poll-timeout=0.2")
+        cls.port = cls.server.port
+        register("a", port=cls.port)
+        push("a", "hello", port=cls.port)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+
+    def json_reply(self, reply):
+        self.assertEqual(reply[0], 200, reply)
+        return json.loads(reply[2])
+
+    def test_http_1_0_read(self):
+        """What `printf 'GET /channels/a.json?since=0 HTTP/1.0\\n\\n' | nc`
+        sends."""
+        replies = exchange(b"GET /channels/a.json?since=0 HTTP/1.0\n\n",
+                           port=self.port)
+        self.assertEqual(len(replies), 1, replies)
+        reply = self.json_reply(replies[0])
+        self.assertEqual(reply["return_code"], 1)
+        self.assertEqual(reply["messages"]["a"][0]["content"], "hello")
+
+    def test_pipelined_http_1_1_and_mixed_endings(self):
+        replies = exchange(
+            b"GET /channels/a.json HTTP/1.1\nHost: x\n\n"
+            b"GET /channels/a.json HTTP/1.1\r\nHost: x\nAccept: */*\r\n\n"
+            b"GET /channels/a.json HTTP/1.1\nHost: x\n\r\n"
+            b"GET /channels/a.json HTTP/1.1\nHost: x\nConnection: close\n\n",
+            port=self.port)
+        self.assertEqual(len(replies), 4, replies)
+        for reply in replies:
+            self.assertEqual(self.json_reply(reply)["return_code"], 1)
+
+    def test_post_with_body(self):
+        body = b"content=lf"
+        replies = exchange(
+            b"POST /channels/a.json HTTP/1.1\nHost: x\n"
+            b"Content-Type: application/x-www-form-urlencoded\n"
+            b"Content-Length: %d\nConnection: close\n\n%s" % (len(body), body),
+            port=self.port)
+        self.assertEqual(len(replies), 1, replies)
+        self.assertEqual(self.json_reply(replies[0])["return_code"], 1)
+        got = read(["a"], port=self.port)["messages"]["a"]
+        self.assertEqual(got[-1]["content"], "lf")
+
+
+# ---------------------------------------------------------------------------
+# C5. The admin token from a file or a systemd credential
+# ---------------------------------------------------------------------------
+
+class AdminTokenFileTests(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.port = _free_port()         # for the servers that must not start
+        self.servers = []
+
+    def tearDown(self):
+        for server in self.servers:
+            server.close()
+        self.dir.cleanup()
+
+    def write(self, name, text):
+        path = os.path.join(self.dir.name, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def start(self, *args, env=None):
+        server = serve_free("--enable-status", *args, env=env)
+        self.port = server.port
+        self.servers.append(server)
+        return server
+
+    def assertGuarded(self, token, port=None):
+        """Writes need `Authorization: Bearer token`."""
+        port = port or self.port
+        name = fresh()
+        for headers in ({}, {"Authorization": "Bearer " + token + "x"}):
+            resp, body = call("POST", "/channels.json", {"channel_id": name},
+                              headers=headers, port=port)
+            self.assertEqual(resp.status, 403, body)
+        reply = api("POST", "/channels.json", {"channel_id": name},
+                    headers={"Authorization": "Bearer " + token}, port=port)
+        self.assertEqual(reply["return_code"], 1)
+
+    def test_token_file(self):
+        """Surrounding whitespace and the newline are not part of the
+        token, which is not on the command line; no warning."""
+        path = self.write("token", "  tok-file-7d1e \r\n")
+        server = self.start(f"--admin-token-file={path}")
+        self.assertGuarded("tok-file-7d1e")
+        with open(f"/proc/{server.proc.pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        self.assertIn(path.encode(), cmdline)
+        self.assertNotIn(b"tok-file-7d1e", cmdline)
+        for level, message in log_lines(server.output()):
+            self.assertNotIn(level, ("WARNING", "ERROR", "CRITICAL"), message)
+
+    def test_empty_missing_or_unreadable_file_exits_2(self):
+        # The switch is known (an unknown one exits 2 as well).
+        self.assertIn("--admin-token-file", run_server("--help").stdout)
+        for path in (self.write("empty", ""), self.write("blank", " \n\n"),
+                     os.path.join(self.dir.name, "missing"),
+                     self.dir.name):                        # a directory
+            with self.subTest(path=path):
+                result = run_server(f"--http-port={self.port}",
+                                    f"--admin-token-file={path}")
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertEqual(result.stdout, "")
+                self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
+    def test_systemd_credential(self):
+        """$CREDENTIALS_DIRECTORY/admin-token is used with no switch; a
+        token given otherwise wins; a credentials directory without one
+        leaves the server tokenless."""
+        creds = os.path.join(self.dir.name, "creds")
+        os.mkdir(creds)
+        with open(os.path.join(creds, "admin-token"), "w") as f:
+            f.write("cred-tok-42\n")
+        env = {"CREDENTIALS_DIRECTORY": creds}
+        server = self.start(env=env)
+        self.assertGuarded("cred-tok-42")
+        for level, message in log_lines(server.output()):
+            self.assertNotIn(level, ("WARNING", "ERROR", "CRITICAL"), message)
+        server.close()
+        self.servers.remove(server)
+
+        path = self.write("token", "file-tok-43\n")
+        self.start(f"--admin-token-file={path}", env=env)
+        self.assertGuarded("file-tok-43")
+        resp, _ = call("POST", "/channels.json", {"channel_id": fresh()},
+                       headers={"Authorization": "Bearer cred-tok-42"},
+                       port=self.port)
+        self.assertEqual(resp.status, 403)
+        self.servers.pop().close()
+
+        other = os.path.join(self.dir.name, "other")
+        os.mkdir(other)
+        self.start(env={"CREDENTIALS_DIRECTORY": other})
+        register(port=self.port)        # loopback, no token needed
+
+    def test_token_on_the_command_line_warns(self):
+        server = self.start("--admin-token=cli-tok-5c2b")
+        self.assertGuarded("cli-tok-5c2b")
+        warnings = [m for level, m in log_lines(server.output())
+                    if level == "WARNING" and "admin-token" in m]
+        self.assertTrue(warnings, server.output())
+
+    def test_token_never_shown(self):
+        """Not in the log (from start to shutdown, refusals included), the
+        status page, /metrics or a refusal's body."""
+        creds = os.path.join(self.dir.name, "creds")
+        os.mkdir(creds)
+        with open(os.path.join(creds, "admin-token"), "w") as f:
+            f.write("zz-cred-secret\n")
+        ways = (
+            ("zz-cli-secret", ["--admin-token=zz-cli-secret"], None),
+            ("zz-file-secret", [f"--admin-token-file="
+                                f"{self.write('t', 'zz-file-secret')}"], None),
+            ("zz-cred-secret", [], {"CREDENTIALS_DIRECTORY": creds}))
+        for token, args, env in ways:
+            with self.subTest(token=token):
+                server = self.start("--log-level=debug", *args, env=env)
+                try:
+                    good = {"Authorization": "Bearer " + token}
+                    seen = []
+                    for headers in ({}, {"Authorization": "Bearer nope"},
+                                    {"Authorization": token}):
+                        resp, body = call("POST", "/channels.json",
+                                          {"channel_id": "s"},
+                                          headers=headers, port=self.port)
+                        self.assertEqual(resp.status, 403)
+                        seen.append(body)
+                    api("POST", "/channels.json", {"channel_id": "s"},
+                        headers=good, port=self.port)
+                    seen.append(call("GET", "/status.json", headers=good,
+                                     port=self.port)[1])
+                    resp, body = call("GET", "/metrics", headers=good,
+                                      port=self.port)
+                    self.assertEqual(resp.status, 200, body)
+                    seen.append(body)
+                    self.assertEqual(server.stop(), 0)
+                    seen.append(server.output().encode())
+                    for text in seen:
+                        self.assertNotIn(token.encode(), text)
+                finally:
+                    server.close()
+                    self.servers.remove(server)
+
+
+# ---------------------------------------------------------------------------
+# C5. A Redis password off the command line and out of sight
+# ---------------------------------------------------------------------------
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+@unittest.skipUnless(REDIS_SERVER, "redis-server is not installed")
+class RedisPasswordTests(unittest.TestCase):
+    """A redis-server of the class's own, with a password."""
+
+    PASSWORD = "pw-redis-5e1d"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory()
+        cls.redis_port = _free_port()
+        cls.redis = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(cls.redis_port), "--bind",
+             "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", cls.dir.name, "--requirepass", cls.PASSWORD],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+
+        def up():
+            try:
+                with socket.create_connection(("127.0.0.1", cls.redis_port),
+                                              1) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(100)[:1] == b"-"      # -NOAUTH
+            except OSError:
+                return False
+        try:
+            wait_for(up, timeout=10)
+        except AssertionError:
+            _stop(cls.redis, signal.SIGTERM)
+            cls.dir.cleanup()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        _stop(cls.redis, signal.SIGTERM)
+        cls.dir.cleanup()
+
+    def url(self, password):
+        return f"redis://:{password}@127.0.0.1:{self.redis_port}"
+
+    def setUp(self):
+        self.servers = []
+
+    def tearDown(self):
+        for server in self.servers:
+            server.close()
+
+    def start(self, *args, env=None):
+        # A prefix of its own: no state from another test.
+        server = serve_free("--enable-status", f"--redis-prefix={fresh()}:",
+                            *args, env=env)
+        self.servers.append(server)
+        return server
+
+    def write_url(self, password):
+        path = os.path.join(self.dir.name, fresh("url"))
+        with open(path, "w") as f:
+            f.write(self.url(password) + "\n")
+        return path
+
+    def test_password_given_three_ways(self):
+        """--redis=URL warns that the password is visible to local users;
+        --redis-file and SIMPLE_COMET_REDIS do not, and keep it off the
+        command line.  Each way, writes and reads go through Redis, and the
+        password is in no reply, the status page, /metrics or the log (up
+        to and including shutdown)."""
+        url = self.url(self.PASSWORD)
+        url_file = self.write_url(self.PASSWORD)
+        ways = {"switch": self.start(f"--redis={url}"),
+                "file": self.start(f"--redis-file={url_file}"),
+                "environment": self.start(env={"SIMPLE_COMET_REDIS": url})}
+        seen = {way: [] for way in ways}
+        for way, server in ways.items():
+            with self.subTest(way=way):
+                port = server.port
+                wait_for(lambda: call("GET", "/health.json", port=port)[0]
+                         .status == 200)
+                name = register(port=port)
+                push(name, "via redis", port=port)
+                self.assertEqual(read([name], port=port)["messages"][name][0]
+                                 ["content"], "via redis")
+                for path in ("/status.json", "/metrics", "/health.json"):
+                    resp, body = call("GET", path, port=port)
+                    self.assertEqual(resp.status, 200, (path, body))
+                    seen[way].append(body)
+                if way != "switch":
+                    with open(f"/proc/{server.proc.pid}/cmdline", "rb") as f:
+                        self.assertNotIn(self.PASSWORD.encode(), f.read())
+        # Stopped together: shutdown lines are checked too.
+        for server in ways.values():
+            server.proc.send_signal(signal.SIGTERM)
+        for way, server in ways.items():
+            with self.subTest(way=way):
+                # (stop() would send a second SIGTERM.)
+                self.assertEqual(server.proc.wait(15), 0)
+                output = server.output()
+                warned = [m for level, m in log_lines(output)
+                          if level == "WARNING" and "redis" in m.lower()]
+                if way == "switch":
+                    self.assertTrue(warned, output)
+                else:
+                    for level, message in log_lines(output):
+                        self.assertNotIn(level, ("WARNING", "ERROR",
+                                                 "CRITICAL"), message)
+                for text in seen[way] + [output.encode()]:
+                    self.assertNotIn(self.PASSWORD.encode(), text)
+
+    def test_wrong_password_not_logged(self):
+        """Redis refusing the password: writes and /health.json answer
+        503 (or the server exits with one line); the wrong password is
+        never shown either."""
+        self.assertIn("--redis-file", run_server("--help").stdout)
+        wrong = "bad-pw-9c2a"
+        port = _free_port()
+        server = ServerProcess(f"--http-port={port}", "--enable-status",
+                               f"--redis-file={self.write_url(wrong)}",
+                               wait=False)
+        self.servers.append(server)
+        wait_for(lambda: server.proc.poll() is not None
+                 or "listening on" in server.output(), timeout=10)
+        if server.proc.poll() is not None:          # refused to start
+            output = server.output()
+            self.assertEqual(server.proc.returncode, 1, output)
+            self.assertNotIn(wrong, output)
+            self.assertNotIn("Traceback", output)
+            return
+        seen = []
+        for method, path_, params in (("GET", "/health.json", None),
+                                      ("POST", "/channels.json",
+                                       {"channel_id": "w"})):
+            resp, body = call(method, path_, params, port=port)
+            self.assertEqual(resp.status, 503, body)
+            seen.append(body)
+        for path_ in ("/status.json", "/metrics"):
+            seen.append(call("GET", path_, port=port)[1])
+        time.sleep(1)                           # a few reconnect attempts
+        server.stop()
+        output = server.output()
+        seen.append(output.encode())
+        self.assertNotIn("Traceback", output)
+        for text in seen:
+            self.assertNotIn(wrong.encode(), text)
+
+    def test_bad_redis_file_exits_2(self):
+        self.assertIn("--redis-file", run_server("--help").stdout)
+        empty = os.path.join(self.dir.name, fresh("empty"))
+        open(empty, "w").close()
+        for path in (empty, os.path.join(self.dir.name, "missing")):
+            with self.subTest(path=path):
+                result = run_server(f"--redis-file={path}")
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
+
+# ---------------------------------------------------------------------------
+# C5. Connections per address
+# ---------------------------------------------------------------------------
+
+class PerAddressCapTests(unittest.TestCase):
+    """--max-connections-per-ip=5 for a non-local address (this machine's
+    own non-loopback address, connecting to the loopback listener)."""
+
+    N = 5
+
+    @classmethod
+    def setUpClass(cls):
+        other_address()                       # or skip
+        cls.dir = tempfile.TemporaryDirectory()
+        cls.sock = os.path.join(cls.dir.name, "comet.sock")
+        cls.server = serve_free(f"--max-connections-per-ip={cls.N}",
+                                f"--unix-socket-path={cls.sock}",
+                                "--enable-status", "--poll-timeout=5",
+                                listeners=2)
+        cls.port = cls.server.port
+        cls.name = register(port=cls.port)
+        cls.last = push(cls.name, "x", port=cls.port)["message_id"]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        cls.dir.cleanup()
+
+    def setUp(self):
+        self.open = []
+
+    def tearDown(self):
+        close_all(self.open)
+        self.wait_idle()
+
+    def wait_idle(self):
+        """Every connection but the one asking has gone."""
+        wait_for(lambda: status(self.port)["connections"] == 1)
+
+    def open_served(self, count):
+        """Open `count` connections from the other address at once; each
+        is answered a read."""
+        socks = [connect_from_other(self.port, timeout=2)
+                 for _ in range(count)]
+        self.open += socks
+        for s in socks:
+            served(s)
+        return socks
+
+    def test_the_address_is_not_local(self):
+        """The sockets these tests use count as another address: writes
+        from them need the token."""
+        resp, body = call_from_other("POST", "/channels.json", self.port,
+                                     body="channel_id=z",
+                                     headers={"Content-Type": "application/"
+                                              "x-www-form-urlencoded"})
+        self.assertEqual(resp.status, 403, body)
+
+    def test_cap_refuses_at_once_and_frees_on_close(self):
+        self.open_served(self.N)
+        with connect_from_other(self.port, timeout=2) as extra:
+            refused_at_once(extra, f"connection {self.N + 1} from the address")
+        # Loopback and the unix socket are unaffected, many at once, and
+        # so is another address.
+        for _ in range(self.N + 3):
+            self.open.append(served(connect(self.port)))
+            self.open.append(served(connect_unix(self.sock)))
+        try:
+            for _ in range(self.N):
+                self.open.append(served(connect_from_other(
+                    self.port, family=socket.AF_INET6)))
+        except unittest.SkipTest:
+            pass                         # no second address to try
+        # The refused connection took no slot; closing one frees one.
+        self.open.pop(0).close()
+        wait_for(lambda: self.takes_one())
+        with connect_from_other(self.port, timeout=2) as extra:
+            refused_at_once(extra, "over the cap again")
+
+    def test_held_polls_and_streams_count(self):
+        socks = [connect_from_other(self.port, timeout=5)
+                 for _ in range(self.N)]
+        self.open += socks
+        stream, polls = socks[0], socks[1:]
+        stream.sendall(get_request(f"/channels/{self.name}.sse?"
+                                   f"since={self.last}"))
+        for s in polls:
+            s.sendall(get_request(f"/channels/{self.name}.json?"
+                                  f"since={self.last}"))
+        wait_for(lambda: (status(self.port)["polls_held"],
+                          status(self.port)["streams_open"])
+                 == (self.N - 1, 1))
+        with connect_from_other(self.port, timeout=2) as extra:
+            refused_at_once(extra, "with N polls and streams open")
+        self.last = push(self.name, "y", port=self.port)["message_id"]
+        for s in polls:
+            reply = read_response(s.makefile("rb"))
+            self.assertEqual(json.loads(reply[2])["messages"][self.name][0]
+                             ["content"], "y")
+        f = stream.makefile("rb")
+        self.assertEqual(f.readline().split()[1], b"200")
+        while b'"content": "y"' not in f.readline():
+            pass
+        f.close()
+
+    def test_count_never_leaks(self):
+        """10 x N connections opened and closed every way a client can
+        (before a request, after a reply, mid-request, with a poll held,
+        by reset, by the server after Connection: close); after each round
+        N at once are served again, and the N+1st still refused."""
+        for round_number in range(10):
+            connect_from_other(self.port).close()      # before a request
+            self.wait_idle()
+            socks = self.open_served(self.N)
+            for i, s in enumerate(socks):
+                mode = (round_number + i) % 5
+                if mode == 1:
+                    s.sendall(b"GET /channels/x.json HTT")
+                elif mode == 2:
+                    s.sendall(get_request(f"/channels/{self.name}.json?"
+                                          f"since={self.last + 10**6}"))
+                elif mode == 3:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                 b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                elif mode == 4:
+                    s.sendall(get_request("/channels/x.json",
+                                          "Connection: close\r\n"))
+                    while s.recv(65536):
+                        pass
+            close_all(self.open)
+            self.wait_idle()
+        self.open_served(self.N)
+        with connect_from_other(self.port, timeout=2) as extra:
+            refused_at_once(extra, "after the churn")
+
+    def takes_one(self):
+        return takes(self.open,
+                     lambda: connect_from_other(self.port, timeout=2))
+
+
+class PerAddressDefaultTests(unittest.TestCase):
+
+    def test_default_is_256(self):
+        other_address()
+        server = serve_free()
+        port = server.port
+        socks = []
+        try:
+            for _ in range(256):
+                socks.append(connect_from_other(port, timeout=5))
+                socks[-1].sendall(get_request("/channels/x.json"))
+            for s in socks:
+                reply = read_response(s.makefile("rb"))
+                self.assertEqual(reply[0], 200, reply)
+            with connect_from_other(port, timeout=2) as extra:
+                refused_at_once(extra, "connection 257")
+            served(connect(port)).close()
+        finally:
+            close_all(socks)
+            server.close()
+
+
+# ---------------------------------------------------------------------------
+# Idle state expiry at scale (small count)
+# ---------------------------------------------------------------------------
+
+class IdleExpiryScaleTests(unittest.TestCase):
+    """Thousands of idle channels and clients expire on time, in one sweep
+    that does not hold up serving."""
+
+    def register_many(self, port, count):
+        """Register channels c0.. and clients k0.. (interleaved, so c{last}
+        and k{last} come last) over one pipelined connection; returns the
+        time the last reply came."""
+        requests = []
+        for i in range(count):
+            requests.append(form_post("/channels.json", channel_id=f"c{i}"))
+            requests.append(form_post("/clients.json", client_id=f"k{i}"))
+        replies = pipeline(requests, port)
+        done = time.monotonic()
+        self.assertEqual(len(replies), len(requests))
+        for reply in replies:
+            self.assertEqual(json.loads(reply[2])["return_code"], 1, reply)
+        return done
+
+    def test_unread_state_goes_read_state_stays(self):
+        """2,000 channels and 2,000 clients with 0.5 s timeouts: three
+        channels and clients read in a loop stay; the others are gone
+        within about a second of their timeout; an expired channel reads
+        -2, an expired client -3."""
+        timeout = 0.5
+        server = serve_free("--enable-status",
+                            f"--session-timeout={timeout}",
+                            f"--inactive-channel-timeout={timeout}",
+                            "--poll-timeout=0.2")
+        port = server.port
+        try:
+            done = self.register_many(port, 2000)
+            st = status(port)
+            if time.monotonic() - done < timeout / 2:
+                # Nothing went early: the last ones registered are there.
+                self.assertIn("c1999", st["channels"])
+                self.assertIn("k1999", st["clients"])
+            kept = [register(f"keep{i}", port=port) for i in range(3)]
+            keepers = [f"keeper{i}" for i in range(3)]
+            for channel, client in zip(kept, keepers):
+                api("POST", "/clients.json", {"client_id": client}, port=port)
+                push(channel, "keep", port=port)     # so reads are not held
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            path = "/channels/" + "%7C".join(kept) + ".json?since=0&client_id="
+
+            def read_kept():
+                for client in keepers:
+                    conn.request("GET", path + client)
+                    reply = json.loads(conn.getresponse().read())
+                    self.assertEqual(reply["return_code"], 1, reply)
+            deadline = done + timeout + 1.0
+            while True:
+                read_kept()
+                st = status(port)
+                if (st["channels_count"], st["clients_count"]) == (3, 3):
+                    break
+                self.assertLess(time.monotonic(), deadline,
+                                (st["channels_count"], st["clients_count"]))
+                time.sleep(0.05)
+            report(f"2,000 + 2,000 idle expired "
+                   f"{time.monotonic() - done:.2f} s after registration "
+                   f"(timeout {timeout} s)")
+            # Read ones stay, past several timeouts.
+            until = time.monotonic() + 3 * timeout
+            while time.monotonic() < until:
+                read_kept()
+                time.sleep(0.05)
+            conn.close()
+            st = status(port)
+            self.assertEqual(sorted(st["channels"]), kept)
+            self.assertEqual(sorted(st["clients"]), keepers)
+            self.assertEqual(read(["c1500"], port=port)["return_code"], -2)
+            self.assertEqual(read([kept[0]], client_id="k1500", port=port)
+                             ["return_code"], -3)
+        finally:
+            server.close()
+
+    def test_reads_stay_fast_while_state_expires(self):
+        """10,000 channels and 10,000 clients expire while a tight loop of
+        reads runs: no read takes 50 ms."""
+        # A stall from expiry comes every time; a slow read from another
+        # process taking the CPU rarely twice: one more try before failing.
+        worst = self.worst_read_while_expiring()
+        if worst >= 0.05:
+            worst = self.worst_read_while_expiring()
+        self.assertLess(worst, 0.05)
+
+    def worst_read_while_expiring(self):
+        timeout = 1.0
+        server = serve_free("--enable-status",
+                            f"--session-timeout={timeout}",
+                            f"--inactive-channel-timeout={timeout}")
+        port = server.port
+        try:
+            done = self.register_many(port, 10_000)
+            register("keep", port=port)
+            api("POST", "/clients.json", {"client_id": "keeper"}, port=port)
+            push("keep", "x", port=port)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            times = []
+            end = done + timeout + 1.0
+            gc.collect()
+            gc.disable()              # no pause of this process counted
+            try:
+                while time.monotonic() < end:
+                    start = time.monotonic()
+                    conn.request("GET", "/channels/keep.json?since=0"
+                                 "&client_id=keeper")
+                    reply = json.loads(conn.getresponse().read())
+                    times.append(time.monotonic() - start)
+                    self.assertEqual(reply["return_code"], 1, reply)
+            finally:
+                gc.enable()
+            conn.close()
+            # Everything else expired while the loop ran.
+            st = status(port)
+            self.assertEqual((st["channels_count"], st["clients_count"]),
+                             (1, 1))
+            worst = max(times)
+            report(f"{len(times)} reads while 20,000 channels and clients "
+                   f"expired: worst {worst * 1000:.1f} ms, median "
+                   f"{sorted(times)[len(times) // 2] * 1000:.2f} ms")
+            return worst
+        finally:
+            server.close()
 
 
 # ---------------------------------------------------------------------------

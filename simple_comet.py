@@ -692,8 +692,8 @@ class MemoryStore:
 
     def settled(self):
         """None: this state is the whole truth.  A store that other
-        instances also write (Redis) returns an awaitable that is done once
-        this instance has applied everything stored before the call."""
+        instances also write (Redis) returns an awaitable of whether this
+        instance has applied everything stored before the call."""
         return None
 
     def next_id(self):
@@ -2216,7 +2216,25 @@ redis.call('PEXPIRE', KEYS[5], ARGV[6])
 return gone
 """
 
+# Run once on connecting: if no instance has been looking after this
+# deployment (all were stopped), its channels and clients get a fresh
+# timeout, as after a restart with a state file.
+# KEYS: instances channels clients  ARGV: instance_window_ms
+REDIS_REVIVE = REDIS_LUA_COMMON + r"""
+local ms = now_ms()
+if redis.call('ZCOUNT', KEYS[1], ms - tonumber(ARGV[1]), '+inf') > 0 then
+  return 0
+end
+for i = 2, 3 do
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[i], 0, -1)) do
+    redis.call('ZADD', KEYS[i], ms, member)
+  end
+end
+return 1
+"""
+
 REDIS_LOG_LENGTH = 100_000           # entries kept in the shared log (about)
+REDIS_KEY_TTL = 7 * 24 * 3600        # seconds a channel's keys outlive all use
 REDIS_INSTANCE_WINDOW = 3000         # ms: an instance seen since is counted
 REDIS_APPLY_WAIT = 5.0               # seconds a reply waits for its entry
 REDIS_TAIL_BLOCK = 1.0               # seconds one XREAD waits for entries
@@ -2260,8 +2278,10 @@ class RedisStore(MemoryStore):
         self.touched_clients = set()
         self.reached = {}                # message id -> waiters it reached
         self.awaited = {}                # log position -> futures
+        # A safety net for a deployment that is gone for good; expiry
+        # itself is the housekeeping script's.
         self.ttl = int(max(config.inactive_channel_timeout,
-                           config.session_timeout, 30) * 2000)
+                           config.session_timeout, REDIS_KEY_TTL) * 1000)
         self.tail_task = None
         self.housekeeping_task = None
 
@@ -2274,18 +2294,26 @@ class RedisStore(MemoryStore):
     async def close(self):
         if self.tail_task is not None:
             self.tail_task.cancel()
+        if self.client.connected:
+            # Gone: pushes elsewhere stop counting this instance at once.
+            try:
+                await self.client.execute("ZREM", self.k["instances"],
+                                          self.instance)
+            except RedisError:
+                pass
         await self.client.close()
 
     def health(self):
+        # Open to everyone: no address, no detail (the log has them).
         if not self.client.connected:
-            return ("Redis unreachable: " +
-                    (self.client.last_error or "connecting"))
+            return "Redis unreachable"
         if self.position is None:
             return "Redis: catching up"
         return None
 
     def describe(self):
         return {"redis": {"connected": self.health() is None,
+                          "last_error": self.client.last_error,
                           "applied_id": self.position or 0,
                           "instance": self.instance}}
 
@@ -2304,6 +2332,9 @@ class RedisStore(MemoryStore):
         # at once that this instance is here, and what it read meanwhile.
         self.touched_channels.update(self.channels)
         self.touched_clients.update(self.clients)
+        await self.run("revive", REDIS_REVIVE, [
+            self.k["instances"], self.k["channels"], self.k["clients"]],
+            [REDIS_INSTANCE_WINDOW], check=False)
         await self.housekeeping(check=False)
 
     async def run(self, name, script, keys, args, check=True):
@@ -2331,23 +2362,25 @@ class RedisStore(MemoryStore):
         return self.prefix + kind + name
 
     async def applied(self, position):
-        """Wait until this instance has applied the log up to position."""
+        """Wait until this instance has applied the log up to position;
+        False if it has not within REDIS_APPLY_WAIT."""
         if self.position is not None and self.position >= position:
-            return
+            return True
         future = self.loop.create_future()
         self.awaited.setdefault(position, []).append(future)
         try:
             async with asyncio.timeout(REDIS_APPLY_WAIT):
                 await future
         except TimeoutError:
-            pass
+            return False
+        return True
 
     def settled(self):
         return self.catch_up()
 
     async def catch_up(self):
         tail = await self.run_command("GET", self.k["tail"])
-        await self.applied(int(tail or 0))
+        return await self.applied(int(tail or 0))
 
     async def run_command(self, *args):
         if not self.client.connected:
@@ -2791,12 +2824,15 @@ class Hub:
 
     async def view_later(self, settled, names, since, client_id):
         try:
-            await settled
+            caught_up = await settled
         except HTTPError:
-            # The shared store is unreachable: answer from what was applied,
-            # and keep a cursor that is ahead (nothing is sent twice).
-            return self.readable(names, client_id), since
-        return self.readable(names, client_id), min(since, self.store.last_id)
+            caught_up = False
+        if caught_up:
+            return self.readable(names, client_id), \
+                min(since, self.store.last_id)
+        # The shared store is unreachable or slow: answer from what was
+        # applied, and keep a cursor that is ahead (nothing is sent twice).
+        return self.readable(names, client_id), since
 
     def readable(self, names, client_id):
         """The channels of ``names`` that this reader may read, touched."""
@@ -3347,6 +3383,9 @@ class App:
             ("writable", "gauge",
              "1 when the server can take writes (see /health.json).",
              [("", int(store.health() is None))]),
+            ("log_records_dropped_total", "counter",
+             "Log lines dropped because the log sink was not keeping up.",
+             [("", DroppingQueueHandler.dropped)]),
         ]
         families += store.metrics()
         lines = []
@@ -3556,8 +3595,11 @@ class Connection:
             return
         if self.held is not None:
             self.server.hub.release(self.held)
-        self.server.client_log.mistake("%s: %d %s", self.peer_text(),
-                                       error.status, error.message)
+        # A 5xx is this server's trouble (Redis away, a full disk): above
+        # the client mistakes, rate-limited with them.
+        self.server.client_log.mistake(
+            "%s: %d %s", self.peer_text(), error.status, error.message,
+            level=logging.WARNING if error.status >= 500 else logging.INFO)
         extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode())
                          for k, v in error.headers)
         body = error_text(error.return_code, f"{error.status} "
@@ -3657,9 +3699,9 @@ def start_logging(level):
 
 
 class ClientLog:
-    """Client mistakes at INFO, at most CLIENT_LOG_BURST per window; then a
-    line says how many were left out, so a flood of bad requests cannot
-    flood the log."""
+    """Refused requests in the log, at most CLIENT_LOG_BURST per window (a
+    client's mistake at INFO, a 5xx at WARNING); then a line says how many
+    were left out, so a flood of bad requests cannot flood the log."""
 
     def __init__(self, clock):
         self.clock = clock
@@ -3667,21 +3709,21 @@ class ClientLog:
         self.logged = 0
         self.left_out = 0
 
-    def mistake(self, message, *args):
+    def mistake(self, message, *args, level=logging.INFO):
         now = self.clock()
         if now >= self.window_end:
             self.flush()
             self.window_end = now + CLIENT_LOG_WINDOW
         if self.logged < CLIENT_LOG_BURST:
             self.logged += 1
-            log.info(message, *args)
+            log.log(level, message, *args)
         else:
             self.left_out += 1
 
     def flush(self):
         """Called at least once a window, and at shutdown."""
         if self.left_out:
-            log.info("%d more client errors not logged in the last %g s",
+            log.info("%d more refused requests not logged in the last %g s",
                      self.left_out, CLIENT_LOG_WINDOW)
         self.logged = self.left_out = 0
 
@@ -4105,6 +4147,8 @@ def main(argv=None):
         status = 1
     except KeyboardInterrupt:
         pass
+    # Stopped already: a second SIGTERM must not turn exit 0 into a kill.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not writer.stop():
         # The log sink is stuck (a full pipe nobody reads): exiting
         # normally would wait for it at the final flush of stderr.

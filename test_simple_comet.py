@@ -7,6 +7,8 @@ those tests are skipped when Chromium or nginx is not installed.
     python3 -m unittest -v test_simple_comet
 """
 
+import asyncio
+import atexit
 import contextlib
 import fcntl
 import gc
@@ -16,6 +18,7 @@ import http.server
 import ipaddress
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -250,15 +253,20 @@ def get_request(path, extra=""):
 # ---------------------------------------------------------------------------
 
 MAIN = None
+PART = os.environ.get("SIMPLE_COMET_PART")
 
 
 def setUpModule():
     global MAIN
+    if PART == "C":
+        return                   # the other process runs the main server
     MAIN = ServerProcess(f"--http-port={PORT}", "--enable-status",
                          f"--poll-timeout={MAIN_POLL_TIMEOUT}", listeners=2)
 
 
 def tearDownModule():
+    if MAIN is None:
+        return
     output = MAIN.output()
     code = MAIN.stop()
     MAIN.log.close()
@@ -3660,16 +3668,6 @@ class SSEBrowserTests(unittest.TestCase):
         state = os.path.join(self.state, "comet.state")
         self.check_restart([f"--state-file={state}"], lambda: None)
 
-    def test_restart_without_state_no_gap(self):
-        """Restart without a state file: the reconnect gets what came
-        meanwhile."""
-        # The application registers its channels again at once; ids keep
-        # growing across the restart, so the old Last-Event-ID still works.
-        def restore():
-            for name in ("A", "B"):
-                register(name, port=self.port)
-        self.check_restart([], restore)
-
 
 @unittest.skipIf(NGINX is None, 'nginx is not installed (looked for nginx on '
                  'PATH and in /usr/sbin)')
@@ -4892,11 +4890,17 @@ class StateDiskFullTests(unittest.TestCase):
                f"seen, {len(refused)} refused")
 
 
+# 100,000 retained messages for the figures; fewer in the default run.
+RESTART_MESSAGES = 100 if (os.environ.get("SIMPLE_COMET_LONG") or
+                           os.environ.get("SIMPLE_COMET_REPORT")) else 20
+
+
 class StateReliabilityTests(unittest.TestCase):
 
-    def test_restart_with_100000_retained_messages(self):
+    def test_restart_with_many_retained_messages(self):
         """Restart (after SIGTERM and after SIGKILL) with 1,000 channels of
-        100 messages is quick and restores them all."""
+        RESTART_MESSAGES messages (100: 100,000 in all) is quick and
+        restores them all."""
         d = tempfile.mkdtemp(prefix="comet-state-")
         path, p = os.path.join(d, "comet.state"), _free_port()
         server = None
@@ -4910,7 +4914,7 @@ class StateReliabilityTests(unittest.TestCase):
                 self.assertEqual(reply["return_code"], 1, reply)
             requests = [post_request(f"/channels/{n}.json",
                                      {"content": f"{n}: message {i}"})
-                        for i in range(100) for n in names]
+                        for i in range(RESTART_MESSAGES) for n in names]
             start = time.monotonic()
             parts = [Background(pipelined_replies, p, requests[k::4])
                      for k in range(4)]
@@ -4920,7 +4924,8 @@ class StateReliabilityTests(unittest.TestCase):
                 self.assertTrue(all(r["return_code"] == 1 for r in part))
             sample = random.Random(7).sample(names, 5)
             expected = {n: messages_of(n, p) for n in sample}
-            self.assertEqual([len(m) for m in expected.values()], [100] * 5)
+            self.assertEqual([len(m) for m in expected.values()],
+                             [RESTART_MESSAGES] * 5)
             size = sum(state_sizes(path).values())
             times = {}
             for how in (signal.SIGTERM, signal.SIGKILL):
@@ -4938,7 +4943,8 @@ class StateReliabilityTests(unittest.TestCase):
                 for n in sample:
                     self.assertEqual(messages_of(n, p), expected[n])
                 self.assertLess(times[how.name], 15)
-            report(f"100,000 retained messages in 1,000 channels: pushed at "
+            report(f"{RESTART_MESSAGES * 1000:,} retained messages in 1,000 "
+                   f"channels: pushed at "
                    f"{rate:.0f}/s (4 pipelined connections), files "
                    f"{size / 1e6:.1f} MB, restart {times['SIGTERM']:.2f} s "
                    f"after SIGTERM, {times['SIGKILL']:.2f} s after SIGKILL")
@@ -6103,9 +6109,10 @@ class AdminTokenFileTests(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 REDIS_SERVER = shutil.which("redis-server")
+needs_redis = unittest.skipUnless(REDIS_SERVER, "redis-server is not installed")
 
 
-@unittest.skipUnless(REDIS_SERVER, "redis-server is not installed")
+@needs_redis
 class RedisPasswordTests(unittest.TestCase):
     """A redis-server of the class's own, with a password."""
 
@@ -6554,6 +6561,1928 @@ class IdleExpiryScaleTests(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# C3. Several processes and hosts (--redis=URL)
+# ---------------------------------------------------------------------------
+#
+# Each class starts a redis-server of its own (loopback, a free port, a
+# temporary directory, no persistence) and two or three simple_comet.py
+# instances on free ports, all with --redis=redis://127.0.0.1:PORT, as a
+# team would run them behind a load balancer. Redis itself is inspected
+# and disturbed over raw RESP sockets (KEYS, CLIENT KILL), and stopped,
+# paused and restarted by its PID. Skipped when redis-server is missing.
+
+class RedisProcess:
+    """A redis-server of the test's own: loopback only, no persistence (so
+    a restart comes back empty), files in a temporary directory. stop()
+    and start() again reuse the same port."""
+
+    def __init__(self, *args, port=None):
+        self.dir = tempfile.TemporaryDirectory(prefix="comet-redis-")
+        self.port = port or _free_port()
+        self.socket_path = os.path.join(self.dir.name, "redis.sock")
+        self.args = args
+        self.proc = self.log = None
+        # A run cut short skips tearDownClass; redis-server would outlive it.
+        atexit.register(self.stop)
+        self.start()
+
+    def start(self):
+        self.log = open(os.path.join(self.dir.name, "redis.log"), "ab")
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.dir.name,
+             "--unixsocket", self.socket_path, "--unixsocketperm", "700",
+             "--enable-debug-command", "yes", *self.args],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("redis-server exited: " + self.output())
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 1) as s:
+                    s.sendall(b"PING\r\n")
+                    # +PONG, or -NOAUTH when it wants a password: up either way.
+                    if s.recv(100)[:1] in (b"+", b"-"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise RuntimeError("redis-server did not start: " + self.output())
+
+    def output(self):
+        return _output(os.path.join(self.dir.name, "redis.log"))
+
+    def pause(self):
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)     # in case it was paused
+        _stop(self.proc, signal.SIGTERM, 10)
+        if self.log is not None and not self.log.closed:
+            self.log.close()
+
+    def close(self):
+        self.stop()
+        atexit.unregister(self.stop)
+        self.dir.cleanup()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+
+def resp_command(*args):
+    """A command as RESP: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        arg = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+def resp_reply(f):
+    """One RESP2 reply from a socket's binary file; an error reply is
+    returned as an Exception (not raised)."""
+    line = f.readline()
+    if not line.endswith(b"\r\n"):
+        raise ConnectionError("redis closed the connection: %r" % line)
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        return Exception(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        return None if size < 0 else f.read(size + 2)[:-2]
+    if kind == b"*":
+        size = int(rest)
+        return None if size < 0 else [resp_reply(f) for _ in range(size)]
+    raise ValueError("not RESP: %r" % line)
+
+
+def redis_call(port, *args, password=None, db=None, timeout=5):
+    """One command on a new raw connection to the test's Redis (a TCP
+    port, or a unix socket path)."""
+    if isinstance(port, str):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(port)
+    else:
+        s = socket.create_connection(("127.0.0.1", port), timeout)
+    with s:
+        f = s.makefile("rb")
+        if password is not None:
+            s.sendall(resp_command("AUTH", password))
+            assert resp_reply(f) == "OK"
+        if db is not None:
+            s.sendall(resp_command("SELECT", db))
+            assert resp_reply(f) == "OK"
+        s.sendall(resp_command(*args))
+        reply = resp_reply(f)
+    assert not isinstance(reply, Exception), reply
+    return reply
+
+
+def redis_keys(port, password=None, db=None):
+    return sorted(k.decode() for k in redis_call(port, "KEYS", "*",
+                                                 password=password, db=db))
+
+
+def redis_size(port, key):
+    """How many elements a key holds, whatever its type."""
+    kind = redis_call(port, "TYPE", key)
+    command = {"list": "LLEN", "stream": "XLEN", "zset": "ZCARD",
+               "hash": "HLEN", "set": "SCARD"}.get(kind)
+    return redis_call(port, command, key) if command else 1
+
+
+def comet_servers(redis_url, count, *args, env=None):
+    """count instances on free loopback ports, started together, with
+    --enable-status, --redis=redis_url (unless None) and args; each gets
+    .port. Returns once each is listening (Redis may still be connecting)."""
+    started = []
+
+    def start(port):
+        switches = [f"--http-port={port}", "--http-host=127.0.0.1",
+                    "--enable-status", *args]
+        if redis_url is not None:
+            switches.append(f"--redis={redis_url}")
+        server = ServerProcess(*switches, env=env, wait=False)
+        server.port = port
+        started.append(server)
+        return server
+
+    try:
+        servers = [start(_free_port()) for _ in range(count)]
+        for i, server in enumerate(servers):
+            for tries in range(5):
+                try:
+                    server.wait_listening()
+                    break
+                except RuntimeError as e:
+                    # A port found free can be taken before the server
+                    # binds it (as some connection's ephemeral port).
+                    if "in use" not in str(e) or tries == 4:
+                        raise
+                    server = servers[i] = start(_free_port())
+    except BaseException:
+        for server in started:
+            _stop(server.proc, signal.SIGKILL)
+            server.log.close()
+        raise
+    return servers
+
+
+def stop_servers(servers):
+    """SIGTERM every instance at once: each must exit 0 with no traceback."""
+    problems = []
+    for server in servers:
+        _stop_paused(server)
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
+    for server in servers:
+        try:
+            code = server.proc.wait(10)     # one signal: a second may force
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            code = f"no exit within 10 s: {server.proc.wait()}"
+        output = server.output()
+        server.log.close()
+        if code != 0 or "Traceback" in output:
+            problems.append(f"instance on port {server.port} exited {code}: "
+                            f"{output[-3000:]}")
+    assert not problems, "\n".join(problems)
+
+
+def _stop_paused(server):
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGCONT)
+
+
+def health_reply(port):
+    """(HTTP status, decoded body) of /health.json."""
+    resp, body = call("GET", "/health.json", port=port)
+    return resp.status, json.loads(body)
+
+
+def can_write(port):
+    return health_reply(port)[0] == 200
+
+
+def redis_state(port):
+    """The "redis" object of the instance's status page."""
+    return status(port).get("redis")
+
+
+def redis_gauge(port):
+    """simple_comet_redis_connected from /metrics (None when absent)."""
+    resp, body = call("GET", "/metrics", port=port)
+    assert resp.status == 200, (resp.status, body)
+    found = re.search(rb"^simple_comet_redis_connected(?:\{[^}]*\})? (\S+)$",
+                      body, re.M)
+    return None if found is None else float(found.group(1))
+
+
+def channel_path(name, suffix=".json"):
+    return f"/channels/{quote(name, safe='')}{suffix}"
+
+
+def attempt(method, path, params, port, timeout=10):
+    """A request that may fail: (HTTP status, decoded JSON or None,
+    seconds taken)."""
+    start = time.monotonic()
+    resp, body = call(method, path, params, port=port, timeout=timeout)
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        decoded = None
+    return resp.status, decoded, time.monotonic() - start
+
+
+def register_client(client_id, port):
+    return api("POST", "/clients.json", {"client_id": client_id}, port=port)
+
+
+def contents(reply, name):
+    return [m["content"] for m in reply["messages"][name]]
+
+
+def push_many(name, count, port):
+    """count pushes pipelined on one connection (fast): their ids."""
+    body = b"content=filler"
+    request = (f"POST {channel_path(name)} HTTP/1.1\r\nHost: localhost\r\n"
+               "Content-Type: application/x-www-form-urlencoded\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    ids = []
+    with connect(port, timeout=30) as s:
+        f = s.makefile("rb")
+        for start in range(0, count, 200):
+            batch = min(200, count - start)
+            s.sendall(request * batch)
+            for _ in range(batch):
+                code, headers, data = read_response(f)
+                reply = json.loads(data)
+                assert code == 200 and reply["return_code"] == 1, reply
+                ids.append(reply["message_id"])
+    return ids
+
+
+def timed_read(names, port, **params):
+    """read() that also says when the reply came: (reply, monotonic time)."""
+    reply = read(names, port=port, **params)
+    return reply, time.monotonic()
+
+
+class EventStream:
+    """An EventSource stream on a raw socket, read by a thread of its own:
+    .events fills with dicts ({"id", "data"} for a message, data decoded
+    from JSON; {"event", "data"} for the others) each with "at", the
+    monotonic time it arrived; .ended is set when the server closes it."""
+
+    def __init__(self, port, names, since=None, last_event_id=None,
+                 client_id=None):
+        params = {}
+        if since is not None:
+            params["since"] = since
+        if client_id is not None:
+            params["client_id"] = client_id
+        path = ("/channels/" + "%7C".join(quote(n, safe="") for n in names)
+                + ".sse" + ("?" + urlencode(params) if params else ""))
+        extra = ("" if last_event_id is None
+                 else f"Last-Event-ID: {last_event_id}\r\n")
+        self.sock = connect(port, timeout=30)
+        self.sock.sendall(get_request(path, extra))
+        self.f = self.sock.makefile("rb")
+        line = self.f.readline()
+        self.status = int(line.split()[1])
+        self.headers = {}
+        while (line := self.f.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self.events = []
+        self.ended = threading.Event()
+        self.body = None
+        if self.status != 200:
+            self.body = json.loads(self.f.read(int(self.headers.get(
+                "content-length", 0))))
+            self.close()
+            return
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        event = {}
+        try:
+            while line := self.f.readline():
+                line = line.decode().rstrip("\n")
+                if line == "":
+                    if "data" in event:
+                        event["data"] = json.loads(event["data"])
+                        event["at"] = time.monotonic()
+                        self.events.append(event)
+                    event = {}
+                elif not line.startswith(":"):
+                    field, _, value = line.partition(":")
+                    event[field] = value[1:] if value.startswith(" ") else value
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.ended.set()
+
+    def messages(self):
+        """The message events' data, in order of arrival."""
+        return [e["data"] for e in list(self.events) if "event" not in e]
+
+    def wait_messages(self, count, timeout=5):
+        wait_for(lambda: len(self.messages()) >= count or self.ended.is_set(),
+                 timeout)
+        return self.messages()
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.f.close()
+        self.sock.close()
+
+
+class RedisTestCase(unittest.TestCase):
+    """A redis-server and `instances` simple_comet.py processes on it,
+    for the class; self.ports lists the instances' ports (A, B, C)."""
+
+    instances = 3
+    switches = ("--poll-timeout=2",)
+    redis_args = ()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.redis = RedisProcess(*cls.redis_args)
+        try:
+            cls.servers = comet_servers(cls.redis.url, cls.instances,
+                                        *cls.switches)
+            cls.ports = [server.port for server in cls.servers]
+            for port in cls.ports:
+                wait_for(lambda: can_write(port), 10)
+        except BaseException:
+            for server in getattr(cls, "servers", ()):
+                _stop(server.proc, signal.SIGKILL)
+                server.log.close()
+            cls.redis.close()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            stop_servers(cls.servers)
+        finally:
+            cls.redis.close()
+
+    def held(self, port):
+        return status(port)["held_connections_count"]
+
+    def streams(self, port):
+        return status(port)["streams_open"]
+
+
+@needs_redis
+class RedisSharedTests(RedisTestCase):
+    """Three instances on one Redis behave as one server: registrations,
+    deletions, sessions and pushes made on one are seen on all."""
+
+    def test_connected(self):
+        """Each instance says it is connected: status, metrics, health."""
+        for port in self.ports:
+            self.assertIs(redis_state(port)["connected"], True)
+            self.assertEqual(redis_gauge(port), 1)
+            self.assertEqual(health_reply(port),
+                             (200, {"return_code": 1, "error_message": ""}))
+
+    def test_channels_shared(self):
+        """A channel registered on A cannot be registered again on B, takes
+        a push on C at once, and every instance reads the message."""
+        a, b, c = self.ports
+        name = register(fresh("rs"), port=a)
+        # Existence is decided in Redis: no instance can accept a duplicate.
+        again = api("POST", "/channels.json", {"channel_id": name}, port=b)
+        self.assertEqual(again["return_code"], -2, again)
+        first = push(name, "one", port=c)
+        self.assertEqual(first["return_code"], 1)
+        for port in self.ports:
+            # An instance that has not applied the push yet waits for it
+            # (the channel has a message): never "No valid channels".
+            reply = read([name], port=port)
+            self.assertEqual(reply["return_code"], 1, (port, reply))
+            self.assertEqual(reply["messages"][name][0]["id"],
+                             first["message_id"])
+            self.assertEqual(contents(reply, name), ["one"])
+            self.assertGreaterEqual(reply["last_id"], first["message_id"])
+
+    def test_read_right_after_register_elsewhere(self):
+        """A read and a stream on B and C just after the register on A are
+        held, not refused; a push on C then answers both."""
+        a, b, c = self.ports
+        name = register(fresh("rs"), port=a)
+        held = self.held(b)
+        poll = Background(timed_read, [name], port=b)
+        stream = EventStream(c, [name])
+        self.addCleanup(stream.close)
+        self.assertEqual(stream.status, 200, stream.body)
+        wait_for(lambda: not poll.is_alive() or self.held(b) == held + 1, 3)
+        sent = push(name, "hello", port=a)
+        reply, _ = poll.result(3)
+        self.assertEqual(reply["return_code"], 1, reply)
+        self.assertEqual(contents(reply, name), ["hello"])
+        self.assertEqual([m["id"] for m in stream.wait_messages(1)],
+                         [sent["message_id"]])
+
+    def test_clients_shared(self):
+        """A client registered on B is known on A and C at once (reads of a
+        session channel accept it), and cannot be registered again."""
+        a, b, c = self.ports
+        name = register(fresh("rs"), port=a, use_sessions=1)
+        push(name, "secret", port=a)
+        client = fresh("rc")
+        self.assertEqual(register_client(client, b)["return_code"], 1)
+        self.assertEqual(register_client(client, c)["return_code"], -2)
+        for port in (a, c):
+            reply = read([name], port=port, client_id=client)
+            self.assertEqual(reply["return_code"], 1, (port, reply))
+            self.assertEqual(contents(reply, name), ["secret"])
+        # Session rules stay: no client, or an unknown one, reads nothing.
+        self.assertEqual(read([name], port=c)["return_code"], -2)
+        self.assertEqual(read([name], port=a, client_id=fresh("rc"))
+                         ["return_code"], -3)
+
+    def test_deletes_shared(self):
+        """A delete on B: a second delete on C finds nothing, a push on A
+        is refused at once, reads everywhere soon say -2, and the name can
+        be registered again (empty)."""
+        a, b, c = self.ports
+        name = register(fresh("rs"), port=a)
+        push(name, "old", port=a)
+        reply = api("DELETE", channel_path(name), port=b)
+        self.assertEqual((reply["return_code"], reply["removed"]), (2, True))
+        reply = api("DELETE", channel_path(name), port=c)
+        self.assertEqual((reply["return_code"], reply["removed"]), (1, False))
+        reply = api("POST", channel_path(name), {"content": "x"}, port=a)
+        self.assertEqual(reply["return_code"], -2, reply)
+        for port in self.ports:
+            # Applying the delete may take a moment (a read meanwhile is
+            # answered from a correct prefix of the history).
+            wait_for(lambda: read([name], port=port)["return_code"] == -2, 1)
+        register(name, port=c)
+        push(name, "new", port=c)
+        for port in self.ports:
+            self.assertEqual(contents(read([name], port=port), name), ["new"])
+
+    def test_push_wakes_every_instance(self):
+        """A push on A answers the polls held on A and B and the streams on
+        A and C within well under a second; "delivered" counts A's poll and
+        stream only, "instances" the three instances."""
+        a, b, c = self.ports
+        name = register(fresh("rs"), port=a)
+        since = push(name, "before", port=a)["message_id"]
+        held = {port: self.held(port) for port in self.ports}
+        streams = {port: self.streams(port) for port in self.ports}
+        poll_a = Background(timed_read, [name], port=a, since=since)
+        poll_b = Background(timed_read, [name], port=b, since=since)
+        stream_a = EventStream(a, [name], since=since)
+        stream_c = EventStream(c, [name], since=since)
+        for stream in (stream_a, stream_c):
+            self.addCleanup(stream.close)
+            self.assertEqual(stream.status, 200, stream.body)
+        wait_for(lambda: self.held(a) == held[a] + 1
+                 and self.held(b) == held[b] + 1
+                 and self.streams(a) == streams[a] + 1
+                 and self.streams(c) == streams[c] + 1, 3)
+        reply = push(name, "wake", port=a)
+        pushed = time.monotonic()
+        self.assertEqual(reply["delivered"], 2, reply)
+        self.assertEqual(reply["instances"], 3, reply)
+        for poll in (poll_a, poll_b):
+            answer, at = poll.result(3)
+            self.assertEqual(contents(answer, name), ["wake"])
+            self.assertLess(at - pushed, 0.5)
+        for stream in (stream_a, stream_c):
+            self.assertEqual([m["content"] for m in stream.wait_messages(1)],
+                             ["wake"])
+            self.assertLess(stream.events[0]["at"] - pushed, 0.5)
+
+    def test_delete_releases_every_instance(self):
+        """A delete on A answers B's held poll with -2 and ends C's stream
+        with "deleted"; a poll on C that has another channel keeps waiting
+        on it."""
+        a, b, c = self.ports
+        name = register(fresh("rs"), port=a)
+        other = register(fresh("rs"), port=a)
+        since = push(other, "start", port=a)["message_id"]
+        held_b, held_c = self.held(b), self.held(c)
+        poll_b = Background(read, [name], port=b, since=since)
+        poll_c = Background(read, [name, other], port=c, since=since)
+        stream = EventStream(c, [name], since=since)
+        self.addCleanup(stream.close)
+        self.assertEqual(stream.status, 200, stream.body)
+        wait_for(lambda: self.held(b) == held_b + 1
+                 and self.held(c) == held_c + 1, 3)
+        self.assertEqual(api("DELETE", channel_path(name), port=a)
+                         ["return_code"], 2)
+        self.assertEqual(poll_b.result(1)["return_code"], -2)
+        self.assertTrue(stream.ended.wait(1), "stream not closed")
+        self.assertEqual([(e.get("event"), e["data"]) for e in stream.events],
+                         [("deleted", {"channel": name})])
+        self.assertTrue(poll_c.is_alive())
+        push(other, "still here", port=b)
+        reply = poll_c.result(1)
+        self.assertEqual(list(reply["messages"]), [other])
+        self.assertEqual(contents(reply, other), ["still here"])
+
+
+@needs_redis
+class RedisAlternationTests(RedisTestCase):
+    """A client whose polls and stream reconnects go to a different
+    instance each time, while publishers push through all of them."""
+
+    switches = ("--poll-timeout=0.3", "--messages-per-channel=1000")
+    PUBLISHERS = 3
+    PER_PUBLISHER = 100
+
+    def test_every_message_once_in_order(self):
+        """Polls on A, B, C, A, ... following last_id, and a stream that
+        reconnects to the next instance with Last-Event-ID every few
+        events, each get every acknowledged message exactly once, in id
+        order; no reply echoes a since lower than the one sent."""
+        name = register(fresh("ra"), port=self.ports[0])
+        acked, lock = {}, threading.Lock()
+        done = threading.Event()
+
+        def publisher(k):
+            for i in range(self.PER_PUBLISHER):
+                content = f"p{k}-{i}"
+                reply = push(name, content, port=self.ports[(i + k) % 3])
+                with lock:
+                    acked[reply["message_id"]] = content
+                time.sleep(0.002 * (i % 3))
+
+        def streamer():
+            """EventSource behaviour: reconnect with Last-Event-ID."""
+            got, turn, last = [], 0, None
+            while not done.is_set() or len(got) < len(acked):
+                stream = EventStream(self.ports[turn % 3], [name],
+                                     last_event_id=last)
+                assert stream.status == 200, stream.body
+                wait_for(lambda: len(stream.messages()) >= 7
+                         or done.is_set() and len(got) + len(
+                             stream.messages()) >= len(acked), 10)
+                stream.close()
+                stream.ended.wait(2)
+                got += stream.messages()
+                if got:
+                    last = got[-1]["id"]
+                turn += 1
+            return got, turn
+
+        publishers = [Background(publisher, k) for k in range(self.PUBLISHERS)]
+        stream_reader = Background(streamer)
+        polled, since, turn = [], 0, 0
+        total = self.PUBLISHERS * self.PER_PUBLISHER
+        deadline = time.monotonic() + 20
+        while len(polled) < total and time.monotonic() < deadline:
+            port = self.ports[turn % 3]
+            reply = read([name], port=port, since=since)
+            self.assertEqual(reply["return_code"], 1, reply)
+            # An instance behind the reader must not clamp its since to
+            # its own stale counter (that would replay old messages).
+            self.assertEqual(reply["since"], since, (port, reply))
+            self.assertGreaterEqual(reply["last_id"], since)
+            polled += reply["messages"][name]
+            since = reply["last_id"]
+            turn += 1
+        for publisher in publishers:
+            publisher.result(20)
+        done.set()
+        streamed, reconnects = stream_reader.result(20)
+        expected = [(i, acked[i]) for i in sorted(acked)]
+        self.assertEqual(len(expected), total)
+        self.assertEqual([(m["id"], m["content"]) for m in polled], expected)
+        self.assertEqual([(m["id"], m["content"]) for m in streamed], expected)
+        self.assertGreaterEqual(turn, 6)
+        self.assertGreaterEqual(reconnects, 6)
+
+
+@needs_redis
+class RedisPauseTests(RedisTestCase):
+    """An instance that falls behind (its process stopped while thousands
+    of pushes go through another) catches up before it answers: no reply
+    from its stale view."""
+
+    # Enough log entries that catching up takes B several round trips to
+    # Redis, so the requests sent right after SIGCONT find it behind.
+    BACKLOG = 3000
+
+    def pause_b(self):
+        server = self.servers[1]
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        self.addCleanup(_stop_paused, server)
+        filler = register(fresh("rf"), port=self.ports[0], max_messages=5)
+        return filler
+
+    def resume_b(self):
+        time.sleep(0.1)             # the requests sent to B have arrived
+        os.kill(self.servers[1].proc.pid, signal.SIGCONT)
+
+    def test_registry_after_pause(self):
+        """Channels and a client registered on A while B is stopped: right
+        after SIGCONT, reads and a stream on B find them (no -2, no -3)."""
+        a, b, c = self.ports
+        filler = self.pause_b()
+        name = register(fresh("rp"), port=a)
+        session = register(fresh("rp"), port=a, use_sessions=1)
+        client = fresh("rc")
+        register_client(client, a)
+        push(name, "open", port=a)
+        push(session, "closed", port=a)
+        push_many(filler, self.BACKLOG, a)
+        # The requests wait in B's socket queues; B sees them as it wakes.
+        polls = [Background(read, [name], port=b),
+                 Background(read, [session], port=b, client_id=client)]
+        opening = Background(EventStream, b, [name])
+        self.resume_b()
+        stream = opening.result(3)
+        self.addCleanup(stream.close)
+        self.assertEqual(stream.status, 200, stream.body)
+        self.assertEqual(contents(polls[0].result(3), name), ["open"])
+        self.assertEqual(contents(polls[1].result(3), session), ["closed"])
+        self.assertEqual([m["content"] for m in stream.wait_messages(1)],
+                         ["open"])
+
+    def test_paused_instance_no_duplicates(self):
+        """B stopped while A takes pushes and a reader reads them on A;
+        right after SIGCONT the reader polls B (and opens a stream on B)
+        with A's last_id: only later messages come, none twice."""
+        a, b, c = self.ports
+        name = register(fresh("rp"), port=a)
+        first = push(name, "m0", port=a)["message_id"]
+        wait_for(lambda: contents(read([name], port=b), name) == ["m0"], 2)
+        filler = self.pause_b()
+        for i in range(1, 6):
+            push(name, f"m{i}", port=a)
+        reply = read([name], port=a, since=first)
+        self.assertEqual(contents(reply, name), [f"m{i}" for i in range(1, 6)])
+        had = reply["last_id"]
+        push_many(filler, self.BACKLOG, a)
+        later = [push(name, f"m{i}", port=a)["message_id"] for i in (6, 7)]
+
+        def follow(since):
+            """Polls on B following last_id until m7 (a correct prefix of
+            the history may come first): (first reply, messages)."""
+            got, first_reply = [], None
+            while not got or got[-1]["content"] != "m7":
+                reply = read([name], port=b, since=since)
+                first_reply = first_reply or reply
+                assert reply["return_code"] == 1, reply
+                got += reply["messages"][name]
+                since = reply["last_id"]
+            return first_reply, got, since
+
+        poll = Background(follow, had)
+        opening = Background(EventStream, b, [name], last_event_id=had)
+        self.resume_b()
+        stream = opening.result(3)
+        self.addCleanup(stream.close)
+        first_reply, got, since = poll.result(5)
+        # B did not clamp the reader's since to its own stale counter.
+        self.assertEqual(first_reply["since"], had)
+        self.assertEqual([(m["id"], m["content"]) for m in got],
+                         list(zip(later, ["m6", "m7"])))
+        self.assertEqual(stream.status, 200)
+        self.assertEqual([m["content"] for m in stream.wait_messages(2)],
+                         ["m6", "m7"])
+        # And from there on, B follows as usual.
+        poll = Background(read, [name], port=b, since=since)
+        wait_for(lambda: self.held(b) == 1, 2)
+        push(name, "m8", port=a)
+        self.assertEqual(contents(poll.result(2), name), ["m8"])
+        self.assertEqual([m["content"] for m in stream.wait_messages(3)],
+                         ["m6", "m7", "m8"])
+        self.assertEqual(len(stream.events), 3)
+
+    def test_shutdown_of_one_instance(self):
+        """SIGTERM to C, holding a poll and a stream: the poll gets its
+        empty reply, the stream ends, C exits 0 promptly (as without
+        Redis), and "instances" goes from 3 to 2."""
+        a, b, c = self.ports
+        name = register(fresh("rp"), port=a)
+        reply = push(name, "three", port=a)
+        self.assertEqual(reply["instances"], 3)
+        since = reply["message_id"]
+        poll = Background(read, [name], port=c, since=since)
+        stream = EventStream(c, [name], since=since)
+        self.addCleanup(stream.close)
+        wait_for(lambda: self.held(c) == 1 and self.streams(c) == 1, 2)
+        server = self.servers[2]
+        server.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        self.assertEqual(poll.result(3)["messages"], {name: []})
+        self.assertTrue(stream.ended.wait(3))
+        self.assertEqual(server.proc.wait(10), 0)
+        # Nothing was in flight: no reason to wait out a grace period.
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertNotIn("Traceback", server.output())
+        # C left cleanly: it is no longer connected, so no longer counted
+        # (a crashed one could only be noticed after a while).
+        self.assertEqual(push(name, "two", port=a)["instances"], 2)
+        self.assertEqual(push(name, "two", port=b)["instances"], 2)
+
+
+@needs_redis
+class RedisConnectionKillTests(RedisTestCase):
+    """Redis drops every instance's connections in the middle of a burst
+    of pushes: nothing acknowledged is lost or delivered twice."""
+
+    instances = 2
+    switches = ("--poll-timeout=2", "--messages-per-channel=5000")
+
+    def test_killed_mid_burst(self):
+        """Pushes on A, a poller and a stream on B; CLIENT KILL TYPE normal
+        twice during the burst. Every acknowledged message reaches both
+        exactly once, in order; the stream stays open."""
+        a, b = self.ports
+        name = register(fresh("rk"), port=a)
+        since = push(name, "start", port=a)["message_id"]
+        stream = EventStream(b, [name], since=since)
+        self.addCleanup(stream.close)
+        self.assertEqual(stream.status, 200, stream.body)
+        acked, refused = {}, []
+        stop = threading.Event()
+
+        def publisher():
+            i, deadline = 0, time.monotonic() + 20
+            while len(acked) < 300 and time.monotonic() < deadline:
+                code, body, _ = attempt("POST", channel_path(name),
+                                        {"content": f"m{i}"}, a)
+                if code == 200 and body["return_code"] == 1:
+                    acked[body["message_id"]] = f"m{i}"
+                    time.sleep(0.001)
+                else:
+                    # 503: not confirmed; it may or may not have been stored.
+                    assert code == 503 and body["return_code"] == -1, \
+                        (code, body)
+                    refused.append(f"m{i}")
+                    time.sleep(0.01)        # a publisher backs off
+                i += 1
+
+        def poller():
+            got, cursor = [], since
+            while not stop.is_set():
+                reply = read([name], port=b, since=cursor)
+                assert reply["return_code"] == 1, reply
+                got += reply["messages"][name]
+                cursor = reply["last_id"]
+                if got and got[-1]["content"] == "end":
+                    break
+            return got
+
+        polls = Background(poller)
+        pushes = Background(publisher)
+        kills = []
+        for count in (100, 200):
+            wait_for(lambda: len(acked) >= count or not pushes.is_alive(), 15)
+            kills.append(redis_call(self.redis.port, "CLIENT", "KILL",
+                                    "TYPE", "normal"))
+        pushes.result(30)
+        # The last push, once A takes writes again.
+        wait_for(lambda: can_write(a), 10)
+        end = push(name, "end", port=a)["message_id"]
+        acked[end] = "end"
+        try:
+            got = polls.result(10)
+        finally:
+            stop.set()
+        wait_for(lambda: "end" in [m["content"] for m in stream.messages()]
+                 or stream.ended.is_set(), 10)
+        streamed = stream.messages()
+        # Each kill closed the connections of both instances.
+        self.assertTrue(all(count >= 2 for count in kills), kills)
+        expected = sorted(acked.items())
+        for what, messages in (("poll", got), ("stream", streamed)):
+            ids = [m["id"] for m in messages]
+            self.assertEqual(ids, sorted(set(ids)), f"{what}: out of order "
+                             "or twice")
+            delivered = {m["id"]: m["content"] for m in messages}
+            missing = [i for i, _ in expected if i not in delivered]
+            self.assertEqual(missing, [], f"{what}: acknowledged, not delivered")
+            for message_id, content in delivered.items():
+                self.assertEqual(acked.get(message_id, content), content)
+                self.assertTrue(message_id in acked or content in refused,
+                                (what, message_id, content))
+        self.assertFalse(stream.ended.is_set(), "the stream was closed")
+        self.assertGreater(len(acked), 300)
+        # Each kill cost a short outage, not one of seconds.
+        self.assertLess(len(refused), 200, len(refused))
+
+
+@needs_redis
+class RedisOutageTests(RedisTestCase):
+    """Redis down, stalled, and back empty."""
+
+    instances = 2
+    switches = ("--poll-timeout=10",)
+
+    def setUp(self):
+        # Each test leaves Redis running; the instances must be back on it.
+        for port in self.ports:
+            wait_for(lambda: can_write(port), 10)
+
+    def assertRefusedWrite(self, code, body, seconds, limit=6):
+        self.assertEqual(code, 503, body)
+        self.assertEqual(body["return_code"], -1, body)
+        self.assertTrue(body["error_message"].startswith("503"), body)
+        self.assertLess(seconds, limit)
+
+    def test_down_then_back_empty(self):
+        """Redis stopped: writes on both instances get a quick 503 with a
+        JSON body, /health.json 503, held polls and streams stay open,
+        reads are answered from what was applied. Redis restarted empty:
+        channels and clients are gone (the held poll gets -2, the stream
+        ends), registering works again, and new ids are above all before."""
+        a, b = self.ports
+        name = register(fresh("ro"), port=a)
+        session = register(fresh("ro"), port=a, use_sessions=1)
+        client = fresh("rc")
+        register_client(client, a)
+        ids = [push(name, f"m{i}", port=a)["message_id"] for i in range(3)]
+        ids.append(push(session, "s", port=a)["message_id"])
+        reply = read([name], port=b)
+        self.assertEqual(contents(reply, name), ["m0", "m1", "m2"])
+        seen = max(ids + [reply["last_id"]])
+        poll = Background(read, [name], port=b, since=seen)
+        stream = EventStream(a, [name], since=seen)
+        self.addCleanup(stream.close)
+        self.assertEqual(stream.status, 200, stream.body)
+        wait_for(lambda: self.held(b) == 1 and self.streams(a) == 1, 3)
+
+        self.redis.stop()
+        writes = [
+            ("POST", channel_path(name), {"content": "lost"}, a),
+            ("POST", "/channels.json", {"channel_id": fresh("ro")}, b),
+            ("POST", "/clients.json", {"client_id": fresh("rc")}, a),
+            ("DELETE", channel_path(name), None, b),
+        ]
+        for method, path, params, port in writes:
+            with self.subTest(method=method, path=path):
+                self.assertRefusedWrite(*attempt(method, path, params, port))
+        for port in self.ports:
+            wait_for(lambda: health_reply(port)[0] == 503, 6)
+            code, body = health_reply(port)
+            self.assertEqual(body["return_code"], -1)
+            self.assertTrue(body["error_message"])
+            self.assertIs(redis_state(port)["connected"], False)
+            self.assertEqual(redis_gauge(port), 0)
+        # Held ones wait on; reads come from what was applied.
+        self.assertTrue(poll.is_alive())
+        self.assertEqual(self.held(b), 1)
+        self.assertFalse(stream.ended.is_set())
+        self.assertEqual(self.streams(a), 1)
+        self.assertEqual(contents(read([name], port=b), name),
+                         ["m0", "m1", "m2"])
+        self.assertEqual(contents(read([session], port=a, client_id=client),
+                                  session), ["s"])
+
+        self.redis.start()             # same port, no data
+        for port in self.ports:
+            wait_for(lambda: can_write(port), 8)
+        self.assertEqual(poll.result(3)["return_code"], -2)
+        self.assertTrue(stream.ended.wait(3), "stream not closed")
+        self.assertEqual(self.held(b), 0)
+        for port in self.ports:
+            self.assertEqual(read([name], port=port)["return_code"], -2)
+            self.assertNotIn(name, status(port)["channels"])
+            self.assertNotIn(client, status(port)["clients"])
+        refused = EventStream(b, [name])
+        self.assertEqual((refused.status, refused.body["return_code"]),
+                         (404, -2))
+        self.assertEqual(register_client(client, b)["return_code"], 1)
+        register(name, port=b)
+        new = push(name, "new", port=a)["message_id"]
+        self.assertGreater(new, seen)
+        reply = read([name], port=b)
+        self.assertEqual(contents(reply, name), ["new"])
+        self.assertGreaterEqual(reply["last_id"], new)
+
+    def test_stalled_redis(self):
+        """Redis paused (SIGSTOP): a push is answered 503 within 6 s, not
+        held; once Redis runs again, writes succeed and the channel's
+        history has no duplicate."""
+        a, b = self.ports
+        name = register(fresh("ro"), port=a)
+        push(name, "before", port=a)
+        self.redis.pause()
+        self.addCleanup(self.redis.resume)
+        self.assertRefusedWrite(*attempt("POST", channel_path(name),
+                                         {"content": "stalled"}, a))
+        self.assertEqual(health_reply(a)[0], 503)
+        self.redis.resume()
+        for port in self.ports:
+            wait_for(lambda: can_write(port), 8)
+        after = push(name, "after", port=b)["message_id"]
+        for port in self.ports:
+            reply = read([name], port=port)
+            # "stalled" was not confirmed: Redis may have stored it.
+            self.assertIn(contents(reply, name),
+                          (["before", "after"], ["before", "stalled", "after"]))
+            self.assertEqual(reply["messages"][name][-1]["id"], after)
+
+
+@needs_redis
+class RedisHistoryTests(RedisTestCase):
+    """History limits and "lost" are the same on every instance."""
+
+    instances = 2
+
+    def test_max_messages_and_lost(self):
+        """max_messages=3, five pushes on A; reads on B at once: since an
+        early id gives the three kept and "lost"; since 0 gives them
+        without "lost"; a stream from the early id says lost first."""
+        a, b = self.ports
+        name = register(fresh("rh"), port=a, max_messages=3)
+        ids = [push(name, f"m{i}", port=a)["message_id"] for i in range(5)]
+        reply = read([name], port=b, since=ids[0])
+        self.assertEqual(reply["since"], ids[0])
+        self.assertEqual(contents(reply, name), ["m2", "m3", "m4"])
+        self.assertEqual(reply.get("lost"), [name], reply)
+        reply = read([name], port=b, since=ids[1])
+        self.assertEqual(contents(reply, name), ["m2", "m3", "m4"])
+        self.assertNotIn("lost", reply)
+        reply = read([name], port=b)
+        self.assertEqual([m["id"] for m in reply["messages"][name]], ids[2:])
+        self.assertNotIn("lost", reply)
+        stream = EventStream(b, [name], last_event_id=ids[0])
+        self.addCleanup(stream.close)
+        stream.wait_messages(3)
+        self.assertEqual([(e.get("event"), e["data"]) for e in stream.events],
+                         [("lost", {"channels": [name]})]
+                         + [(None, {"channel": name, "id": m["id"],
+                                    "ts": m["ts"], "content": m["content"]})
+                            for m in reply["messages"][name]])
+
+    def test_redis_history_bounded(self):
+        """300 pushes to a channel keeping 3: what Redis keeps under the
+        channel's keys stays within 3 plus a small trimming slack."""
+        a, b = self.ports
+        name = register(fresh("rh"), port=a, max_messages=3)
+        for i in range(300):
+            push(name, f"m{i}", port=a if i % 2 else b)
+        keys = [k for k in redis_keys(self.redis.port) if name in k]
+        self.assertTrue(keys, "no Redis key names the channel")
+        sizes = {k: redis_size(self.redis.port, k) for k in keys}
+        self.assertTrue(all(size <= 3 + 100 for size in sizes.values()), sizes)
+        self.assertEqual(contents(read([name], port=b), name),
+                         ["m297", "m298", "m299"])
+
+
+@needs_redis
+class RedisExpiryTests(RedisTestCase):
+    """Sessions and channels expire as in one server: a read on any
+    instance keeps them, and their Redis keys go with them."""
+
+    instances = 2
+    switches = ("--poll-timeout=0.3", "--session-timeout=1",
+                "--inactive-channel-timeout=1")
+
+    def test_expiry_across_instances(self):
+        """A client polling only B keeps its session (its reads on A stay
+        valid) and the channels it reads; unread channels (even pushed to)
+        and idle clients vanish from both instances within about 2 s,
+        deleted ones at once, and their Redis keys go too."""
+        a, b = self.ports
+        kept = register(fresh("rx"), port=a)
+        session = register(fresh("rx"), port=a, use_sessions=1)
+        keeper = fresh("rc")
+        register_client(keeper, a)
+        push(session, "s", port=a)
+        push(kept, "k", port=a)
+        unread = register(fresh("rx"), port=a)
+        pushed = register(fresh("rx"), port=a)
+        deleted = register(fresh("rx"), port=b)
+        idle = fresh("rc")
+        register_client(idle, b)
+        extra = [register(fresh("rx"), port=a) for _ in range(15)]
+        for name in extra:
+            push(name, "x", port=b)
+        extra_clients = [fresh("rc") for _ in range(15)]
+        for client in extra_clients:
+            register_client(client, a)
+        started = time.monotonic()
+        stop = threading.Event()
+
+        def reader():
+            since = 0
+            while not stop.is_set():
+                reply = read([kept, session], port=b, since=since,
+                             client_id=keeper)
+                assert reply["return_code"] == 1, reply
+                assert session in reply["messages"], reply
+                since = reply["last_id"]
+
+        def pusher():
+            # A push is not a read: the channel expires all the same.
+            while not stop.is_set():
+                reply = api("POST", channel_path(pushed), {"content": "p"},
+                            port=a)
+                if reply["return_code"] != 1:
+                    return reply
+                time.sleep(0.1)
+
+        reading, pushing = Background(reader), Background(pusher)
+        self.assertEqual(api("DELETE", channel_path(deleted), port=a)
+                         ["return_code"], 2)
+        gone_channels = [unread, pushed, deleted] + extra
+        gone_clients = [idle] + extra_clients
+
+        def all_gone():
+            for port in self.ports:
+                st = status(port)
+                if set(gone_channels) & set(st["channels"]) or \
+                        set(gone_clients) & set(st["clients"]):
+                    return False
+            return True
+
+        wait_for(all_gone, 3, interval=0.05)
+        self.assertLess(time.monotonic() - started, 3)
+        # Kept for 2.5 s, over twice the timeouts, by reads on B only.
+        time.sleep(max(0, started + 2.5 - time.monotonic()))
+        for port in self.ports:
+            st = status(port)
+            self.assertLessEqual({kept, session}, set(st["channels"]), port)
+            self.assertIn(keeper, st["clients"], port)
+        self.assertEqual(pushing.result(1)["return_code"], -2)
+        stop.set()
+        reading.result(2)
+        reply = read([session], port=a, client_id=keeper)
+        self.assertEqual(contents(reply, session), ["s"])
+        self.assertEqual(read([kept], port=a, client_id=idle)["return_code"],
+                         -3)
+        for port in self.ports:
+            self.assertEqual(read([unread], port=port)["return_code"], -2)
+        # Redis forgets them too: no key names them, and what is left is a
+        # bounded set (the kept ones and the deployment's own few keys).
+        gone = gone_channels + gone_clients
+
+        def keys_left():
+            keys = redis_keys(self.redis.port)
+            return keys if not [k for k in keys for n in gone if n in k] \
+                else None
+
+        keys = wait_for(keys_left, 3, interval=0.05)
+        self.assertTrue(all(k.startswith("comet:") or k.startswith("{comet:")
+                            for k in keys), keys)
+        unnamed = [k for k in keys
+                   if not any(n in k for n in (kept, session, keeper))]
+        self.assertLessEqual(len(unnamed), 15, keys)
+
+
+@needs_redis
+class RedisPrefixTests(unittest.TestCase):
+    """--redis-prefix: deployments sharing one Redis stay apart."""
+
+    def test_prefixes_apart(self):
+        """Two instances with prefix alpha: share channels; one with beta:
+        sees none of them, has its own of the same name, and every key
+        carries one of the two prefixes."""
+        redis = RedisProcess()
+        self.addCleanup(redis.close)
+        alpha = comet_servers(redis.url, 2, "--poll-timeout=0.3",
+                              "--redis-prefix=alpha:")
+        self.addCleanup(stop_servers, alpha)
+        beta = comet_servers(redis.url, 1, "--poll-timeout=0.3",
+                             "--redis-prefix=beta:")
+        self.addCleanup(stop_servers, beta)
+        a1, a2, b = alpha[0].port, alpha[1].port, beta[0].port
+        for port in (a1, a2, b):
+            wait_for(lambda: can_write(port), 10)
+        name = fresh("rp")
+        register(name, port=a1)
+        push(name, "alpha", port=a2)
+        self.assertEqual(api("POST", channel_path(name), {"content": "x"},
+                             port=b)["return_code"], -2)
+        self.assertEqual(read([name], port=b)["return_code"], -2)
+        register(name, port=b)
+        push(name, "beta", port=b)
+        for port in (a1, a2):
+            self.assertEqual(contents(read([name], port=port), name), ["alpha"])
+        self.assertEqual(contents(read([name], port=b), name), ["beta"])
+        self.assertEqual(push(name, "n", port=a1)["instances"], 2)
+        self.assertEqual(push(name, "n", port=b)["instances"], 1)
+        keys = redis_keys(redis.port)
+        kinds = {p for k in keys for p in ("alpha:", "beta:")
+                 if k.startswith(p) or k.startswith("{" + p)}
+        self.assertEqual(kinds, {"alpha:", "beta:"}, keys)
+        self.assertTrue(all(k.startswith(("alpha:", "beta:", "{alpha:",
+                                          "{beta:")) for k in keys), keys)
+
+
+@needs_redis
+class RedisUnixSocketTests(unittest.TestCase):
+    """--redis=unix:///path.sock?db=N: Redis over its unix socket, in
+    database N."""
+
+    def test_unix_socket_and_db(self):
+        """Two instances share channels over the socket; the keys are in
+        database 3, none in database 0."""
+        redis = RedisProcess()
+        self.addCleanup(redis.close)
+        path = os.path.join(redis.dir.name, "redis.sock")
+        redis.stop()
+        redis.args = ("--unixsocket", path, "--unixsocketperm", "700")
+        redis.start()
+        servers = comet_servers(f"unix://{quote(path)}?db=3", 2,
+                                "--poll-timeout=0.3")
+        self.addCleanup(stop_servers, servers)
+        a, b = (server.port for server in servers)
+        for port in (a, b):
+            wait_for(lambda: can_write(port), 10)
+        name = register(fresh("ru"), port=a)
+        push(name, "over the socket", port=b)
+        self.assertEqual(contents(read([name], port=a), name),
+                         ["over the socket"])
+        self.assertTrue([k for k in redis_keys(path, db=3) if name in k])
+        self.assertEqual(redis_keys(path, db=0), [])
+
+
+class RedisCommandLineTests(unittest.TestCase):
+    """Switches that make the server exit, and a start without Redis."""
+
+    def run_comet(self, *args, env=None):
+        return subprocess.run([sys.executable, SCRIPT,
+                               f"--http-port={_free_port()}",
+                               "--http-host=127.0.0.1", *args],
+                              capture_output=True, text=True, timeout=10,
+                              stdin=subprocess.DEVNULL,
+                              env=None if env is None else {**os.environ, **env})
+
+    def assertExit2(self, result, secret=None):
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 2, output)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, output)
+        self.assertNotIn("Traceback", output)
+        if secret:
+            self.assertNotIn(secret, output)
+
+    def test_with_state_file(self):
+        """--redis (or $SIMPLE_COMET_REDIS) with --state-file: exit 2."""
+        with tempfile.TemporaryDirectory() as directory:
+            state = os.path.join(directory, "state")
+            self.assertExit2(self.run_comet("--redis=redis://127.0.0.1:1",
+                                            f"--state-file={state}"))
+            self.assertExit2(self.run_comet(
+                f"--state-file={state}",
+                env={"SIMPLE_COMET_REDIS": "redis://127.0.0.1:1"}))
+            self.assertEqual(os.listdir(directory), [])
+
+    def test_malformed_url(self):
+        """A malformed URL, on the command line, in the environment or in
+        --redis-file, and an unreadable --redis-file: exit 2 with one line
+        that never shows the password."""
+        for url in ("http://127.0.0.1:6379", "127.0.0.1:6379",
+                    "redis://127.0.0.1:70000", "redis://127.0.0.1/x",
+                    "redis://:secretpw@127.0.0.1:99999",
+                    "unix://relative.sock"):
+            with self.subTest(url=url):
+                self.assertExit2(self.run_comet(f"--redis={url}"), "secretpw")
+                self.assertExit2(self.run_comet(
+                    env={"SIMPLE_COMET_REDIS": url}), "secretpw")
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "redis-url")
+            with open(path, "w") as f:
+                f.write("redis://:secretpw@127.0.0.1:99999\n")
+            self.assertExit2(self.run_comet(f"--redis-file={path}"), "secretpw")
+            self.assertExit2(self.run_comet(
+                f"--redis-file={os.path.join(directory, 'missing')}"))
+
+    @needs_redis
+    def test_unreachable_at_start(self):
+        """Nothing listening on the Redis port: the server starts all the
+        same and says so in its log (no traceback); writes and
+        /health.json answer 503; once a redis-server runs on that port,
+        writes succeed."""
+        redis_port = _free_port()
+        server, = comet_servers(f"redis://127.0.0.1:{redis_port}", 1,
+                                "--poll-timeout=0.3")
+        redis = None
+        try:
+            wait_for(lambda: str(redis_port) in server.output(), 3)
+            lines = [line for line in server.output().splitlines()
+                     if str(redis_port) in line]
+            self.assertTrue(any("WARNING" in line or "ERROR" in line
+                                for line in lines), lines)
+            self.assertNotIn("Traceback", server.output())
+            code, body = health_reply(server.port)
+            self.assertEqual(code, 503)
+            self.assertEqual(body["return_code"], -1)
+            self.assertIs(redis_state(server.port)["connected"], False)
+            name = fresh("ru")
+            for method, path, params in (
+                    ("POST", "/channels.json", {"channel_id": name}),
+                    ("POST", "/clients.json", {"client_id": fresh("rc")}),
+                    ("POST", channel_path(name), {"content": "x"})):
+                code, body, seconds = attempt(method, path, params,
+                                              server.port)
+                self.assertEqual((code, body["return_code"]), (503, -1), body)
+                self.assertLess(seconds, 6)
+            redis = RedisProcess(port=redis_port)
+            wait_for(lambda: can_write(server.port), 8)
+            register(name, port=server.port)
+            push(name, "up", port=server.port)
+            self.assertEqual(contents(read([name], port=server.port), name),
+                             ["up"])
+        finally:
+            try:
+                stop_servers([server])
+            finally:
+                if redis is not None:
+                    redis.close()
+
+
+PASSWORD = "hunter2-secret"
+
+
+@needs_redis
+class RedisSecretTests(unittest.TestCase):
+    """A Redis that wants a password (SPEC C5): from the command line (a
+    warning), --redis-file or $SIMPLE_COMET_REDIS (no warning); the
+    password never shows in logs, the status page or /metrics."""
+
+    def test_password_sources(self):
+        """Three instances, one per way of giving the URL, share one Redis;
+        only the command line one warns; with Redis gone, no refusal,
+        health reply, status, metrics or log line shows the password."""
+        redis = RedisProcess("--requirepass", PASSWORD)
+        self.addCleanup(redis.close)
+        url = f"redis://:{PASSWORD}@127.0.0.1:{redis.port}/0"
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "redis-url")
+        with open(path, "w") as f:
+            f.write(url + "\n")
+        os.chmod(path, 0o600)
+        on_line, = comet_servers(url, 1, "--poll-timeout=0.3")
+        self.addCleanup(stop_servers, [on_line])
+        in_file, = comet_servers(None, 1, "--poll-timeout=0.3",
+                                 f"--redis-file={path}")
+        self.addCleanup(stop_servers, [in_file])
+        in_env, = comet_servers(None, 1, "--poll-timeout=0.3",
+                                env={"SIMPLE_COMET_REDIS": url})
+        self.addCleanup(stop_servers, [in_env])
+        servers = (on_line, in_file, in_env)
+        for server in servers:
+            wait_for(lambda: can_write(server.port), 10)
+        # All three reached the same Redis (so they authenticated).
+        name = register(fresh("rs"), port=in_file.port)
+        push(name, "shared", port=in_env.port)
+        self.assertEqual(contents(read([name], port=on_line.port), name),
+                         ["shared"])
+        warnings = [[line for line in server.output().splitlines()
+                     if "WARNING" in line] for server in servers]
+        self.assertTrue(any(re.search(r"command line|visible", line, re.I)
+                            for line in warnings[0]), warnings[0])
+        self.assertEqual(len(warnings[1]), len(warnings[0]) - 1, warnings)
+        self.assertEqual(len(warnings[2]), len(warnings[0]) - 1, warnings)
+        # Redis gone: the refusals and the health page name no password.
+        redis.stop()
+        for server in servers:
+            code, body, _ = attempt("POST", channel_path(name),
+                                    {"content": "x"}, server.port)
+            self.assertEqual(code, 503)
+            self.assertNotIn(PASSWORD, json.dumps(body))
+            wait_for(lambda: health_reply(server.port)[0] == 503, 6)
+            self.assertNotIn(PASSWORD, json.dumps(health_reply(server.port)))
+            for path in ("/status.json", "/metrics"):
+                resp, body = call("GET", path, port=server.port)
+                self.assertNotIn(PASSWORD.encode(), body)
+            self.assertNotIn(PASSWORD, server.output())
+
+
+# ---------------------------------------------------------------------------
+# C3. The Redis client: URLs, the RESP reader, connections
+# ---------------------------------------------------------------------------
+
+from simple_comet import (  # noqa: E402
+    INCOMPLETE, RedisBackoff, RedisClient, RedisConnection,
+    RedisConnectionError, RedisProtocolError, RedisReader, RedisReplyError,
+    RedisTimeout, encode_command, parse_redis_url, script_sha)
+
+LOGGER = "simple_comet.redis"
+
+
+def plain(reply):
+    """A reply with its errors made comparable."""
+    if isinstance(reply, list):
+        return [plain(item) for item in reply]
+    if isinstance(reply, RedisReplyError):
+        return ("error", str(reply))
+    return reply
+
+
+def parse_all(chunks):
+    """Every reply in the chunks, feeding them one by one."""
+    reader, replies = RedisReader(), []
+    for chunk in chunks:
+        reader.feed(chunk)
+        while (reply := reader.gets()) is not INCOMPLETE:
+            replies.append(plain(reply))
+    return replies
+
+
+# ---------------------------------------------------------------------------
+# URLs
+# ---------------------------------------------------------------------------
+
+class RedisURLTests(unittest.TestCase):
+
+    def test_good(self):
+        """Every accepted form gives the right parts and defaults."""
+        cases = {
+            "redis://localhost": ("localhost", 6379, None, None, None, 0),
+            "REDIS://h.example:7000/3": ("h.example", 7000, None, None, None, 3),
+            "redis://:s%40c%3Ar%2Fet@127.0.0.1/0": ("127.0.0.1", 6379, None, None, "s@c:r/et", 0),
+            "redis://alice:pw@10.0.0.1:6380/15": ("10.0.0.1", 6380, None, "alice", "pw", 15),
+            "redis://al%20ice:@h": ("h", 6379, None, "al ice", "", 0),
+            "redis://:@h": ("h", 6379, None, None, None, 0),
+            "redis://[::1]:6390/2": ("::1", 6390, None, None, None, 2),
+            "redis://[::1]": ("::1", 6379, None, None, None, 0),
+            "redis://h/": ("h", 6379, None, None, None, 0),
+            "redis://h?db=4&password=x%26y": ("h", 6379, None, None, "x&y", 4),
+            "unix:///var/run/redis.sock": (None, None, "/var/run/redis.sock", None, None, 0),
+            "unix:///tmp/r%20s.sock?db=2": (None, None, "/tmp/r s.sock", None, None, 2),
+            "unix:///r.sock?password=pw&username=bob": (None, None, "/r.sock", "bob", "pw", 0),
+            "unix://:pw@/r.sock": (None, None, "/r.sock", None, "pw", 0),
+        }
+        for text, expected in cases.items():
+            with self.subTest(text):
+                self.assertEqual(tuple(parse_redis_url(text)), expected)
+
+    def test_bad(self):
+        """Malformed URLs raise one-line ValueErrors that never show the
+        password."""
+        bad = [
+            "", "localhost:6379", "http://h", "redis:/h", "rediss://h",
+            "redis://", "redis://:6379", "redis://h:0", "redis://h:65536",
+            "redis://h:+80", "redis://h:port", "redis://h:", "redis://h/x",
+            "redis://h/-1", "redis://h/1/2", "redis://h/99999999999",
+            "redis://h/1?db=2", "redis://h?db=", "redis://h?bogus=1",
+            "redis://h?db=1&db=1", "redis://::1/0", "redis://[::1/0",
+            "redis://[nothost]:1", "redis://[::1]x", "redis://bad_host!",
+            "redis://user@h", "redis://h ost", "redis://h\n", "redis://h#x",
+            "redis://:secretpw@h?password=secretpw", "unix://", "unix://h/r.sock",
+            "unix://relative.sock", "unix:///r.sock?db=x", "unix:///a%00b",
+            "redis://:secretpw@h:99999", "redis://:secretpw@h/x",
+            "redis://:%ZZsecretpw@h", "redis://:secretpw%ff@h",
+            "redis://:secret?pw=1@h", "redis://:secret?secretpw@h",
+            "redis://:secretpw@h?db", "unix:///r.sock?password=secretpw%",
+        ]
+        for text in bad:
+            with self.subTest(text):
+                with self.assertRaises(ValueError) as caught:
+                    parse_redis_url(text)
+                message = str(caught.exception)
+                self.assertNotIn("\n", message)
+                self.assertNotIn("secretpw", message)
+                self.assertTrue(message.startswith("redis URL"), message)
+
+    def test_password_hidden(self):
+        """repr, str and redacted() show *** for the password, not it."""
+        url = parse_redis_url("redis://bob:hunter2@[::1]:7000/3")
+        for shown in (repr(url), str(url), url.redacted(), f"{url}", "%s" % (url,)):
+            self.assertNotIn("hunter2", shown)
+        self.assertEqual(url.redacted(), "redis://bob:***@[::1]:7000/3")
+        self.assertEqual(parse_redis_url("redis://h").redacted(), "redis://h:6379/0")
+        self.assertEqual(parse_redis_url("unix://:pw@/r.sock?db=2").redacted(),
+                         "unix://:***@/r.sock?db=2")
+        self.assertEqual(parse_redis_url(str(url)).password, "***")
+
+
+# ---------------------------------------------------------------------------
+# RESP2
+# ---------------------------------------------------------------------------
+
+SAMPLE = (b"+OK\r\n" b"-ERR unknown command 'X'\r\n" b":0\r\n" b":-42\r\n"
+          b":9223372036854775807\r\n" b"$5\r\nhe\r\no\r\n" b"$0\r\n\r\n"
+          b"$-1\r\n" b"*-1\r\n" b"*0\r\n"
+          b"*3\r\n$1\r\na\r\n*2\r\n:1\r\n*1\r\n-WRONGTYPE no\r\n$-1\r\n"
+          b"*2\r\n*0\r\n+\xc3\xa9t\xc3\xa9\r\n" b"+\r\n")
+SAMPLE_REPLIES = [
+    "OK", ("error", "ERR unknown command 'X'"), 0, -42, 2 ** 63 - 1,
+    b"he\r\no", b"", None, None, [],
+    [b"a", [1, [("error", "WRONGTYPE no")]], None],
+    [[], "été"], "",
+]
+
+
+class RedisReaderTests(unittest.TestCase):
+
+    def test_sample_split_everywhere(self):
+        """Every reply type, nested arrays, errors and nulls parse the same
+        whole, split in two at every byte, split in three, and byte by byte."""
+        self.assertEqual(parse_all([SAMPLE]), SAMPLE_REPLIES)
+        for i in range(len(SAMPLE) + 1):
+            self.assertEqual(parse_all([SAMPLE[:i], SAMPLE[i:]]), SAMPLE_REPLIES, i)
+        for i in range(0, len(SAMPLE), 7):
+            for j in range(i, len(SAMPLE), 5):
+                self.assertEqual(parse_all([SAMPLE[:i], SAMPLE[i:j], SAMPLE[j:]]),
+                                 SAMPLE_REPLIES, (i, j))
+        self.assertEqual(parse_all([bytes([b]) for b in SAMPLE]), SAMPLE_REPLIES)
+
+    def test_errors_returned_not_raised(self):
+        """An error reply comes back as a RedisReplyError with its code."""
+        reader = RedisReader()
+        reader.feed(b"-NOSCRIPT No matching script.\r\n:1\r\n")
+        error = reader.gets()
+        self.assertIsInstance(error, RedisReplyError)
+        self.assertEqual(error.code, "NOSCRIPT")
+        self.assertEqual(reader.gets(), 1)
+        self.assertIs(reader.gets(), INCOMPLETE)
+
+    def test_large_bulk_in_pieces(self):
+        """A 3 MB bulk string inside an array, in uneven pieces."""
+        payload = os.urandom(3 * 1024 * 1024)
+        data = b"*2\r\n$%d\r\n%b\r\n:7\r\n" % (len(payload), payload)
+        chunks = [data[i:i + 65521] for i in range(0, len(data), 65521)]
+        self.assertEqual(parse_all(chunks), [[payload, 7]])
+
+    def test_garbage(self):
+        """Anything that is not RESP2 raises RedisProtocolError."""
+        deep = b"*1\r\n" * (simple_comet.REDIS_MAX_DEPTH + 1) + b":1\r\n"
+        garbage = [
+            b"HTTP/1.1 400 Bad Request\r\n", b"!3\r\nabc\r\n", b":12a\r\n",
+            b": 12\r\n", b":1_0\r\n", b":\r\n", b"$-2\r\n", b"$+3\r\nabc\r\n",
+            b"$3\r\nabcd\r\n", b"$3\r\nabc\n\r", b"*-2\r\n", b"$536870913\r\n",
+            b"*x\r\n", b"+a\nb\r\n", b"-a\rb\r\n", deep,
+            b"+" + b"x" * (simple_comet.REDIS_MAX_LINE + 1),
+        ]
+        for data in garbage:
+            with self.subTest(data[:30]):
+                reader = RedisReader()
+                reader.feed(data)
+                with self.assertRaises(RedisProtocolError):
+                    while reader.gets() is not INCOMPLETE:
+                        pass
+        # At the limits themselves all is well.
+        self.assertEqual(parse_all([b"*1\r\n" * simple_comet.REDIS_MAX_DEPTH + b":1\r\n"]),
+                         [_nest(simple_comet.REDIS_MAX_DEPTH)])
+
+    def test_encode_command(self):
+        """Arguments become a RESP array of bulk strings."""
+        self.assertEqual(encode_command("SET", "clé", b"\x00\r\n", 12, -1.5),
+                         b"*5\r\n$3\r\nSET\r\n$4\r\ncl\xc3\xa9\r\n$3\r\n\x00\r\n\r\n"
+                         b"$2\r\n12\r\n$4\r\n-1.5\r\n")
+        self.assertEqual(encode_command("GET", bytearray(b"k")), b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+        for bad in (None, True, [1], float("nan")):
+            with self.subTest(bad):
+                with self.assertRaises((TypeError, ValueError)):
+                    encode_command("SET", "k", bad)
+        with self.assertRaises(ValueError):
+            encode_command()
+
+    def test_backoff(self):
+        """Back-off starts near 0.2 s, roughly doubles, never passes 5 s,
+        and keeps its jitter at the cap."""
+        for _ in range(200):
+            backoff = RedisBackoff()
+            delays = [backoff.next() for _ in range(12)]
+            self.assertTrue(0.16 <= delays[0] <= 0.24, delays)
+            self.assertTrue(0.32 <= delays[1] <= 0.48, delays)
+            self.assertTrue(all(d <= simple_comet.REDIS_RECONNECT_MAX for d in delays), delays)
+            self.assertTrue(all(d >= 5.0 / 1.2 * 0.8 - 1e-9 for d in delays[6:]), delays)
+            backoff.reset()
+            self.assertLessEqual(backoff.next(), 0.24)
+        self.assertNotEqual(len({RedisBackoff().next() for _ in range(20)}), 1)
+
+
+def _nest(depth):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Connections (one redis-server for the class)
+# ---------------------------------------------------------------------------
+
+@needs_redis
+class RedisConnectionTests(unittest.IsolatedAsyncioTestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.redis = RedisProcess()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.redis.close()
+
+    async def asyncSetUp(self):
+        self.conn = RedisConnection(self.redis.url)
+        await self.conn.connect()
+
+    async def asyncTearDown(self):
+        self.conn.close()
+
+    def test_recorded_replies_split_everywhere(self):
+        """Real replies of every type (nested XREAD, EXEC with an error
+        inside, a Lua table with a status and an error, nulls) parse the
+        same split at every byte."""
+        commands = [
+            ("PING",), ("SET", "rec:k", "v"), ("GET", "rec:k"), ("GET", "rec:none"),
+            ("INCR", "rec:n"), ("INCRBY", "rec:n", -5), ("DEL", "rec:l"),
+            ("RPUSH", "rec:l", "a", "", "é"), ("LRANGE", "rec:l", 0, -1),
+            ("LRANGE", "rec:none", 0, -1), ("GET", "rec:l"), ("DEL", "rec:s"),
+            ("XADD", "rec:s", "1-1", "f", "v"), ("XRANGE", "rec:s", "-", "+"),
+            ("XREAD", "STREAMS", "rec:s", "0"), ("MULTI",), ("INCR", "rec:k"),
+            ("SET", "rec:n2", "x"), ("EXEC",), ("BLPOP", "rec:none", "0.01"),
+            ("EVAL", "return {1, {2, {3, 'x'}}, redis.status_reply('FINE'),"
+                     " redis.error_reply('MYERR boom')}", 0),
+        ]
+        expected = [
+            "PONG", "OK", b"v", None, 1, -4, 0, 3, [b"a", b"", "é".encode()], [],
+            ("error", "WRONGTYPE Operation against a key holding the wrong kind of value"),
+            0, b"1-1", [[b"1-1", [b"f", b"v"]]], [[b"rec:s", [[b"1-1", [b"f", b"v"]]]]],
+            "OK", "QUEUED", "QUEUED",
+            [("error", "ERR value is not an integer or out of range"), "OK"], None,
+            [1, [2, [3, b"x"]], "FINE", ("error", "MYERR boom")],
+        ]
+        with socket.create_connection(("127.0.0.1", self.redis.port), 5) as s:
+            s.sendall(b"".join(encode_command(*c) for c in commands))
+            recording, reader, count = b"", RedisReader(), 0
+            while count < len(commands):
+                data = s.recv(65536)
+                self.assertTrue(data, "redis closed the connection")
+                recording += data
+                reader.feed(data)
+                while reader.gets() is not INCOMPLETE:
+                    count += 1
+        self.assertEqual(parse_all([recording]), expected)
+        for i in range(len(recording) + 1):
+            self.assertEqual(parse_all([recording[:i], recording[i:]]), expected, i)
+
+    async def test_pipelining_in_order(self):
+        """10,000 commands issued at once get their own replies, in order;
+        an error reply raises in its caller only."""
+        # Debug mode records a traceback per future: ten times slower here.
+        asyncio.get_running_loop().set_debug(False)
+        await self.conn.execute("DEL", "pipe:n")
+        futures = []
+        for i in range(10_000):
+            futures.append(self.conn.execute("INCR", "pipe:n"))
+            futures.append(self.conn.execute("ECHO", f"m{i}"))
+        results = await asyncio.gather(*futures)
+        self.assertEqual(results[0::2], list(range(1, 10_001)))
+        self.assertEqual(results[1::2], [f"m{i}".encode() for i in range(10_000)])
+
+        first = self.conn.execute("SET", "pipe:s", "x")
+        bad = self.conn.execute("INCR", "pipe:s")
+        last = self.conn.execute("GET", "pipe:s")
+        self.assertEqual(await first, "OK")
+        with self.assertRaises(RedisReplyError) as caught:
+            await bad
+        self.assertEqual(caught.exception.code, "ERR")
+        self.assertEqual(await last, b"x")
+        self.assertTrue(self.conn.connected)
+
+    async def test_cancelled_caller_keeps_order(self):
+        """A caller that gives up does not shift the replies of the others."""
+        slow = asyncio.ensure_future(self.conn.execute("BLPOP", "cancel:none", "0.2"))
+        after = self.conn.execute("ECHO", "after")
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        self.assertEqual(await after, b"after")
+        self.assertEqual(await self.conn.execute("ECHO", "next"), b"next")
+
+    async def test_unix_socket_and_select(self):
+        """unix:// with ?db=N reaches the same server, in database N."""
+        conn = RedisConnection(f"unix://{self.redis.socket_path}?db=3")
+        await conn.connect()
+        try:
+            self.assertEqual(await conn.execute("SET", "unix:k", "in3"), "OK")
+            self.assertIsNone(await self.conn.execute("GET", "unix:k"))
+            tcp3 = RedisConnection(self.redis.url + "/3")
+            await tcp3.connect()
+            self.assertEqual(await tcp3.execute("GET", "unix:k"), b"in3")
+            tcp3.close()
+        finally:
+            conn.close()
+        bad = RedisConnection(f"unix://{self.redis.socket_path}.none")
+        with self.assertRaises(RedisConnectionError):
+            await bad.connect()
+
+    async def test_select_refused(self):
+        """A database that does not exist fails the connect, not later."""
+        conn = RedisConnection(self.redis.url + "/99")
+        with self.assertRaises(RedisConnectionError) as caught:
+            await conn.connect()
+        self.assertIn("DB index is out of range", str(caught.exception))
+        self.assertTrue(conn.closed)
+
+    async def test_command_timeout(self):
+        """A command not answered in time raises RedisTimeout, closes the
+        connection and fails every pending command at once."""
+        conn = RedisConnection(self.redis.url, command_timeout=0.3)
+        await conn.connect()
+        start = time.monotonic()
+        sleeping = conn.execute("DEBUG", "SLEEP", "0.8")
+        behind = conn.execute("PING", timeout=10)
+        with self.assertRaises(RedisTimeout):
+            await sleeping
+        with self.assertRaises(RedisConnectionError) as caught:
+            await behind
+        self.assertNotIsInstance(caught.exception, RedisTimeout)
+        self.assertLess(time.monotonic() - start, 0.6)
+        self.assertTrue(conn.closed)
+        self.assertIn("no reply within 0.3 s", conn.close_reason)
+        with self.assertRaises(RedisConnectionError):
+            conn.execute("PING")
+        # The shared connection waits out the sleep; then all is well.
+        self.assertEqual(await self.conn.execute("PING"), "PONG")
+
+    async def test_connection_killed(self):
+        """CLIENT KILL from another connection fails the pending command."""
+        victim = RedisConnection(self.redis.url)
+        await victim.connect()
+        victim_id = await victim.execute("CLIENT", "ID")
+        waiting = victim.execute("BLPOP", "kill:none", 5)
+        self.assertEqual(await self.conn.execute("CLIENT", "KILL", "ID", victim_id), 1)
+        with self.assertRaises(RedisConnectionError):
+            await asyncio.wait_for(waiting, 2)
+        await asyncio.wait_for(victim.wait_closed(), 1)
+        self.assertEqual(victim.close_reason, "connection closed by the server")
+        with self.assertRaises(RedisConnectionError):
+            victim.execute("PING")
+
+    async def test_nothing_listening(self):
+        """No server: connect fails at once; an unconnected connection
+        refuses commands instead of queueing them."""
+        conn = RedisConnection(f"redis://127.0.0.1:{_free_port()}")
+        start = time.monotonic()
+        with self.assertRaises(RedisConnectionError) as caught:
+            await conn.connect()
+        self.assertIn("refused", str(caught.exception))
+        self.assertLess(time.monotonic() - start, 1)
+        with self.assertRaises(RedisConnectionError):
+            conn.execute("PING")
+        with self.assertRaises(RedisConnectionError):
+            RedisConnection(self.redis.url).execute("PING")
+
+    async def test_not_redis(self):
+        """A server that answers garbage: the connect fails with a
+        protocol error; one that never answers: a timeout."""
+        async def http(reader, writer):
+            await reader.read(100)
+            writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            await reader.read(100)
+            writer.close()
+        async def silent(reader, writer):
+            await reader.read(100)
+            await reader.read(100)
+            writer.close()
+        for handler, expected in ((http, "protocol error"), (silent, "no reply within")):
+            server = await asyncio.start_server(handler, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            conn = RedisConnection(f"redis://127.0.0.1:{port}", connect_timeout=0.3)
+            with self.assertRaises(RedisConnectionError) as caught:
+                await conn.connect()
+            self.assertIn(expected, str(caught.exception))
+            server.close()
+            await server.wait_closed()
+
+
+AUTH_PASSWORD = "p@ss:w/rd%"     # every character a URL would misread
+
+
+@needs_redis
+class RedisAuthTests(unittest.IsolatedAsyncioTestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.redis = RedisProcess("--requirepass", AUTH_PASSWORD)
+        with socket.create_connection(("127.0.0.1", cls.redis.port), 5) as s:
+            s.sendall(encode_command("AUTH", AUTH_PASSWORD)
+                      + encode_command("ACL", "SETUSER", "alice", "on", ">alice pw",
+                                       "~*", "+@all"))
+            reply = b""
+            while reply.count(b"\r\n") < 2:
+                reply += s.recv(100)
+            assert reply == b"+OK\r\n+OK\r\n", reply
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.redis.close()
+
+    def url(self, login="", db=""):
+        return f"redis://{login}127.0.0.1:{self.redis.port}{db}"
+
+    async def test_password(self):
+        """AUTH with a percent-encoded password, then SELECT."""
+        conn = RedisConnection(self.url(":p%40ss%3Aw%2Frd%25@", "/2"))
+        await conn.connect()
+        self.assertEqual(await conn.execute("SET", "auth:k", "v"), "OK")
+        info = (await conn.execute("CLIENT", "INFO")).decode()
+        self.assertIn(" db=2 ", info)
+        self.assertIn(" user=default ", info)
+        conn.close()
+
+    async def test_acl_user(self):
+        """AUTH with a user name (Redis 6 ACL)."""
+        conn = RedisConnection(self.url("alice:alice%20pw@"))
+        await conn.connect()
+        self.assertEqual(await conn.execute("ACL", "WHOAMI"), b"alice")
+        conn.close()
+
+    async def test_refused(self):
+        """A wrong or missing password fails the connect, and the message
+        names the reason without the password."""
+        for login, reason in (("", "NOAUTH"), (":wrongsecret@", "WRONGPASS"),
+                              ("alice:wrongsecret@", "WRONGPASS")):
+            with self.subTest(login):
+                conn = RedisConnection(self.url(login))
+                with self.assertRaises(RedisConnectionError) as caught:
+                    await conn.connect()
+                self.assertIn(reason, str(caught.exception))
+                self.assertNotIn("wrongsecret", str(caught.exception))
+                self.assertTrue(conn.closed)
+
+
+# ---------------------------------------------------------------------------
+# The client that reconnects (a redis-server per test: they stop it)
+# ---------------------------------------------------------------------------
+
+@needs_redis
+class RedisClientTests(unittest.IsolatedAsyncioTestCase):
+
+    def setUp(self):
+        self.redis = RedisProcess("--requirepass", "topsecret")
+        self.url = f"redis://:topsecret@127.0.0.1:{self.redis.port}/1"
+        self.hooks = 0
+
+    def tearDown(self):
+        self.redis.close()
+
+    async def on_connect(self, client):
+        self.hooks += 1
+        self.assertFalse(client.connected)           # not before the catch-up
+        await client.execute("SET", "hook:ran", self.hooks)
+
+    async def client(self, **settings):
+        client = RedisClient(self.url, on_connect=self.on_connect, **settings)
+        client.start()
+        self.addAsyncCleanup(client.close)
+        self.assertTrue(await client.wait_connected(5))
+        return client
+
+    def assertQuietLog(self, records):
+        for record in records:
+            self.assertNotIn("topsecret", record.getMessage())
+            self.assertIsNone(record.exc_info)
+
+    async def test_reconnect_after_restart(self):
+        """Redis stopped: pending commands fail, new ones fail at once;
+        Redis back on the same port: the client reconnects by itself and
+        runs on_connect again.  The log says so, without the password."""
+        with self.assertLogs(LOGGER, "INFO") as logs:
+            client = await self.client()
+            self.assertEqual(self.hooks, 1)
+            self.assertEqual(await client.execute("GET", "hook:ran"), b"1")
+            waiting = client.execute("BLPOP", "restart:none", 5)
+            await asyncio.to_thread(self.redis.stop)
+            with self.assertRaises(RedisConnectionError):
+                await asyncio.wait_for(waiting, 2)
+            await asyncio.sleep(0.01)
+            self.assertFalse(client.connected)
+            with self.assertRaises(RedisConnectionError):
+                client.execute("PING")
+            await asyncio.sleep(0.6)                 # a few failed attempts
+            await asyncio.to_thread(self.redis.start)
+            start = time.monotonic()
+            self.assertTrue(await client.wait_connected(5))
+            self.assertLess(time.monotonic() - start, 1.5)
+            self.assertEqual(self.hooks, 2)
+            self.assertEqual(await client.execute("GET", "hook:ran"), b"2")
+        text = "\n".join(logs.output)
+        self.assertIn("connection to redis://:***@127.0.0.1", text)
+        self.assertIn("lost", text)
+        self.assertIn("cannot connect", text)
+        self.assertEqual(text.count("connected to"), 2, text)
+        self.assertEqual(text.count("cannot connect"), 1, text)   # not per attempt
+        self.assertQuietLog(logs.records)
+
+    async def test_started_while_down(self):
+        """A client started with Redis down says so once, keeps trying,
+        and connects when Redis comes up."""
+        await asyncio.to_thread(self.redis.stop)
+        client = RedisClient(self.url)
+        with self.assertLogs(LOGGER, "INFO") as logs:
+            client.start()
+            self.addAsyncCleanup(client.close)
+            self.assertFalse(await client.wait_connected(0.5))
+            self.assertFalse(client.connected)
+            self.assertIn("refused", client.last_error)
+            with self.assertRaises(RedisConnectionError):
+                client.execute("PING")
+            await asyncio.to_thread(self.redis.start)
+            self.assertTrue(await client.wait_connected(3))
+        self.assertEqual(await client.execute("PING"), "PONG")
+        self.assertIn("WARNING", logs.output[0])
+        self.assertQuietLog(logs.records)
+
+    async def test_on_connect_failure_retried(self):
+        """An on_connect that fails (here a Redis error) drops the
+        connection and is retried with the back-off."""
+        calls = []
+        async def hook(client):
+            calls.append(time.monotonic())
+            if len(calls) < 3:
+                await client.execute("NO-SUCH-COMMAND")
+        client = RedisClient(self.url, on_connect=hook)
+        with self.assertLogs(LOGGER, "INFO") as logs:
+            client.start()
+            self.addAsyncCleanup(client.close)
+            self.assertTrue(await client.wait_connected(3))
+        self.assertEqual(len(calls), 3)
+        self.assertGreater(calls[1] - calls[0], 0.15)
+        self.assertIn("unknown command", "\n".join(logs.output))
+        self.assertQuietLog(logs.records)
+
+    async def test_evalsha_noscript(self):
+        """evalsha falls back to EVAL after SCRIPT FLUSH, which caches the
+        script again; other script errors still raise."""
+        client = await self.client()
+        script = "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}"
+        sha = script_sha(script)
+        self.assertEqual(await client.evalsha(sha, script, ["lua:n"], ["a"]),
+                         [b"lua:n", b"a", 1])
+        self.assertEqual(await client.execute("SCRIPT", "FLUSH"), "OK")
+        self.assertEqual(await client.execute("SCRIPT", "EXISTS", sha), [0])
+        self.assertEqual(await client.evalsha(None, script, ["lua:n"], [2]),
+                         [b"lua:n", b"2", 2])
+        self.assertEqual(await client.execute("SCRIPT", "EXISTS", sha), [1])
+        await client.execute("SET", "lua:s", "x")
+        with self.assertRaises(RedisReplyError):
+            await client.evalsha(None, "return redis.call('INCR', KEYS[1])", ["lua:s"])
+
+    async def test_blocking_on_own_connection(self):
+        """XREAD BLOCK runs on a dedicated connection: other commands pass
+        meanwhile, a push wakes it, and its timeout is block plus the
+        command timeout."""
+        client = await self.client(command_timeout=0.3)
+        reading = asyncio.ensure_future(client.execute_blocking(
+            "XREAD", "BLOCK", 2000, "STREAMS", "blk:s", "$", block=2))
+        await asyncio.sleep(0.05)
+        start = time.monotonic()
+        self.assertEqual(await client.execute("PING"), "PONG")
+        self.assertLess(time.monotonic() - start, 0.1)
+        first = await client.execute("XADD", "blk:s", "*", "f", "v")
+        self.assertEqual(await asyncio.wait_for(reading, 1),
+                         [[b"blk:s", [[first, [b"f", b"v"]]]]])
+        # BLOCK 500 ms with a 0.3 s command timeout: no RedisTimeout.
+        self.assertIsNone(await client.execute_blocking(
+            "XREAD", "BLOCK", 500, "STREAMS", "blk:s", first, block=0.5))
+        # Cancelled mid-block: its connection is dropped so a later call
+        # cannot receive the stale reply.
+        reading = asyncio.ensure_future(client.execute_blocking(
+            "XREAD", "BLOCK", 1000, "STREAMS", "blk:s", "$", block=1))
+        await asyncio.sleep(0.05)
+        reading.cancel()
+        await client.execute("XADD", "blk:s", "*", "g", "w")
+        self.assertEqual(await client.execute_blocking(
+            "XREAD", "COUNT", 1, "BLOCK", 500, "STREAMS", "blk:s", "0-0", block=0.5),
+            [[b"blk:s", [[first, [b"f", b"v"]]]]])
+        with self.assertRaises(ValueError):
+            await client.execute_blocking("XREAD", "BLOCK", 0, "STREAMS", "blk:s", "$", block=0)
+        # Its connection killed mid-block: the call fails, the next one
+        # opens a new connection.
+        blocking_id = await client.execute_blocking("CLIENT", "ID", block=0.1)
+        reading = asyncio.ensure_future(client.execute_blocking(
+            "XREAD", "BLOCK", 1000, "STREAMS", "blk:s", "$", block=1))
+        await asyncio.sleep(0.05)
+        self.assertEqual(await client.execute("CLIENT", "KILL", "ID", blocking_id), 1)
+        with self.assertRaises(RedisConnectionError):
+            await asyncio.wait_for(reading, 1)
+        self.assertNotEqual(await client.execute_blocking("CLIENT", "ID", block=0.1),
+                            blocking_id)
+        # Not answered within block + command timeout (0.1 + 0.3 s).
+        start = time.monotonic()
+        with self.assertRaises(RedisTimeout):
+            await client.execute_blocking("DEBUG", "SLEEP", "0.7", block=0.1)
+        self.assertLess(time.monotonic() - start, 0.6)
+
+
+# ---------------------------------------------------------------------------
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown
 # ---------------------------------------------------------------------------
 
@@ -6824,18 +8753,66 @@ class ReliabilityTests(unittest.TestCase):
             server.close()
 
 
+# The suite runs in two processes at once (the machine has two cores and
+# most tests wait on servers): this one runs parts A and B with the main
+# server, a second one (PART == "C") the part C classes, which start servers
+# of their own.
+
+def part_c(cls):
+    """True for the classes under the C1, C2 and C3 (instances) banners:
+    streams, the state file and Redis, which start servers of their own."""
+    import inspect
+    banner = ""
+    lines = open(__file__, encoding="utf-8").read().splitlines()
+    for line in lines[:inspect.getsourcelines(cls)[1]]:
+        if re.match(r"# [ABC][0-9]*\. ", line):
+            banner = line
+    return banner.startswith(("# C1. ", "# C2. ", "# C3. Several"))
+
+
+def run(classes, stream):
+    loader = unittest.defaultTestLoader
+    suite = unittest.TestSuite(loader.loadTestsFromTestCase(c)
+                               for c in classes)
+    result = unittest.TextTestRunner(stream=stream, verbosity=2).run(suite)
+    failed = len(result.failures) + len(result.errors)
+    skipped = len(result.skipped)
+    if skipped and os.environ.get("SIMPLE_COMET_NO_SKIP"):
+        for test, reason in result.skipped:
+            print(f"not allowed to skip here: {test}: {reason}", file=stream)
+        failed += skipped
+    return result.testsRun - failed - skipped, failed, skipped
+
+
 def main():
     """Run every test; print one closing line with the counts.  With
     SIMPLE_COMET_NO_SKIP set (CI), a skipped test is a failure."""
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
-    failed = len(result.failures) + len(result.errors)
-    skipped = len(result.skipped)
-    passed = result.testsRun - failed - skipped
-    if skipped and os.environ.get("SIMPLE_COMET_NO_SKIP"):
-        for test, reason in result.skipped:
-            print(f"not allowed to skip here: {test}: {reason}")
-        failed += skipped
+    classes = [c for c in globals().values() if isinstance(c, type)
+               and issubclass(c, unittest.TestCase) and c.__module__ == __name__
+               and unittest.defaultTestLoader.getTestCaseNames(c)]
+    if PART == "C":
+        counts = run([c for c in classes if part_c(c)], sys.stderr)
+        print("part C: %d passed, %d failed, %d skipped" % counts)
+        return 0
+    with tempfile.TemporaryFile("w+") as out:
+        child = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__)], stdout=out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "SIMPLE_COMET_PART": "C"})
+        try:
+            counts = run([c for c in classes if not part_c(c)], sys.stderr)
+            child.wait(timeout=600)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        out.seek(0)
+        child_output = out.read()
+    print(child_output, end="", file=sys.stderr)
+    found = re.search(r"^part C: (\d+) passed, (\d+) failed, (\d+) skipped$",
+                      child_output, re.M)
+    child_counts = tuple(map(int, found.groups())) if found else (0, 1, 0)
+    passed, failed, skipped = (a + b for a, b in zip(counts, child_counts))
     print(f"{passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 

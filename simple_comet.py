@@ -103,6 +103,7 @@ MAX_SAFE_ID = 2 ** 53 - 1            # largest integer JavaScript keeps exact
 WRITE_BUFFER_HIGH = 64 * 1024
 
 SHUTDOWN_GRACE = 5.0                 # seconds to flush replies on shutdown
+IDLE_ORDER_SLACK = 1.0               # seconds an idle close may come late
 
 # Connections beyond --max-connections that loopback and the unix socket may
 # still open, so that a saturated server can be looked at.
@@ -262,11 +263,17 @@ def parse_head(head):
 
     Lines end in CRLF or, as RFC 9112 section 2.2 allows, a bare LF.
     """
-    if head.count(b"\r") != head.count(b"\r\n"):
-        raise HTTPError(400, "Bare CR in request head")
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") == crlf:
+        if head.count(b"\r") != crlf:
+            raise HTTPError(400, "Bare CR in request head")
+        lines = head[:-4].split(b"\r\n")
+    else:
+        if head.count(b"\r") != crlf:
+            raise HTTPError(400, "Bare CR in request head")
+        lines = head.replace(b"\r\n", b"\n").rstrip(b"\n").split(b"\n")
     if _BAD_HEAD_BYTE.search(head):
         raise HTTPError(400, "Control character in request head")
-    lines = head.replace(b"\r\n", b"\n").rstrip(b"\n").split(b"\n")
     request_line = lines[0]
     if len(request_line) > MAX_REQUEST_LINE:
         raise HTTPError(414, f"Request line over {MAX_REQUEST_LINE} bytes")
@@ -352,7 +359,7 @@ class HeadReader(asyncio.StreamReader):
             if crlf >= 0:
                 end = crlf + 3
                 break
-            offset = max(0, len(buffer) - 2)
+            offset = len(buffer) - 2 if len(buffer) > 2 else 0
             if offset > self._limit:
                 raise asyncio.LimitOverrunError("Request head too long", offset)
             if self._eof:
@@ -569,7 +576,7 @@ class Channel:
     """
 
     __slots__ = ("name", "max_messages", "use_sessions", "messages",
-                 "dropped_id", "last_read", "waiters", "_key")
+                 "dropped_id", "last_read", "waiters", "key")
 
     def __init__(self, name, max_messages, use_sessions, now):
         self.name = name
@@ -579,14 +586,15 @@ class Channel:
         self.dropped_id = 0      # newest id the history dropped
         self.last_read = now
         self.waiters = None      # held polls and open streams -> None
-        self._key = None
+        # self.key, the name as a JSON string, is set when first asked for.
 
-    @property
-    def key(self):
-        """The name as a JSON string."""
-        if self._key is None:
-            self._key = json.dumps(self.name)
-        return self._key
+    def __getattr__(self, name):
+        # Called only for a slot not set yet: the key, read as a plain
+        # attribute from then on.
+        if name != "key":
+            raise AttributeError(name)
+        self.key = key = json.dumps(self.name)
+        return key
 
     @property
     def newest_id(self):
@@ -669,7 +677,7 @@ class MemoryStore:
 
     def push(self, name, content):
         """Store a message; returns (its id, waiters it reached)."""
-        channel = self.channel(name)
+        channel = self.channels.get(name) or self.channel(name)
         message_id = self.next_id()
         self.pushed += 1
         return message_id, self.apply_push(
@@ -3071,10 +3079,6 @@ SSE_HEAD = (b"HTTP/1.1 200 OK\r\n"
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
-def awaitable(value):
-    return hasattr(value, "__await__")
-
-
 class App:
     """Routes a parsed request to the hub and builds the reply."""
 
@@ -3092,7 +3096,8 @@ class App:
             if path not in paths:
                 paths[path] = {}
                 self.routes.append((re.compile(path), paths[path]))
-            paths[path][method] = (getattr(self, handler), admin)
+            paths[path][method] = (getattr(self, handler), admin,
+                                   "(?P<fmt>" in path)
 
     def route(self, request, conn):
         """The reply: (status, content type, body, cors, extra headers);
@@ -3106,15 +3111,16 @@ class App:
             raise HTTPError(404, f"No resource at {request.path[:100]}",
                             close=False)
         method = request.method
-        if method not in methods:
+        entry = methods.get(method)
+        if entry is None:
             raise HTTPError(405, f"{method} not allowed here", close=False,
                             headers=[("Allow", ", ".join(methods))])
-        handler, admin = methods[method]
-        fmt = match.groupdict().get("fmt")
-        if fmt is None or method == "OPTIONS":
+        handler, admin, api = entry
+        if not api or method == "OPTIONS":
             if admin:
                 self.authorize(request, conn)
             return handler(request, conn, match)
+        fmt = match["fmt"]
 
         reading = method in ("GET", "HEAD")
         # Until the callback is known, errors go through the default one.
@@ -3132,9 +3138,9 @@ class App:
             if admin:
                 self.authorize(request, conn)
             text = handler(match, params, conn, callback, method)
-            if text is None:
-                return None
-            if awaitable(text):
+            if text.__class__ is not str:
+                if text is None:
+                    return None
                 return self.answer_later(text, callback, reading)
         except APIError as e:
             text = error_text(e.return_code, e.message)
@@ -3154,7 +3160,7 @@ class App:
     @staticmethod
     def then(result, reply):
         """``reply(result)`` now, or once the store has answered."""
-        if not awaitable(result):
+        if not hasattr(result, "__await__"):
             return reply(result)
 
         async def later():
@@ -3196,9 +3202,12 @@ class App:
 
     # -- reading parameters -------------------------------------------------
 
-    def channel_names(self, match):
-        names = list(dict.fromkeys(
-            decode_segment(match.group("names")).split("|")))
+    @staticmethod
+    def channel_names(match):
+        names = decode_segment(match["names"])
+        if "|" not in names:
+            return (names,)
+        names = list(dict.fromkeys(names.split("|")))
         if len(names) > MAX_CHANNELS_PER_READ:
             raise APIError(BAD_PARAMETER, "More than "
                            f"{MAX_CHANNELS_PER_READ} channels in one read")
@@ -3238,8 +3247,11 @@ class App:
                          lambda _: success_text(client_id=client_id))
 
     def push(self, match, params, conn, callback, method):
-        return self.then(self.hub.push(decode_segment(match.group("names")),
-                                       params.get("content")), self.push_text)
+        result = self.hub.push(decode_segment(match.group("names")),
+                               params.get("content"))
+        if result.__class__ is tuple:
+            return self.push_text(result)
+        return self.then(result, self.push_text)
 
     @staticmethod
     def push_text(result):
@@ -3258,11 +3270,12 @@ class App:
                                       removed=removed))
 
     def read(self, match, params, conn, callback, method):
-        names = self.channel_names(match)
-        since = self.cursor(params.get("since", "0"))
+        since = params.get("since")
         client_id = self.client_id(params)
-        view = self.hub.view(names, since, client_id)
-        if awaitable(view):
+        view = self.hub.view(self.channel_names(match),
+                             0 if since is None else self.cursor(since),
+                             client_id)
+        if view.__class__ is not tuple:
             return self.read_later(view, conn, client_id, callback, method)
         return self.answer_read(view, conn, client_id, callback, method)
 
@@ -3300,7 +3313,7 @@ class App:
         return self.start_stream(view, conn, client_id)
 
     async def start_stream(self, view, conn, client_id):
-        if awaitable(view):
+        if view.__class__ is not tuple:
             try:
                 view = await view
             except APIError as e:
@@ -3463,10 +3476,14 @@ class Connection:
         self.transport.write(data)
         if not keep and (not self.keep_alive or server.closing):
             self.transport.close()
-        self.deadline = server.loop.time() + server.config.http_timeout
-        connections = server.connections
-        if connections.pop(self, False) is None:
-            connections[self] = None     # kept in deadline order
+        deadline = server.loop.time() + server.config.http_timeout
+        if deadline - self.deadline >= IDLE_ORDER_SLACK:
+            # Kept in about deadline order, moved at most once a second:
+            # the idle sweep is then at most that late.
+            connections = server.connections
+            if connections.pop(self, False) is None:
+                connections[self] = None
+        self.deadline = deadline
 
     def peer_text(self):
         if isinstance(self.peer, tuple):

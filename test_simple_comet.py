@@ -2109,9 +2109,14 @@ def _output(path, tail=3000):
 FORM = {'Content-Type': 'application/x-www-form-urlencoded'}
 
 
-@unittest.skipIf(NGINX is None, 'nginx is not installed (looked for nginx on '
-                 'PATH and in /usr/sbin)')
-class NginxTests(unittest.TestCase):
+class ReadmeNginx:
+    """A class's own server on a unix socket behind a real nginx running the
+    README's configuration: a keep-alive upstream on public_port, the
+    minimal HTTP/1.0 form on http10_port, the private server on
+    private_port."""
+
+    SERVER_ARGS = (f'--poll-timeout={NGINX_POLL_TIMEOUT}',)
+
 
     @classmethod
     def setUpClass(cls):
@@ -2133,7 +2138,7 @@ class NginxTests(unittest.TestCase):
         os.chmod(run, 0o755)
         cls.sock = os.path.join(run, 'comet.sock')
         cls.server = ServerProcess(f'--unix-socket-path={cls.sock}',
-                                   f'--poll-timeout={NGINX_POLL_TIMEOUT}')
+                                   *cls.SERVER_ARGS)
 
         prefix = os.path.join(cls.tmp, 'nginx')
         os.mkdir(prefix, 0o755)
@@ -2178,6 +2183,11 @@ class NginxTests(unittest.TestCase):
         if cls.server is not None:
             cls.server.close()
         shutil.rmtree(cls.tmp, ignore_errors=True)
+
+
+@unittest.skipIf(NGINX is None, 'nginx is not installed (looked for nginx on '
+                 'PATH and in /usr/sbin)')
+class NginxTests(ReadmeNginx, unittest.TestCase):
 
     # -- helpers -------------------------------------------------------
 
@@ -3671,70 +3681,12 @@ class SSEBrowserTests(unittest.TestCase):
 
 @unittest.skipIf(NGINX is None, 'nginx is not installed (looked for nginx on '
                  'PATH and in /usr/sbin)')
-class SSENginxTests(SSEAssertions):
+class SSENginxTests(ReadmeNginx, SSEAssertions):
     """Streams through the README's nginx configuration, in both upstream
     forms (HTTP/1.1 keep-alive, and nginx's default HTTP/1.0)."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.server = cls.nginx = None
-        cls.tmp = tempfile.mkdtemp(prefix='comet-sse-nginx-')
-        try:
-            cls._start()
-        except BaseException:
-            cls.tearDownClass()
-            raise
-
-    @classmethod
-    def _start(cls):
-        os.chmod(cls.tmp, 0o755)
-        run = os.path.join(cls.tmp, 'run')
-        os.mkdir(run, 0o755)
-        os.chmod(run, 0o755)
-        cls.sock = os.path.join(run, 'comet.sock')
-        cls.server = ServerProcess(f'--unix-socket-path={cls.sock}',
-                                   '--enable-status', '--poll-timeout=0.3',
-                                   f'--sse-heartbeat={SSE_HEARTBEAT}')
-        prefix = os.path.join(cls.tmp, 'nginx')
-        os.mkdir(prefix, 0o755)
-        os.chmod(prefix, 0o755)
-        ports = set()
-        while len(ports) < 3:
-            ports.add(_free_port())
-        cls.public_port, cls.private_port, cls.http10_port = sorted(ports)
-        conf = os.path.join(prefix, 'nginx.conf')
-        with open(conf, 'w') as f:
-            f.write(build_nginx_conf(readme_nginx_conf() or README_NGINX_CONF,
-                                     prefix, cls.sock, cls.public_port,
-                                     cls.private_port, cls.http10_port))
-        cls.nginx_log = os.path.join(prefix, 'error.log')
-        cls.nginx_out = os.path.join(prefix, 'stderr.log')
-        with open(cls.nginx_out, 'wb') as out:
-            cls.nginx = subprocess.Popen(
-                [NGINX, '-p', prefix, '-c', conf, '-e', cls.nginx_log],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 5
-        pending = [cls.public_port, cls.private_port, cls.http10_port]
-        while pending:
-            if cls.nginx.poll() is not None:
-                raise RuntimeError('nginx exited with %s:\n%s\n%s' % (
-                    cls.nginx.returncode, _output(cls.nginx_out),
-                    _output(cls.nginx_log)))
-            try:
-                connect(pending[0], timeout=1).close()
-                pending.pop(0)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError('nginx never listened:\n'
-                                       + _output(cls.nginx_log))
-                time.sleep(0.02)
-
-    @classmethod
-    def tearDownClass(cls):
-        _stop(cls.nginx, signal.SIGQUIT)
-        if cls.server is not None:
-            cls.server.close()
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+    SERVER_ARGS = ('--enable-status', '--poll-timeout=0.3',
+                   f'--sse-heartbeat={SSE_HEARTBEAT}')
 
     def ports(self):
         return (('keep-alive upstream', self.public_port),

@@ -61,7 +61,7 @@ import stat
 import sys
 import time
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from itertools import islice
 from logging.handlers import QueueHandler, QueueListener
 from typing import NamedTuple
@@ -130,7 +130,7 @@ LOG_FLUSH_TIMEOUT = 2.0              # seconds to write the last lines at exit
 
 # Expiry removes at most this many entries between two turns of the event
 # loop, so that a mass expiry does not hold up replies.
-EXPIRY_SLICE = 2000
+EXPIRY_SLICE = 500
 
 # The state file (--state-file).
 STATE_FSYNC_INTERVAL = 1.0           # seconds: a power loss costs at most this
@@ -639,8 +639,10 @@ class MemoryStore:
     def __init__(self, config, loop):
         self.config = config
         self.loop = loop
-        self.channels = {}
-        self.clients = {}                # client id -> time of last read
+        # Ordered dicts: expiry deletes from the front, where a plain dict
+        # would leave slots that every later walk has to step over.
+        self.channels = OrderedDict()
+        self.clients = OrderedDict()     # client id -> time of last read
         self.last_id = min(int(time.time() * ID_UNITS_PER_SECOND), MAX_SAFE_ID)
         self.pushed = 0
         self.hub = None                  # set by the Hub
@@ -731,15 +733,13 @@ class MemoryStore:
     # -- reads and expiry -------------------------------------------------
 
     def touch_channel(self, channel, now):
-        channels = self.channels
-        del channels[channel.name]
-        channels[channel.name] = channel
+        self.channels.move_to_end(channel.name)
         channel.last_read = now
 
     def touch_client(self, client_id, now):
         clients = self.clients
-        del clients[client_id]
         clients[client_id] = now
+        clients.move_to_end(client_id)
 
     async def expire(self, now, reading):
         """Forget clients and channels nobody has read for their timeout;
@@ -749,28 +749,29 @@ class MemoryStore:
             clients = list(islice(self.stale(
                 self.clients.items(), now - self.config.session_timeout),
                 EXPIRY_SLICE))
-            channels = list(islice(self.stale(
-                ((c, c.last_read) for c in self.channels.values()),
-                now - self.config.inactive_channel_timeout), EXPIRY_SLICE))
-            if not clients and not channels:
-                return
-            gone_clients = []
+            gone = []
             for client_id in clients:
                 if client_id in reading:
                     self.touch_client(client_id, now)
                 else:
-                    gone_clients.append(client_id)
-            gone_channels = []
+                    gone.append(client_id)
+            if gone and not self.forget(gone, ()):
+                return
+            if clients:
+                await asyncio.sleep(0)
+            channels = list(islice(self.stale(
+                ((c, c.last_read) for c in self.channels.values()),
+                now - self.config.inactive_channel_timeout), EXPIRY_SLICE))
+            gone = []
             for channel in channels:
                 if channel.waiters:
                     self.touch_channel(channel, now)
                 else:
-                    gone_channels.append(channel)
-            if gone_clients or gone_channels:
-                if not self.forget(gone_clients, gone_channels):
-                    return
-                log.debug("expired %d clients and %d channels",
-                          len(gone_clients), len(gone_channels))
+                    gone.append(channel)
+            if gone and not self.forget((), gone):
+                return
+            if not clients and not channels:
+                return
             await asyncio.sleep(0)
 
     @staticmethod
@@ -1737,11 +1738,14 @@ class RedisConnection:
         command_timeout), RedisConnectionError if the connection is lost
         first.  Raises RedisConnectionError at once when not connected.
         """
+        return self.send(encode_command(*args), timeout)
+
+    def send(self, data, timeout=None):
+        """As execute(), for a command already encoded."""
         if not self.connected or self._writer.transport.is_closing():
             raise RedisConnectionError(
                 f"{self.url.where}: not connected"
                 + (f" ({self.close_reason})" if self.close_reason else ""))
-        data = encode_command(*args)
         loop = self._loop
         future = loop.create_future()
         if timeout is None:
@@ -1961,6 +1965,13 @@ class RedisClient:
                 + (f" ({self.last_error})" if self.last_error else ""))
         return conn.execute(*args, timeout=timeout)
 
+    def send(self, data):
+        """As RedisConnection.send, on the current connection."""
+        conn = self._conn
+        if conn is None:
+            raise RedisConnectionError(f"{self.url.where}: not connected")
+        return conn.send(data)
+
     async def evalsha(self, sha, script, keys=(), args=()):
         """Run a Lua script by its SHA1 (None: computed), loading it if need be.
 
@@ -2167,8 +2178,10 @@ if redis.call('RPUSH', KEYS[5], text) > max then
 end
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
 redis.call('PEXPIRE', KEYS[5], ARGV[5])
+local prev = redis.call('GET', KEYS[2]) or '0'
 append(KEYS[2], KEYS[3], id, 'p', ARGV[2] .. '\t' .. text, ARGV[4])
-return {id, redis.call('ZCOUNT', KEYS[6], ms - tonumber(ARGV[6]), '+inf')}
+return {id, redis.call('ZCOUNT', KEYS[6], ms - tonumber(ARGV[6]), '+inf'),
+        prev, text}
 """
 
 # KEYS: counter tail log channels meta history  ARGV: floor name loglen
@@ -2292,6 +2305,18 @@ class RedisStore(MemoryStore):
                            config.session_timeout, REDIS_KEY_TTL) * 1000)
         self.tail_task = None
         self.housekeeping_task = None
+        arg = b"$%d\r\n%s\r\n"
+        sha = script_sha(REDIS_PUSH).encode()
+        self.push_head = b"*15\r\n$7\r\nEVALSHA\r\n" + arg % (
+            len(sha), sha) + b"$1\r\n6\r\n" + b"".join(
+            arg % (len(k), k) for k in (
+                self.k["id"].encode(), self.k["tail"].encode(),
+                self.k["log"].encode()))
+        self.push_instances = arg % (len(self.k["instances"].encode()),
+                                     self.k["instances"].encode())
+        self.push_tail = b"".join(arg % (len(v), v) for v in (
+            b"%d" % REDIS_LOG_LENGTH, b"%d" % self.ttl,
+            b"%d" % REDIS_INSTANCE_WINDOW))
 
     def open(self):
         self.client.start()
@@ -2425,17 +2450,53 @@ class RedisStore(MemoryStore):
         return self.push_later(name, content)
 
     async def push_later(self, name, content):
-        message_id, instances = await self.run(
-            "push", REDIS_PUSH,
-            [self.k["id"], self.k["tail"], self.k["log"], self.key("c:", name),
-             self.key("h:", name), self.k["instances"]],
-            [self.floor(), name, json.dumps(content), REDIS_LOG_LENGTH,
-             self.ttl, REDIS_INSTANCE_WINDOW])
+        # The hottest write: the command is encoded from parts made once.
+        if not self.client.connected:
+            raise unavailable("Redis unreachable: " +
+                              (self.client.last_error or "connecting"))
+        name_bytes = name.encode()
+        arg = b"$%d\r\n%s\r\n"
+        prefix = self.prefix.encode()
+        content = json.dumps(content).encode()
+        floor = b"%d" % self.floor()
+        try:
+            reply = await self.client.send(b"".join((
+                self.push_head,
+                arg % (len(prefix) + 2 + len(name_bytes),
+                       prefix + b"c:" + name_bytes),
+                arg % (len(prefix) + 2 + len(name_bytes),
+                       prefix + b"h:" + name_bytes),
+                self.push_instances,
+                arg % (len(floor), floor),
+                arg % (len(name_bytes), name_bytes),
+                arg % (len(content), content),
+                self.push_tail)))
+        except RedisReplyError as e:
+            if e.code != "NOSCRIPT":
+                raise unavailable(f"Redis refused the write: {e}") from None
+            reply = await self.run(
+                "push", REDIS_PUSH,
+                [self.k["id"], self.k["tail"], self.k["log"],
+                 self.key("c:", name), self.key("h:", name),
+                 self.k["instances"]],
+                [self.floor(), name, content, REDIS_LOG_LENGTH, self.ttl,
+                 REDIS_INSTANCE_WINDOW])
+        except RedisError as e:
+            raise unavailable(f"Redis did not confirm the write: {e}") \
+                from None
+        message_id, instances = reply[0], reply[1]
         if message_id == -2:
             check_id(name, "channel id", channel=True)
             raise APIError(NO_CHANNEL, "Nonexistent channel")
         self.pushed += 1
-        await self.applied(message_id)
+        if self.position is not None and int(reply[2]) == self.position:
+            # The entry right after the last one applied: apply it now
+            # rather than wait for the tail to read it back (which then
+            # skips it).
+            self.apply_entry(message_id, "p\t%s\t%s\t%s" % (
+                reply[2].decode(), name, reply[3].decode()))
+        else:
+            await self.applied(message_id)
         return message_id, self.reached.pop(message_id, 0), instances
 
     def remove_channel(self, name):
@@ -2549,6 +2610,8 @@ class RedisStore(MemoryStore):
                 await asyncio.sleep(0.1)
 
     def apply_entry(self, position, payload):
+        if self.position is not None and position <= self.position:
+            return                       # applied already, by its writer
         kind, prev, rest = payload.split("\t", 2)
         if int(prev) != self.position:
             raise LogGap(f"log entries between {self.position} and "

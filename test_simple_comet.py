@@ -1758,9 +1758,9 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@unittest.skipUnless(CHROMIUM, "Chromium not installed (apt-get install chromium)")
-class BrowserTests(unittest.TestCase):
-    """simple-comet.js in a real browser, on a page of another origin."""
+class BrowserPages:
+    """A Chromium of the class's own, and a second origin that serves
+    simple-comet.js and the tests' pages."""
 
     @classmethod
     def setUpClass(cls):
@@ -1783,6 +1783,11 @@ class BrowserTests(unittest.TestCase):
         cls.browser.close()
         cls.pages.shutdown()
         cls.pages.server_close()
+
+
+@unittest.skipUnless(CHROMIUM, "Chromium not installed (apt-get install chromium)")
+class BrowserTests(BrowserPages, unittest.TestCase):
+    """simple-comet.js in a real browser, on a page of another origin."""
 
     def start_server(self, port, poll_timeout):
         server = ServerProcess(f"--http-port={port}", "--enable-status",
@@ -3538,31 +3543,8 @@ function listen(url) {
 
 @unittest.skipUnless(CHROMIUM,
                      "Chromium not installed (apt-get install chromium)")
-class SSEBrowserTests(unittest.TestCase):
+class SSEBrowserTests(BrowserPages, unittest.TestCase):
     """EventSource in a real browser, on a page of another origin."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                                    PageHandler)
-        cls.pages.daemon_threads = True
-        threading.Thread(target=cls.pages.serve_forever, daemon=True).start()
-        cls.page_origin = "http://127.0.0.1:%d" % cls.pages.server_address[1]
-        try:
-            cls.browser = Chromium(CHROMIUM)
-            cls.browser.send("Target.getTargets")
-        except Exception:
-            if hasattr(cls, "browser"):
-                cls.browser.close()
-            cls.pages.shutdown()
-            cls.pages.server_close()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.browser.close()
-        cls.pages.shutdown()
-        cls.pages.server_close()
 
     def setUp(self):
         self.port = None

@@ -43,7 +43,6 @@ server lifecycle, command line.
 
 import argparse
 import asyncio
-import errno
 import fcntl
 import hashlib
 import hmac

@@ -18,7 +18,6 @@ import http.server
 import ipaddress
 import itertools
 import json
-import logging
 import math
 import os
 import random
@@ -6722,10 +6721,6 @@ def redis_gauge(port):
     found = re.search(rb"^simple_comet_redis_connected(?:\{[^}]*\})? (\S+)$",
                       body, re.M)
     return None if found is None else float(found.group(1))
-
-
-def channel_path(name, suffix=".json"):
-    return f"/channels/{quote(name, safe='')}{suffix}"
 
 
 def attempt(method, path, params, port, timeout=10):

@@ -247,6 +247,22 @@ def get_request(path, extra=""):
     return (f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n").encode()
 
 
+def open_stream(port, path, last_event_id=None, timeout=5):
+    """Send a stream's GET on a raw socket and read the reply's head:
+    (socket, its binary file, status, headers with lower-case names)."""
+    sock = connect(port, timeout)
+    extra = ("" if last_event_id is None
+             else f"Last-Event-ID: {last_event_id}\r\n")
+    sock.sendall(get_request(path, extra))
+    f = sock.makefile("rb")
+    status = int(f.readline().split()[1])
+    headers = {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return sock, f, status, headers
+
+
 # ---------------------------------------------------------------------------
 # The main server, shared by most tests
 # ---------------------------------------------------------------------------
@@ -3934,17 +3950,8 @@ class SSEReader:
     the stream (id, event, data) until the server closes it."""
 
     def __init__(self, port, path, last_event_id=None, timeout=5):
-        self.sock = connect(port, timeout)
-        extra = ("" if last_event_id is None else
-                 f"Last-Event-ID: {last_event_id}\r\n")
-        self.sock.sendall(get_request(path, extra))
-        self.f = self.sock.makefile("rb")
-        line = self.f.readline()
-        self.status = int(line.split()[1])
-        self.headers = {}
-        while (line := self.f.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            self.headers[name.strip().lower()] = value.strip()
+        self.sock, self.f, self.status, self.headers = open_stream(
+            port, path, last_event_id, timeout)
         self.retry = None
 
     def next_event(self):
@@ -6784,17 +6791,8 @@ class EventStream:
             params["client_id"] = client_id
         path = ("/channels/" + "%7C".join(quote(n, safe="") for n in names)
                 + ".sse" + ("?" + urlencode(params) if params else ""))
-        extra = ("" if last_event_id is None
-                 else f"Last-Event-ID: {last_event_id}\r\n")
-        self.sock = connect(port, timeout=30)
-        self.sock.sendall(get_request(path, extra))
-        self.f = self.sock.makefile("rb")
-        line = self.f.readline()
-        self.status = int(line.split()[1])
-        self.headers = {}
-        while (line := self.f.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            self.headers[name.strip().lower()] = value.strip()
+        self.sock, self.f, self.status, self.headers = open_stream(
+            port, path, last_event_id, timeout=30)
         self.events = []
         self.ended = threading.Event()
         self.body = None

@@ -8412,6 +8412,54 @@ class RedisClientTests(unittest.IsolatedAsyncioTestCase):
         self.assertLess(time.monotonic() - start, 0.6)
 
 
+@needs_redis
+class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
+    """How one instance follows the shared log, in process, against a real
+    Redis: two stores on one prefix stand for two instances."""
+
+    def setUp(self):
+        self.redis = RedisProcess()
+
+    def tearDown(self):
+        self.redis.close()
+
+    async def store(self):
+        loop = asyncio.get_running_loop()
+        config = simple_comet.Config(redis=self.redis.url)
+        store = simple_comet.RedisStore(config, loop)
+        simple_comet.Hub(config, loop, store)
+        store.open()
+        self.addAsyncCleanup(store.close)
+        self.assertTrue(await store.client.wait_connected(5))
+        self.assertTrue(await store.catch_up())
+        return store
+
+    def ids(self, store, name):
+        return [message_id for message_id, _ in store.channels[name].messages]
+
+    async def test_gap_in_a_push_reply_reads_the_log_at_once(self):
+        """While a push of its own is unanswered an instance does not read
+        the log (it would read its own entries back); an entry pushed
+        elsewhere meanwhile shows as a gap in its next push's reply, and
+        it reads the log then, rather than after its idle wait of 1 s."""
+        a, b = await self.store(), await self.store()
+        await a.add_channel("t", 100, False)
+        first = await a.push("t", "one")
+        self.assertTrue(await b.catch_up())
+        a.writing += 1                    # as if a push were under way
+        second = await a.push("t", "two")  # ends the read that was waiting
+        await asyncio.sleep(0.05)
+        elsewhere = await b.push("t", "three")
+        await asyncio.sleep(0.3)
+        self.assertEqual(len(self.ids(a, "t")), 2)    # not read yet
+        start = time.monotonic()
+        mine = await a.push("t", "four")
+        self.assertLess(time.monotonic() - start, 0.25)
+        self.assertEqual(self.ids(a, "t"), [first[0], second[0],
+                                            elsewhere[0], mine[0]])
+        a.writing -= 1
+
+
 # ---------------------------------------------------------------------------
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown
 # ---------------------------------------------------------------------------

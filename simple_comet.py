@@ -2127,7 +2127,9 @@ class RedisClient:
 # Lua run by every script: ids from one counter, never below what this
 # instance has seen (so they never go backwards, even if Redis lost its
 # data), and one log entry per change, chained to the one before so that an
-# instance notices a gap.
+# instance notices a gap.  Every id taken is appended at once, so the
+# counter is also the last entry of the log, and the entry before an id is
+# the counter's value before it was taken.
 REDIS_LUA_COMMON = r"""
 local function now_ms()
   local t = redis.call('TIME')
@@ -2135,116 +2137,119 @@ local function now_ms()
 end
 local function next_id(counter, floor)
   local id = redis.call('INCR', counter)
+  local prev = id - 1
   if id <= tonumber(floor) then
     id = tonumber(floor) + 1
     redis.call('SET', counter, string.format('%d', id))
   end
-  return id
+  return id, string.format('%d', prev)
 end
-local function append(tail, log, id, kind, rest, loglen)
+local function append(log, id, prev, kind, rest, loglen)
   local sid = string.format('%d', id)
-  local prev = redis.call('GET', tail) or '0'
-  redis.call('SET', tail, sid)
   redis.call('XADD', log, 'MAXLEN', '~', loglen, sid .. '-1', 'r',
              kind .. '\t' .. prev .. '\t' .. rest)
   return sid
 end
 """
 
-# KEYS: counter tail log channels meta  ARGV: floor name max sessions loglen ttl
+# KEYS: counter log channels meta  ARGV: floor name max sessions loglen ttl
 REDIS_ADD_CHANNEL = REDIS_LUA_COMMON + r"""
-if redis.call('EXISTS', KEYS[5]) == 1 then return -2 end
-local id = next_id(KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[5], 'max', ARGV[3], 'sessions', ARGV[4], 'dropped', 0)
-redis.call('PEXPIRE', KEYS[5], ARGV[6])
-redis.call('ZADD', KEYS[4], now_ms(), ARGV[2])
-append(KEYS[2], KEYS[3], id, 'c', ARGV[2] .. '\t' .. ARGV[3] .. '\t' .. ARGV[4],
-       ARGV[5])
+if redis.call('EXISTS', KEYS[4]) == 1 then return -2 end
+local id, prev = next_id(KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[4], 'max', ARGV[3], 'sessions', ARGV[4], 'dropped', 0)
+redis.call('PEXPIRE', KEYS[4], ARGV[6])
+redis.call('ZADD', KEYS[3], now_ms(), ARGV[2])
+append(KEYS[2], id, prev, 'c',
+       ARGV[2] .. '\t' .. ARGV[3] .. '\t' .. ARGV[4], ARGV[5])
 return id
 """
 
-# KEYS: counter tail log clients  ARGV: floor client loglen
+# KEYS: counter log clients  ARGV: floor client loglen
 REDIS_ADD_CLIENT = REDIS_LUA_COMMON + r"""
-if redis.call('ZADD', KEYS[4], 'NX', now_ms(), ARGV[2]) == 0 then return -2 end
-local id = next_id(KEYS[1], ARGV[1])
-append(KEYS[2], KEYS[3], id, 'u', ARGV[2], ARGV[3])
+if redis.call('ZADD', KEYS[3], 'NX', now_ms(), ARGV[2]) == 0 then return -2 end
+local id, prev = next_id(KEYS[1], ARGV[1])
+append(KEYS[2], id, prev, 'u', ARGV[2], ARGV[3])
 return id
 """
 
-# KEYS: counter tail log meta history instances
+# KEYS: counter log meta history instances
 # ARGV: floor name content_json loglen ttl instance_window_ms
 # Returns "ID<TAB>INSTANCES<TAB>PREVIOUS ENTRY<TAB>MESSAGE" ("-2": no such
 # channel): one string, which costs a Python reader a fifth of an array.
+# The keys' time to live is refreshed by housekeeping (the channel is read)
+# and set here only when the history is made.
 REDIS_PUSH = REDIS_LUA_COMMON + r"""
-local max = tonumber(redis.call('HGET', KEYS[4], 'max'))
+local max = tonumber(redis.call('HGET', KEYS[3], 'max'))
 if not max then return '-2' end
-local id = next_id(KEYS[1], ARGV[1])
+local id, prev = next_id(KEYS[1], ARGV[1])
 local ms, seconds = now_ms()
 local sid = string.format('%d', id)
 local text = '{"id": ' .. sid .. ', "ts": ' .. seconds .. ', "content": ' ..
              ARGV[3] .. '}'
-if redis.call('RPUSH', KEYS[5], text) > max then
-  local oldest = redis.call('LPOP', KEYS[5])
-  redis.call('HSET', KEYS[4], 'dropped', string.match(oldest, '^{"id": (%d+)'))
+local length = redis.call('RPUSH', KEYS[4], text)
+if length == 1 then
+  redis.call('PEXPIRE', KEYS[4], ARGV[5])
+elseif length > max then
+  local oldest = redis.call('LPOP', KEYS[4])
+  redis.call('HSET', KEYS[3], 'dropped', string.match(oldest, '^{"id": (%d+)'))
 end
-redis.call('PEXPIRE', KEYS[4], ARGV[5])
-redis.call('PEXPIRE', KEYS[5], ARGV[5])
-local prev = redis.call('GET', KEYS[2]) or '0'
-append(KEYS[2], KEYS[3], id, 'p', ARGV[2] .. '\t' .. text, ARGV[4])
-return sid .. '\t' .. redis.call('ZCOUNT', KEYS[6], ms - tonumber(ARGV[6]),
+append(KEYS[2], id, prev, 'p', ARGV[2] .. '\t' .. text, ARGV[4])
+return sid .. '\t' .. redis.call('ZCOUNT', KEYS[5], ms - tonumber(ARGV[6]),
                                  '+inf') .. '\t' .. prev .. '\t' .. text
 """
 
-# KEYS: counter tail log channels meta history  ARGV: floor name loglen
+# KEYS: counter log channels meta history  ARGV: floor name loglen
 REDIS_REMOVE_CHANNEL = REDIS_LUA_COMMON + r"""
-if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
-redis.call('DEL', KEYS[5], KEYS[6])
-redis.call('ZREM', KEYS[4], ARGV[2])
-local id = next_id(KEYS[1], ARGV[1])
-append(KEYS[2], KEYS[3], id, 'd', ARGV[2], ARGV[3])
+if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
+redis.call('DEL', KEYS[4], KEYS[5])
+redis.call('ZREM', KEYS[3], ARGV[2])
+local id, prev = next_id(KEYS[1], ARGV[1])
+append(KEYS[2], id, prev, 'd', ARGV[2], ARGV[3])
 return id
 """
 
 # Run by every instance about once a second: it is alive, these channels
 # and clients were read here (or are held by a poll or stream), and what
 # nobody read for its timeout goes, as log entries every instance applies.
-# KEYS: counter tail log channels clients instances
+# KEYS: counter log channels clients instances
 # ARGV: floor loglen instance channel_timeout_ms session_timeout_ms ttl
 #       prefix limit n_channels channels... clients...
 REDIS_HOUSEKEEPING = REDIS_LUA_COMMON + r"""
 local ms = now_ms()
 local floor = ARGV[1]
 local prefix = ARGV[7]
-redis.call('ZADD', KEYS[6], ms, ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ms - 60000)
+redis.call('ZADD', KEYS[5], ms, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ms - 60000)
 local n = tonumber(ARGV[9])
 for i = 10, 9 + n do
-  if redis.call('ZADD', KEYS[4], 'XX', 'CH', ms, ARGV[i]) == 1 then
+  if redis.call('ZADD', KEYS[3], 'XX', 'CH', ms, ARGV[i]) == 1 then
     redis.call('PEXPIRE', prefix .. 'c:' .. ARGV[i], ARGV[6])
     redis.call('PEXPIRE', prefix .. 'h:' .. ARGV[i], ARGV[6])
   end
 end
 for i = 10 + n, #ARGV do
-  redis.call('ZADD', KEYS[5], 'XX', ms, ARGV[i])
+  redis.call('ZADD', KEYS[4], 'XX', ms, ARGV[i])
 end
 local gone = 0
-local names = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ms - tonumber(ARGV[4]),
+local names = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ms - tonumber(ARGV[4]),
                          'LIMIT', 0, tonumber(ARGV[8]))
 for _, name in ipairs(names) do
   redis.call('DEL', prefix .. 'c:' .. name, prefix .. 'h:' .. name)
-  redis.call('ZREM', KEYS[4], name)
-  floor = append(KEYS[2], KEYS[3], next_id(KEYS[1], floor), 'd', name, ARGV[2])
+  redis.call('ZREM', KEYS[3], name)
+  local id, prev = next_id(KEYS[1], floor)
+  floor = append(KEYS[2], id, prev, 'd', name, ARGV[2])
   gone = gone + 1
 end
-names = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', ms - tonumber(ARGV[5]),
+names = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ms - tonumber(ARGV[5]),
                    'LIMIT', 0, tonumber(ARGV[8]))
 for _, client in ipairs(names) do
-  redis.call('ZREM', KEYS[5], client)
-  floor = append(KEYS[2], KEYS[3], next_id(KEYS[1], floor), 'x', client, ARGV[2])
+  redis.call('ZREM', KEYS[4], client)
+  local id, prev = next_id(KEYS[1], floor)
+  floor = append(KEYS[2], id, prev, 'x', client, ARGV[2])
   gone = gone + 1
 end
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
 redis.call('PEXPIRE', KEYS[4], ARGV[6])
-redis.call('PEXPIRE', KEYS[5], ARGV[6])
 return gone
 """
 
@@ -2292,7 +2297,7 @@ class RedisStore(MemoryStore):
     client or a ``since`` it has not seen yet) first waits until it has
     caught up with Redis.  Expiry is decided in Redis (every instance sends
     what it read once a second), so all instances agree.  Keys, under the
-    prefix: id, tail, log, epoch, channels, clients, instances (sorted
+    prefix: id, log, epoch, channels, clients, instances (sorted
     sets), c:NAME (options), h:NAME (history).
     """
 
@@ -2301,7 +2306,7 @@ class RedisStore(MemoryStore):
         prefix = config.redis_prefix
         self.prefix = prefix
         self.k = {name: prefix + name for name in (
-            "id", "tail", "log", "epoch", "channels", "clients", "instances")}
+            "id", "log", "epoch", "channels", "clients", "instances")}
         self.client = RedisClient(config.redis, on_connect=self.connected)
         self.scripts = {}
         self.position = None             # last log entry applied; None: load
@@ -2321,11 +2326,10 @@ class RedisStore(MemoryStore):
         self.housekeeping_task = None
         arg = b"$%d\r\n%s\r\n"
         sha = script_sha(REDIS_PUSH).encode()
-        self.push_head = b"*15\r\n$7\r\nEVALSHA\r\n" + arg % (
-            len(sha), sha) + b"$1\r\n6\r\n" + b"".join(
+        self.push_head = b"*14\r\n$7\r\nEVALSHA\r\n" + arg % (
+            len(sha), sha) + b"$1\r\n5\r\n" + b"".join(
             arg % (len(k), k) for k in (
-                self.k["id"].encode(), self.k["tail"].encode(),
-                self.k["log"].encode()))
+                self.k["id"].encode(), self.k["log"].encode()))
         self.push_instances = arg % (len(self.k["instances"].encode()),
                                      self.k["instances"].encode())
         self.push_tail = b"".join(arg % (len(v), v) for v in (
@@ -2427,7 +2431,7 @@ class RedisStore(MemoryStore):
         return self.catch_up()
 
     async def catch_up(self):
-        tail = await self.run_command("GET", self.k["tail"])
+        tail = await self.run_command("GET", self.k["id"])
         return await self.applied(int(tail or 0))
 
     async def run_command(self, *args):
@@ -2443,7 +2447,7 @@ class RedisStore(MemoryStore):
     def add_channel(self, name, max_messages, use_sessions):
         return self.change(
             "add_channel", REDIS_ADD_CHANNEL,
-            [self.k["id"], self.k["tail"], self.k["log"], self.k["channels"],
+            [self.k["id"], self.k["log"], self.k["channels"],
              self.key("c:", name)],
             [self.floor(), name, max_messages, int(use_sessions),
              REDIS_LOG_LENGTH, self.ttl], "Channel already exists")
@@ -2451,7 +2455,7 @@ class RedisStore(MemoryStore):
     def add_client(self, client_id):
         return self.change(
             "add_client", REDIS_ADD_CLIENT,
-            [self.k["id"], self.k["tail"], self.k["log"], self.k["clients"]],
+            [self.k["id"], self.k["log"], self.k["clients"]],
             [self.floor(), client_id, REDIS_LOG_LENGTH],
             "Client already exists")
 
@@ -2492,7 +2496,7 @@ class RedisStore(MemoryStore):
                 raise unavailable(f"Redis refused the write: {e}") from None
             reply = await self.run(
                 "push", REDIS_PUSH,
-                [self.k["id"], self.k["tail"], self.k["log"],
+                [self.k["id"], self.k["log"],
                  self.key("c:", name), self.key("h:", name),
                  self.k["instances"]],
                 [self.floor(), name, content, REDIS_LOG_LENGTH, self.ttl,
@@ -2524,7 +2528,7 @@ class RedisStore(MemoryStore):
     async def remove_later(self, name):
         removed = await self.run(
             "remove_channel", REDIS_REMOVE_CHANNEL,
-            [self.k["id"], self.k["tail"], self.k["log"], self.k["channels"],
+            [self.k["id"], self.k["log"], self.k["channels"],
              self.key("c:", name), self.key("h:", name)],
             [self.floor(), name, REDIS_LOG_LENGTH])
         if removed:
@@ -2571,7 +2575,7 @@ class RedisStore(MemoryStore):
         self.touched_channels.clear()
         self.touched_clients.clear()
         config = self.config
-        keys = [self.k[k] for k in ("id", "tail", "log", "channels", "clients",
+        keys = [self.k[k] for k in ("id", "log", "channels", "clients",
                                      "instances")]
         try:
             while True:
@@ -2700,9 +2704,8 @@ class RedisStore(MemoryStore):
         ``deleted``; messages the replica missed are delivered."""
         execute = self.client.execute
         await execute("SET", self.k["epoch"], os.urandom(8).hex(), "NX")
-        epoch, tail, counter = await asyncio.gather(
-            execute("GET", self.k["epoch"]), execute("GET", self.k["tail"]),
-            execute("GET", self.k["id"]))
+        epoch, tail = await asyncio.gather(
+            execute("GET", self.k["epoch"]), execute("GET", self.k["id"]))
         epoch = epoch.decode()
         if self.epoch is not None and epoch != self.epoch:
             log.warning("redis: Redis came back without this deployment's "
@@ -2746,7 +2749,7 @@ class RedisStore(MemoryStore):
                 self.clients[client_id] = now
                 self.added += 1
         self.epoch = epoch
-        self.last_id = max(self.last_id, int(counter or 0))
+        self.last_id = max(self.last_id, int(tail or 0))
         self.advance(int(tail or 0))
         log.info("redis: %d channels and %d clients loaded", len(loaded),
                  len(clients))

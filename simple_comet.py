@@ -1264,7 +1264,6 @@ REDIS_MAX_ARRAY = 2 ** 32            # elements announced by one array header
 REDIS_MAX_DEPTH = 32                 # nested arrays (an XREAD reply uses 4)
 REDIS_MAX_LINE = 64 * 1024           # a status, error or header line
 REDIS_MAX_DB = 2 ** 31 - 1           # Redis keeps databases in an int
-REDIS_READ_SIZE = 256 * 1024
 
 REDIS_CONNECT_TIMEOUT = 5.0          # seconds for connect, AUTH and SELECT
 REDIS_COMMAND_TIMEOUT = 5.0          # seconds for Redis to confirm a command
@@ -1654,13 +1653,15 @@ def _reason(exc):
     return str(exc) or type(exc).__name__
 
 
-class RedisConnection:
+class RedisConnection(asyncio.Protocol):
     """One stream to Redis, shared by any number of concurrent commands.
 
-    ``execute()`` sends its command at once and returns a future; a reader
-    task resolves the futures in the order the commands were written, which
-    is the order Redis answers them.  Once closed, for whatever reason, a
-    connection stays closed (``close_reason`` says why): make a new one.
+    ``execute()`` sends its command at once and returns a future; replies
+    resolve the futures as they arrive (in data_received: a protocol, not
+    a stream and a reader task, which would cost a turn of the loop per
+    read), in the order the commands were written, which is the order
+    Redis answers them.  Once closed, for whatever reason, a connection
+    stays closed (``close_reason`` says why): make a new one.
     """
 
     def __init__(self, url, *, connect_timeout=REDIS_CONNECT_TIMEOUT,
@@ -1670,8 +1671,8 @@ class RedisConnection:
         self.command_timeout = command_timeout
         self.close_reason = None
         self._loop = None
-        self._writer = None
-        self._reader_task = None
+        self._transport = None
+        self._parser = RedisReader()
         self._pending = deque()       # (future, deadline, timeout), in order
         self._timer = None            # fires at the earliest deadline
         self._timer_when = None
@@ -1680,7 +1681,7 @@ class RedisConnection:
 
     @property
     def connected(self):
-        return self._writer is not None and not self._closed.is_set()
+        return self._transport is not None and not self._closed.is_set()
 
     @property
     def closed(self):
@@ -1701,9 +1702,10 @@ class RedisConnection:
         try:
             async with asyncio.timeout_at(deadline):
                 if url.path is not None:
-                    reader, writer = await asyncio.open_unix_connection(url.path)
+                    await loop.create_unix_connection(lambda: self, url.path)
                 else:
-                    reader, writer = await asyncio.open_connection(url.host, url.port)
+                    await loop.create_connection(lambda: self, url.host,
+                                                 url.port)
         except (OSError, TimeoutError) as exc:
             self._abort(_reason(exc))
             raise RedisConnectionError(
@@ -1711,8 +1713,6 @@ class RedisConnection:
         except BaseException:
             self._abort("connect cancelled")
             raise
-        self._writer = writer
-        self._reader_task = loop.create_task(self._read(reader))
 
         # One round trip for all three.  PING also proves that the other
         # end speaks RESP before the connection is handed out.
@@ -1751,7 +1751,7 @@ class RedisConnection:
 
     def send(self, data, timeout=None):
         """As execute(), for a command already encoded."""
-        if not self.connected or self._writer.transport.is_closing():
+        if not self.connected or self._transport.is_closing():
             raise RedisConnectionError(
                 f"{self.url.where}: not connected"
                 + (f" ({self.close_reason})" if self.close_reason else ""))
@@ -1777,7 +1777,7 @@ class RedisConnection:
     def _flush(self):
         outgoing, self._outgoing = self._outgoing, None
         if outgoing and not self._closed.is_set():
-            self._writer.write(b"".join(outgoing))
+            self._transport.write(b"".join(outgoing))
 
     def close(self, reason="closed by the client"):
         """Close now; every command still waiting fails."""
@@ -1787,33 +1787,40 @@ class RedisConnection:
         """Return once the connection is closed, by close() or by loss."""
         await self._closed.wait()
 
-    async def _read(self, reader):
-        parser = RedisReader()
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport):
+        if self._closed.is_set():        # connect() was cancelled meanwhile
+            transport.abort()
+        else:
+            self._transport = transport
+
+    def data_received(self, data):
+        parser = self._parser
         pending = self._pending
         try:
-            while True:
-                data = await reader.read(REDIS_READ_SIZE)
-                if not data:
-                    self._abort("connection closed by the server")
-                    return
-                parser.feed(data)
-                while (reply := parser.gets()) is not INCOMPLETE:
-                    if not pending:
-                        raise RedisProtocolError("a reply to no command")
-                    future = pending.popleft()[0]
-                    if future.done():         # its caller was cancelled
-                        continue
-                    if type(reply) is RedisReplyError:
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
-        except OSError as exc:
-            self._abort(f"connection lost: {_reason(exc)}")
+            parser.feed(data)
+            while (reply := parser.gets()) is not INCOMPLETE:
+                if not pending:
+                    raise RedisProtocolError("a reply to no command")
+                future = pending.popleft()[0]
+                if future.done():         # its caller was cancelled
+                    continue
+                if type(reply) is RedisReplyError:
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
         except RedisProtocolError as exc:
             self._abort(f"protocol error: {exc}")
-        except Exception as exc:
-            self._abort(f"internal error: {exc!r}")
-            raise
+
+    def eof_received(self):
+        self._abort("connection closed by the server")
+
+    def connection_lost(self, exc):
+        if exc is None:
+            self._abort("connection closed by the server")
+        else:
+            self._abort(f"connection lost: {_reason(exc)}")
 
     def _arm(self, when):
         if self._timer is not None:
@@ -1847,13 +1854,10 @@ class RedisConnection:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._writer is not None:
+        if self._transport is not None:
             # abort, not close: close would first flush what a stalled
             # server is not reading.
-            self._writer.transport.abort()
-        task = self._reader_task
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+            self._transport.abort()
         message = f"{self.url.where}: {reason}"
         now = self._loop.time() + 0.001 if self._loop else 0.0
         pending, self._pending = self._pending, deque()

@@ -8419,9 +8419,7 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
 
     def setUp(self):
         self.redis = RedisProcess()
-
-    def tearDown(self):
-        self.redis.close()
+        self.addCleanup(self.redis.close)      # after the stores' cleanups
 
     async def store(self):
         loop = asyncio.get_running_loop()
@@ -8458,6 +8456,40 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(self.ids(a, "t"), [first[0], second[0],
                                             elsewhere[0], mine[0]])
         a.writing -= 1
+
+    async def test_pushes_together(self):
+        """Pushes made in one turn of the loop go in scripts of up to
+        REDIS_PUSH_BATCH: each gets its own id, in the order made, its own
+        refusal for a channel that does not exist, and they are applied in
+        order; after SCRIPT FLUSH they are sent again with the script."""
+        a, b = await self.store(), await self.store()
+        await a.add_channel("p", 1000, False)
+        count = simple_comet.REDIS_PUSH_BATCH * 2 + 7
+
+        async def together(names):
+            return await asyncio.gather(
+                *[a.push(name, f"m{i}") for i, name in enumerate(names)],
+                return_exceptions=True)
+
+        for flush in (False, True):
+            if flush:
+                self.assertEqual(await a.client.execute("SCRIPT", "FLUSH"), "OK")
+            names = ["p"] * count
+            names[5] = "nowhere"
+            names[count - 1] = "bad|name"
+            replies = await together(names)
+            self.assertEqual(replies[5].return_code, simple_comet.NO_CHANNEL)
+            self.assertEqual(replies[5].message, "Nonexistent channel")
+            self.assertEqual(replies[-1].return_code, simple_comet.BAD_PARAMETER)
+            pushed = [r[0] for i, r in enumerate(replies) if i not in (5, count - 1)]
+            self.assertEqual(pushed, sorted(set(pushed)))
+            self.assertEqual(self.ids(a, "p")[-len(pushed):], pushed)
+            self.assertTrue(await b.catch_up())
+            self.assertEqual(self.ids(b, "p")[-len(pushed):], pushed)
+            contents = [json.loads(text)["content"] for _, text in
+                        list(b.channels["p"].messages)[-len(pushed):]]
+            self.assertEqual(contents, [f"m{i}" for i in range(count)
+                                        if i not in (5, count - 1)])
 
 
 # ---------------------------------------------------------------------------

@@ -2552,6 +2552,18 @@ class RedisStore(MemoryStore):
             # Not confirmed: Redis may or may not have stored them.
             self.fail_pushes(batch, f"Redis did not confirm the write: {e}")
             return
+        try:
+            self.apply_answers(batch, results)
+        except Exception:
+            # A callback's exception would only be logged: its pushes
+            # would wait for ever.
+            log.exception("internal error applying pushes")
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(
+                        HTTPError(500, "Internal server error"))
+
+    def apply_answers(self, batch, results):
         instances = int(results[0])
         for (name, _, future), result in zip(batch, results[1:]):
             if result == "-2":

@@ -2177,8 +2177,8 @@ return id
 """
 
 # Every push made on an instance in one turn of its event loop, in one
-# script (up to REDIS_PUSH_BATCH): Redis runs it for a third less than one
-# script per push.
+# script (up to REDIS_PUSH_BATCH): Redis runs it for about a quarter less
+# than one script per push.
 # KEYS: counter log instances, then meta history of each push
 # ARGV: floor loglen ttl instance_window_ms, then name content of each push
 # Returns the instances counted, then for each push "ID<TAB>PREVIOUS

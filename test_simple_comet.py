@@ -263,6 +263,28 @@ def open_stream(port, path, last_event_id=None, timeout=5):
     return sock, f, status, headers
 
 
+def stream_events(f):
+    """The events of a stream's body read from f, as the EventSource
+    standard splits them: a dict of the fields of each block that has any
+    (comments left out), until the stream ends."""
+    event = {}
+    while True:
+        try:
+            line = f.readline()
+        except ConnectionResetError:
+            return
+        if not line:
+            return
+        line = line.decode().rstrip("\n")
+        if line == "":
+            if event:
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            event[field] = value[1:] if value.startswith(" ") else value
+
+
 # ---------------------------------------------------------------------------
 # The main server, shared by most tests
 # ---------------------------------------------------------------------------
@@ -3952,32 +3974,17 @@ class SSEReader:
     def __init__(self, port, path, last_event_id=None, timeout=5):
         self.sock, self.f, self.status, self.headers = open_stream(
             port, path, last_event_id, timeout)
+        self.blocks = stream_events(self.f)
         self.retry = None
 
     def next_event(self):
         """The next event as a dict, or None when the stream ends."""
-        event = {}
-        while True:
-            try:
-                line = self.f.readline()
-            except ConnectionResetError:
-                line = b""
-            if not line:
-                return None
-            line = line.decode().rstrip("\n")
-            if line == "":
-                if "data" in event or "event" in event:
-                    return event
-                event = {}
-                continue
-            if line.startswith(":"):
-                continue
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "retry":
-                self.retry = int(value)
-            else:
-                event[field] = value
+        for event in self.blocks:
+            if "retry" in event:
+                self.retry = int(event.pop("retry"))
+            if "data" in event or "event" in event:
+                return event
+        return None
 
     def message(self):
         event = self.next_event()
@@ -6805,19 +6812,12 @@ class EventStream:
         self.thread.start()
 
     def run(self):
-        event = {}
         try:
-            while line := self.f.readline():
-                line = line.decode().rstrip("\n")
-                if line == "":
-                    if "data" in event:
-                        event["data"] = json.loads(event["data"])
-                        event["at"] = time.monotonic()
-                        self.events.append(event)
-                    event = {}
-                elif not line.startswith(":"):
-                    field, _, value = line.partition(":")
-                    event[field] = value[1:] if value.startswith(" ") else value
+            for event in stream_events(self.f):
+                if "data" in event:
+                    event["data"] = json.loads(event["data"])
+                    event["at"] = time.monotonic()
+                    self.events.append(event)
         except (OSError, ValueError):
             pass
         finally:

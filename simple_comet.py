@@ -2293,6 +2293,7 @@ REDIS_APPLY_WAIT = 5.0               # seconds a reply waits for its entry
 REDIS_TAIL_BLOCK = 1.0               # seconds one XREAD waits for entries
 REDIS_TAIL_COUNT = 1000              # entries one XREAD reads at most
 REDIS_PUSH_BATCH = 100               # pushes in one script at most
+REDIS_PUSH_BYTES = 1024 * 1024       # bytes of messages in one script, about
 REDIS_EXPIRE_BATCH = 1000            # expiries per housekeeping run
 REDIS_TOUCH_BATCH = 5000             # names per housekeeping script
 
@@ -2503,11 +2504,19 @@ class RedisStore(MemoryStore):
     def send_pushes(self, batch=None, script=False):
         """Send the pushes waiting (or ``batch`` again, with the script's
         text when Redis did not know it) in scripts of up to
-        REDIS_PUSH_BATCH."""
+        REDIS_PUSH_BATCH pushes and REDIS_PUSH_BYTES of messages (or one
+        larger message): Redis runs one script at a time, for every
+        instance."""
         if batch is None:
             batch, self.batch = self.batch, []
-        for start in range(0, len(batch), REDIS_PUSH_BATCH):
-            some = batch[start:start + REDIS_PUSH_BATCH]
+        while batch:
+            count = size = 0
+            for _, content, _ in batch[:REDIS_PUSH_BATCH]:
+                if count and size + len(content) > REDIS_PUSH_BYTES:
+                    break
+                count += 1
+                size += len(content)
+            some, batch = batch[:count], batch[count:]
             names = [name.encode() for name, _, _ in some]
             key_length = self.push_key_length
             floor = b"%d" % self.floor()

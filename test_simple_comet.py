@@ -8491,6 +8491,28 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(contents, [f"m{i}" for i in range(count)
                                         if i not in (5, count - 1)])
 
+    async def evalsha_calls(self, store):
+        stats = (await store.client.execute("INFO", "commandstats")).decode()
+        found = re.search(r"cmdstat_evalsha:calls=(\d+)", stats)
+        return int(found.group(1)) if found else 0
+
+    async def test_large_pushes_split(self):
+        """Messages together over REDIS_PUSH_BYTES go in several scripts,
+        so that one script never holds Redis long; a message larger than
+        that goes alone."""
+        a = await self.store()
+        await a.add_channel("big", 10, False)
+        third = simple_comet.REDIS_PUSH_BYTES // 3 - 100
+        sizes = [third] * 6 + [simple_comet.REDIS_PUSH_BYTES + 1, 10]
+        before = await self.evalsha_calls(a)
+        replies = await asyncio.gather(
+            *[a.push("big", str(i) * size) for i, size in enumerate(sizes)])
+        self.assertEqual(await self.evalsha_calls(a) - before, 4)
+        self.assertEqual([r[0] for r in replies], sorted(r[0] for r in replies))
+        texts = [json.loads(text)["content"]
+                 for _, text in a.channels["big"].messages]
+        self.assertEqual([len(t) for t in texts], sizes)
+
 
 # ---------------------------------------------------------------------------
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown

@@ -856,6 +856,12 @@ class StateFileStore(MemoryStore):
             channel.key, channel.max_messages, channel.use_sessions,
             channel.dropped_id))
 
+    def message_record(self, channel, message_id, text):
+        return self.record("p\t%s\t%d\t%s" % (channel.key, message_id, text))
+
+    def client_record(self, client_id):
+        return self.record("u\t" + json.dumps(client_id))
+
     def write(self, data):
         """Append records to PATH, or raise a 503 with nothing stored."""
         if self.broken:
@@ -937,7 +943,7 @@ class StateFileStore(MemoryStore):
     def add_client(self, client_id):
         if client_id in self.clients:
             raise APIError(NO_CHANNEL, "Client already exists")
-        record = self.record("u\t" + json.dumps(client_id))
+        record = self.client_record(client_id)
         self.write(record)
         self.live += len(record)
         self.clients[client_id] = self.loop.time()
@@ -947,7 +953,7 @@ class StateFileStore(MemoryStore):
         channel = self.channel(name)
         message_id = self.next_id()
         text = message_text(message_id, content)
-        record = self.record("p\t%s\t%d\t%s" % (channel.key, message_id, text))
+        record = self.message_record(channel, message_id, text)
         self.write(record)
         self.pushed += 1
         self.live += len(record)
@@ -1143,14 +1149,13 @@ class StateFileStore(MemoryStore):
             size = self.write_all(fd, self.record("i\t%d" % self.last_id))
             chunk = []
             deadline = time.perf_counter() + STATE_COMPACT_SLICE
-            record = self.record
             for channel in channels:
                 if self.channels.get(channel.name) is not channel:
                     continue             # removed since the copy
                 chunk.append(self.channel_record(channel))
                 for message_id, text in channel.messages or ():
-                    chunk.append(record("p\t%s\t%d\t%s" % (
-                        channel.key, message_id, text)))
+                    chunk.append(self.message_record(channel, message_id,
+                                                     text))
                 if time.perf_counter() > deadline:
                     size += self.write_all(fd, b"".join(chunk))
                     chunk = []
@@ -1158,7 +1163,7 @@ class StateFileStore(MemoryStore):
                     deadline = time.perf_counter() + STATE_COMPACT_SLICE
             for client_id in clients:
                 if client_id in self.clients:
-                    chunk.append(record("u\t" + json.dumps(client_id)))
+                    chunk.append(self.client_record(client_id))
                     if len(chunk) >= 1000 and \
                             time.perf_counter() > deadline:
                         size += self.write_all(fd, b"".join(chunk))
@@ -1243,7 +1248,7 @@ class StateFileStore(MemoryStore):
 
 
 # ---------------------------------------------------------------------------
-# Redis client: RESP2 over asyncio streams, pipelined, reconnecting
+# Redis client: RESP2 over an asyncio protocol, pipelined, reconnecting
 # ---------------------------------------------------------------------------
 #
 # Replies: simple strings are ``str``, bulk strings ``bytes``, integers
@@ -2408,11 +2413,16 @@ class RedisStore(MemoryStore):
             [REDIS_INSTANCE_WINDOW], check=False)
         await self.housekeeping(check=False)
 
-    async def run(self, name, script, keys, args, check=True):
-        """Run a script; a Redis that cannot answer is a 503."""
-        if check and not self.client.connected:
+    def check_connected(self):
+        """A 503 at once, with nothing sent, while Redis is unreachable."""
+        if not self.client.connected:
             raise unavailable("Redis unreachable: " +
                               (self.client.last_error or "connecting"))
+
+    async def run(self, name, script, keys, args, check=True):
+        """Run a script; a Redis that cannot answer is a 503."""
+        if check:
+            self.check_connected()
         sha = self.scripts.get(name)
         if sha is None:
             sha = self.scripts[name] = script_sha(script)
@@ -2455,8 +2465,7 @@ class RedisStore(MemoryStore):
         return await self.applied(int(tail or 0))
 
     async def run_command(self, *args):
-        if not self.client.connected:
-            raise unavailable("Redis unreachable")
+        self.check_connected()
         try:
             return await self.client.execute(*args)
         except RedisError as e:
@@ -2488,9 +2497,7 @@ class RedisStore(MemoryStore):
     async def push(self, name, content):
         # The hottest write: pushes made in one turn of the loop go to Redis
         # together (send_pushes), and are applied in order as answered.
-        if not self.client.connected:
-            raise unavailable("Redis unreachable: " +
-                              (self.client.last_error or "connecting"))
+        self.check_connected()
         future = self.loop.create_future()
         if not self.batch:
             self.loop.call_soon(self.send_pushes)

@@ -33,12 +33,31 @@ browser's EventSource sends ``Last-Event-ID``) and so sees every message
 once.  Writes and the status page need ``--admin-token`` or, without one, a
 client on loopback or the unix socket.
 
-Where messages are kept (memory, or memory plus ``--state-file``) is the
-store's business; how they reach readers (held polls, streams) is the hub's.
+Where messages are kept (memory; memory plus ``--state-file``; a replica
+of Redis with ``--redis``) is the store's business, behind one contract:
+every write a coroutine with one result shape, every change applied by one
+core.  How messages reach readers (held polls, streams) is the hub's.
 
-The file reads top to bottom: configuration, errors, HTTP parsing, replies,
-storage, the hub and its waiters, routes, connection handling, logging,
-server lifecycle, command line.
+The file reads top to bottom, a banner a section:
+
+    Configuration        limits and defaults, each with its reason
+    Errors               HTTPError (carries its status), APIError (-1..-3)
+    HTTP parsing         the request head, bodies, parameters
+    Replies              JSON, JSON-P and the bytes of a response
+    Parameters           ids and counts
+    Storage              the change core (Core, Channel, Pushed); in
+                         memory; in a file (records, Journal,
+                         StateFileStore); shared by instances (the Lua
+                         scripts, RedisReplica, RedisPushes, RedisStore)
+    The hub              Deadlines, the two kinds of waiter (Poll,
+                         Stream), Hub
+    Routes               the route table, App and its handlers, counters
+    Connection handling  one keep-alive loop per connection
+    Logging              a writer thread, rate-limited client mistakes
+    Server lifecycle     listening, housekeeping, shutdown
+    Command line         switches, secrets, main()
+    Lower level          a Redis client: errors, URLs, RESP2, one
+                         connection, a connection kept up
 """
 
 import argparse
@@ -245,7 +264,7 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 class Request:
     __slots__ = ("method", "path", "query", "version", "headers", "body",
-                 "keep_alive")
+                 "keep_alive", "match", "params", "callback")
 
     def __init__(self, method, path, query, version, headers):
         self.method = method
@@ -254,6 +273,7 @@ class Request:
         self.version = version
         self.headers = headers
         self.body = b""
+        self.callback = None             # set by App.route for JSON-P
         # HTTP/1.1 keeps the connection by default, HTTP/1.0 only on request.
         connection = headers.get("connection", "").lower()
         if version == "HTTP/1.1":
@@ -562,13 +582,39 @@ def parse_count(value, what, lowest):
 
 
 # ---------------------------------------------------------------------------
-# Storage: channels, their messages, clients and the id counter
+# Storage: the change core
 # ---------------------------------------------------------------------------
+#
+# Every store keeps its channels, clients and id counter in a Core and
+# changes them only through its apply_* methods: the memory store after its
+# checks, the state file's replay for each record, the Redis replica for
+# each log entry and when it loads.  Applying is idempotent (a channel or
+# client that exists, a message at or below its channel's newest id, the
+# removal of what is gone: no change), so a journal replayed over its own
+# snapshot, or a log entry applied by its writer and read back, changes
+# nothing.  Applying is also where the hub hears of a new message or a
+# removed channel, whichever store made the change.
+
+# A message's JSON, the same bytes in every reply, stream event, journal
+# record and Redis history (Redis's push script writes the same layout).
+MESSAGE_JSON = '{"id": %d, "ts": %d, "content": %s}'
+
 
 def message_text(message_id, content):
     """A message's JSON, encoded once when it is pushed."""
-    return '{"id": %d, "ts": %d, "content": %s}' % (
-        message_id, time.time(), json.dumps(content))
+    return MESSAGE_JSON % (message_id, time.time(), json.dumps(content))
+
+
+def message_id_of(text):
+    """The id of a message's JSON, read back from its fixed layout."""
+    return int(text[7:text.index(",")])
+
+
+class Pushed(NamedTuple):
+    """What every store's push answers."""
+    id: int                              # the message's id
+    delivered: int                       # polls and streams reached here
+    instances: int | None = None         # instances connected (Redis only)
 
 
 class Channel:
@@ -628,16 +674,13 @@ class Channel:
         return newer
 
 
-class MemoryStore:
-    """Channels, clients and the id counter, kept in memory.
+class Core:
+    """Channels, clients and the id counter, and the one place they change.
 
-    The writes (add_channel, add_client, push, remove_channel) check, store
-    and then apply; applying is where the hub hears of a new message or a
-    removed channel, whichever store made the change.  Both dicts are kept
-    in order of last read (a read moves its entry to the end), so expiry
-    walks from the oldest entry to the first one still alive: its cost
-    follows what expires, not what exists.  A client is only its id and the
-    time of its last read.
+    Both dicts are kept in order of last read (a read moves its entry to
+    the end), so expiry walks from the oldest entry to the first one still
+    alive: its cost follows what expires, not what exists.  A client is only
+    its id and the time of its last read.
     """
 
     def __init__(self, config, loop):
@@ -648,96 +691,52 @@ class MemoryStore:
         self.channels = OrderedDict()
         self.clients = OrderedDict()     # client id -> time of last read
         self.last_id = min(int(time.time() * ID_UNITS_PER_SECOND), MAX_SAFE_ID)
-        self.pushed = 0
+        self.pushed = 0                  # messages pushed through here
         self.added = 0                   # channels and clients ever made
         self.hub = None                  # set by the Hub
 
-    def open(self):
-        """Load what was stored (nothing, in memory)."""
+    # -- applying a change ------------------------------------------------
 
-    async def close(self):
-        pass
-
-    def health(self):
-        """None when writes can be taken, else why not."""
-        return None
-
-    def describe(self):
-        """Extra fields for the status page."""
-        return {}
-
-    def metrics(self):
-        """Extra metric families: (name, type, help, [(labels, value)])."""
-        return []
-
-    # -- writes -----------------------------------------------------------
-
-    def add_channel(self, name, max_messages, use_sessions):
-        if name in self.channels:
-            raise APIError(NO_CHANNEL, "Channel already exists")
-        self.apply_channel(name, max_messages, use_sessions)
-
-    def add_client(self, client_id):
-        if client_id in self.clients:
-            raise APIError(NO_CHANNEL, "Client already exists")
-        self.clients[client_id] = self.loop.time()
-        self.added += 1
-
-    def push(self, name, content):
-        """Store a message; returns (its id, waiters it reached)."""
-        channel = self.channels.get(name) or self.channel(name)
-        message_id = self.next_id()
-        self.pushed += 1
-        return message_id, self.apply_push(
-            channel, message_id, message_text(message_id, content))
-
-    def remove_channel(self, name):
-        """True when the channel existed."""
+    def apply_channel(self, name, max_messages, use_sessions, dropped_id=0):
         channel = self.channels.get(name)
         if channel is None:
-            return False
-        self.apply_remove(channel)
-        return True
-
-    def channel(self, name):
-        channel = self.channels.get(name)
-        if channel is None:
-            check_id(name, "channel id", channel=True)
-            raise APIError(NO_CHANNEL, "Nonexistent channel")
+            channel = self.channels[name] = Channel(
+                name, max_messages, use_sessions, self.loop.time())
+            self.added += 1
+        if dropped_id > channel.dropped_id:
+            channel.dropped_id = dropped_id
         return channel
 
-    def settled(self):
-        """None: this state is the whole truth.  A store that other
-        instances also write (Redis) returns an awaitable of whether this
-        instance has applied everything stored before the call."""
-        return None
-
-    def next_id(self):
-        if self.last_id >= MAX_SAFE_ID:
-            raise APIError(BAD_PARAMETER, "Message id space exhausted")
-        return self.last_id + 1
-
-    # -- applying ---------------------------------------------------------
-
-    def apply_channel(self, name, max_messages, use_sessions):
-        channel = Channel(name, max_messages, use_sessions, self.loop.time())
-        self.channels[name] = channel
-        self.added += 1
-        return channel
+    def apply_client(self, client_id):
+        if client_id not in self.clients:
+            self.clients[client_id] = self.loop.time()
+            self.added += 1
 
     def apply_push(self, channel, message_id, text):
+        """Store a message in ``channel`` (None: not known here, and only
+        the counter moves); returns how many waiters it reached."""
         if message_id > self.last_id:
             self.last_id = message_id
+        if channel is None or channel.newest_id >= message_id:
+            return 0
         channel.add(message_id, text)
         return self.hub.deliver(channel, message_id, text) \
             if channel.waiters else 0
 
-    def apply_remove(self, channel):
-        del self.channels[channel.name]
-        if channel.waiters:
+    def apply_remove(self, name):
+        channel = self.channels.pop(name, None)
+        if channel is not None and channel.waiters:
             self.hub.channel_removed(channel)
 
-    # -- reads and expiry -------------------------------------------------
+    def apply_forget(self, client_id):
+        self.clients.pop(client_id, None)
+
+    def apply_counter(self, last_id):
+        """Ids taken elsewhere (or before a restart) are never given out."""
+        if last_id > self.last_id:
+            self.last_id = last_id
+
+    # -- reads ------------------------------------------------------------
 
     def touch_channel(self, channel, now):
         self.channels.move_to_end(channel.name)
@@ -748,38 +747,13 @@ class MemoryStore:
         clients[client_id] = now
         clients.move_to_end(client_id)
 
-    async def expire(self, now, reading):
-        """Forget clients and channels nobody has read for their timeout;
-        those with a held poll or an open stream count as read now.  Done
-        in slices, so a mass expiry does not hold up replies."""
-        while True:
-            clients = list(islice(self.stale(
-                self.clients.items(), now - self.config.session_timeout),
-                EXPIRY_SLICE))
-            gone = []
-            for client_id in clients:
-                if client_id in reading:
-                    self.touch_client(client_id, now)
-                else:
-                    gone.append(client_id)
-            if gone and not self.forget(gone, ()):
-                return
-            if clients:
-                await asyncio.sleep(0)
-            channels = list(islice(self.stale(
-                ((c, c.last_read) for c in self.channels.values()),
-                now - self.config.inactive_channel_timeout), EXPIRY_SLICE))
-            gone = []
-            for channel in channels:
-                if channel.waiters:
-                    self.touch_channel(channel, now)
-                else:
-                    gone.append(channel)
-            if gone and not self.forget((), gone):
-                return
-            if not clients and not channels:
-                return
-            await asyncio.sleep(0)
+    def stale_clients(self, now):
+        return self.stale(self.clients.items(),
+                          now - self.config.session_timeout)
+
+    def stale_channels(self, now):
+        return self.stale(((c, c.last_read) for c in self.channels.values()),
+                          now - self.config.inactive_channel_timeout)
 
     @staticmethod
     def stale(entries, limit):
@@ -790,215 +764,280 @@ class MemoryStore:
                 return
             yield key
 
-    def forget(self, client_ids, channels):
-        """Remove expired entries; False when they could not be (yet)."""
-        for client_id in client_ids:
-            del self.clients[client_id]
-        for channel in channels:
-            del self.channels[channel.name]
+    def channel(self, name):
+        channel = self.channels.get(name)
+        if channel is None:
+            check_id(name, "channel id", channel=True)
+            raise APIError(NO_CHANNEL, "Nonexistent channel")
+        return channel
+
+    def next_id(self):
+        if self.last_id >= MAX_SAFE_ID:
+            raise APIError(BAD_PARAMETER, "Message id space exhausted")
+        return self.last_id + 1
+
+    # -- the store contract -----------------------------------------------
+    #
+    # Writes are coroutines: add_channel(name, max_messages, use_sessions)
+    # and add_client(client_id) return None, push(name, content) a Pushed,
+    # remove_channel(name) whether it existed; refusals raise APIError (API
+    # failures) or HTTPError (503: not stored).  catch_up() returns True
+    # once this instance has applied every change stored before the call,
+    # False when it cannot tell; expire(now, reading) forgets what nobody
+    # read.  open(), close(), health() (None, or why writes are refused)
+    # and counters() (its own rows of App.counters()).
+
+    def open(self):
+        """Load what was stored."""
+
+    async def close(self):
+        pass
+
+    def health(self):
+        return None
+
+    def counters(self):
+        return ()
+
+    async def catch_up(self):
+        return True                      # this state is the whole truth
+
+
+# ---------------------------------------------------------------------------
+# Storage in memory
+# ---------------------------------------------------------------------------
+
+class MemoryStore(Core):
+    """The store of one process: each write checks, is kept (a hook: the
+    state file journals it there; raising refuses the write), and is
+    applied."""
+
+    async def add_channel(self, name, max_messages, use_sessions):
+        if name in self.channels:
+            raise APIError(NO_CHANNEL, "Channel already exists")
+        self.keep_channel(name, max_messages, use_sessions)
+        self.apply_channel(name, max_messages, use_sessions)
+
+    async def add_client(self, client_id):
+        if client_id in self.clients:
+            raise APIError(NO_CHANNEL, "Client already exists")
+        self.keep_client(client_id)
+        self.apply_client(client_id)
+
+    async def push(self, name, content):
+        channel = self.channels.get(name) or self.channel(name)
+        message_id = self.next_id()
+        text = message_text(message_id, content)
+        self.keep_push(channel, message_id, text)
+        self.pushed += 1
+        return Pushed(message_id, self.apply_push(channel, message_id, text))
+
+    async def remove_channel(self, name):
+        channel = self.channels.get(name)
+        if channel is None:
+            return False
+        self.keep_remove(channel)
+        self.apply_remove(name)
+        return True
+
+    async def expire(self, now, reading):
+        """Forget clients and channels nobody has read for their timeout;
+        those with a held poll or an open stream count as read now.  Done
+        in slices, so a mass expiry does not hold up replies."""
+        while True:
+            clients = list(islice(self.stale_clients(now), EXPIRY_SLICE))
+            gone = []
+            for client_id in clients:
+                if client_id in reading:
+                    self.touch_client(client_id, now)
+                else:
+                    gone.append(client_id)
+            channels = list(islice(self.stale_channels(now), EXPIRY_SLICE))
+            dead = []
+            for channel in channels:
+                if channel.waiters:
+                    self.touch_channel(channel, now)
+                else:
+                    dead.append(channel)
+            if gone or dead:
+                if not self.keep_expiry(gone, dead):
+                    return               # tried again at the next pass
+                for client_id in gone:
+                    self.apply_forget(client_id)
+                for channel in dead:
+                    self.apply_remove(channel.name)
+            if not clients and not channels:
+                return
+            await asyncio.sleep(0)
+
+    # -- persistence hooks: nothing to keep in memory ----------------------
+
+    def keep_channel(self, name, max_messages, use_sessions):
+        pass
+
+    def keep_client(self, client_id):
+        pass
+
+    def keep_push(self, channel, message_id, text):
+        pass
+
+    def keep_remove(self, channel):
+        pass
+
+    def keep_expiry(self, client_ids, channels):
+        """False when what expired cannot be forgotten yet."""
         return True
 
 
-class StateFileStore(MemoryStore):
-    """Memory, plus a journal at PATH that survives restarts and crashes.
+# ---------------------------------------------------------------------------
+# Storage in a file (--state-file): records, the journal, the store
+# ---------------------------------------------------------------------------
+#
+# The state file is a journal of records, one a line,
+#
+#     <crc32 of the payload, 8 hex digits> <kind>\t<field>\t...\n
+#
+# with JSON-encoded names, so no field holds a tab or a newline:
+#
+#     i  LAST_ID                          the id counter is at least this
+#     c  NAME MAX_MESSAGES USE_SESSIONS DROPPED_ID     channel registered
+#     u  CLIENT                           client registered
+#     p  NAME ID MESSAGE_JSON             message pushed
+#     d  NAME                             channel deleted or expired
+#     x  CLIENT                           client expired
+#
+# Each record is applied through the core when replayed, and the core's
+# idempotence is what lets compaction write a snapshot while writes go on.
 
-    Every write appends one record to PATH before it is applied and
-    acknowledged, so a crash or SIGKILL loses nothing acknowledged; a
-    thread fsyncs the file once a second, so a power loss costs at most
-    about the last second.  A record is one line,
+def record(payload):
+    payload = payload.encode()
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
-        <crc32 of the payload, 8 hex digits> <kind>\\t<field>\\t...\\n
 
-    with JSON-encoded names, so no field holds a tab or a newline:
+def counter_record(last_id, padding=0):
+    return record("i\t%d%s" % (last_id, "\t" + "." * padding if padding
+                               else ""))
 
-        i  LAST_ID                          the id counter is at least this
-        c  NAME MAX_MESSAGES USE_SESSIONS DROPPED_ID     channel registered
-        u  CLIENT                           client registered
-        p  NAME ID MESSAGE_JSON             message pushed
-        d  NAME                             channel deleted or expired
-        x  CLIENT                           client expired
 
-    Replaying is idempotent (a push at or below a channel's newest id is
-    skipped), which is what lets compaction write a snapshot while writes
-    go on: it copies the list of channels and clients, writes each one as
-    it is when reached, a slice at a time, appends every record that
-    arrived meanwhile, fsyncs, and renames the result over PATH.  Files:
-    PATH, PATH.tmp while compacting, PATH.lock (held with flock while the
-    server runs); all mode 0600.
+def channel_record(name, max_messages, use_sessions, dropped_id=0):
+    return record("c\t%s\t%d\t%d\t%d" % (json.dumps(name), max_messages,
+                                         use_sessions, dropped_id))
+
+
+def message_record(channel, message_id, text):
+    return record("p\t%s\t%d\t%s" % (channel.key, message_id, text))
+
+
+def removal_record(name):
+    return record("d\t" + json.dumps(name))
+
+
+def client_record(client_id, kind="u"):
+    return record(kind + "\t" + json.dumps(client_id))
+
+
+def replay_record(core, fields):
+    """Apply one record's fields (bytes) through the core."""
+    kind = fields[0]
+    if kind == b"p":
+        core.apply_push(core.channels.get(json.loads(fields[1])),
+                        int(fields[2]), fields[3].decode())
+    elif kind == b"c":
+        core.apply_channel(json.loads(fields[1]), int(fields[2]),
+                           fields[3] == b"1", int(fields[4]))
+    elif kind == b"u":
+        core.apply_client(json.loads(fields[1]))
+    elif kind == b"d":
+        core.apply_remove(json.loads(fields[1]))
+    elif kind == b"x":
+        core.apply_forget(json.loads(fields[1]))
+    elif kind == b"i":
+        core.apply_counter(int(fields[1]))
+    else:
+        raise ValueError("unknown record")
+
+
+def replay(core, data, path):
+    """Apply the records of ``data``; returns where the good ones end.
+
+    A bad or incomplete last line is a write cut short by a crash, and is
+    dropped; a bad record anywhere else is damage (or not a state file),
+    and the server stops without touching the file.
+    """
+    position = 0
+    size = len(data)
+    crc32 = zlib.crc32
+    while position < size:
+        newline = data.find(b"\n", position)
+        line = data[position:newline if newline >= 0 else size]
+        try:
+            if newline < 0 or line[8:9] != b" " or \
+                    int(line[:8], 16) != crc32(line[9:]):
+                raise ValueError("checksum mismatch")
+            replay_record(core, line[9:].split(b"\t"))
+        except (ValueError, IndexError, UnicodeDecodeError) as e:
+            if 0 <= newline < size - 1:
+                raise StartupError(
+                    f"{path}: damaged record at byte {position} ({e}); "
+                    "fix or move the file") from None
+            break                        # the last record, cut short
+        position = newline + 1
+    return position
+
+
+def channel_bytes(channel):
+    """About what a channel and its messages take in a snapshot."""
+    overhead = 30 + len(channel.key)
+    return overhead + sum(overhead + len(text)
+                          for _, text in channel.messages or ())
+
+
+class Journal:
+    """The life of the state file PATH: appending, fsync, compaction, lock.
+
+    Its state is one of OK, REFUSING (a write failed, a full disk: the
+    server reports itself unable to take writes, and each write is still
+    tried, until one as big as the refused one goes through; the sync loop
+    probes with such a write once a second) and BROKEN (a failed fsync or cut-back: PATH cannot be trusted
+    until compaction has rewritten it).  Files: PATH, PATH.tmp while
+    compacting, PATH.lock (held with flock while the server runs); all
+    mode 0600.  Compaction copies the list of channels and clients, writes
+    each one as it is when reached, a slice at a time, appends what arrived
+    meanwhile, fsyncs and renames the result over PATH; while the rename
+    runs (off the event loop) every record goes to both files.
     """
 
-    def __init__(self, config, loop):
-        super().__init__(config, loop)
-        self.path = config.state_file
+    OK, REFUSING, BROKEN = "ok", "refusing", "broken"
+
+    def __init__(self, path, core, loop):
+        self.path = path
+        self.core = core                 # what a snapshot is made of
+        self.loop = loop
         self.fd = None
         self.lock_fd = None
+        self.state = self.OK
+        self.reason = None               # why not OK
+        self.needed = 0                  # size of the largest refused write
         self.size = 0                    # bytes in PATH
         self.live = 0                    # about what a snapshot would take
         self.dirty = False               # written since the last fsync
-        self.error = None                # why the last write failed
-        self.needed = 0                  # ... and how big it was
-        self.broken = None               # why PATH cannot be trusted
         self.during = None               # records written while compacting
+        self.mirror = None               # the new file, while it is renamed
         self.compacting = None           # the compaction task
         self.swap = asyncio.Lock()       # fsync of PATH vs replacing PATH
         self.syncer = None
         self.compactions = 0
 
-    # -- records ----------------------------------------------------------
-
-    @staticmethod
-    def record(payload):
-        payload = payload.encode()
-        return b"%08x %s\n" % (zlib.crc32(payload), payload)
-
-    def channel_record(self, channel):
-        return self.record("c\t%s\t%d\t%d\t%d" % (
-            channel.key, channel.max_messages, channel.use_sessions,
-            channel.dropped_id))
-
-    def message_record(self, channel, message_id, text):
-        return self.record("p\t%s\t%d\t%s" % (channel.key, message_id, text))
-
-    def client_record(self, client_id):
-        return self.record("u\t" + json.dumps(client_id))
-
-    def write(self, data):
-        """Append records to PATH, or raise a 503 with nothing stored."""
-        if self.broken:
-            raise unavailable(f"state file not writable: {self.broken}")
-        try:
-            written = os.write(self.fd, data)
-        except OSError as e:
-            written = e
-        if written != len(data):
-            # A short write (the disk filled mid-record) or none: cut the
-            # file back to its last whole record, so that no half record
-            # is followed by good ones.
-            try:
-                os.ftruncate(self.fd, self.size)
-            except OSError as e:
-                self.fail("cannot cut back a failed write: " + e.strerror,
-                          broken=True)
-            reason = (written.strerror if isinstance(written, OSError)
-                      else "short write") or str(written)
-            self.fail(reason, needed=len(data))
-            raise unavailable(f"state file not writable: {reason}")
-        self.size += written
-        self.dirty = True
-        if self.during is not None:
-            self.during.append(data)
-        if self.error is not None and written >= self.needed:
-            log.info("state file %s is writable again", self.path)
-            self.error = None
-            self.needed = 0
-        if (self.compacting is None and self.size >
-                STATE_COMPACT_RATIO * self.live + STATE_COMPACT_SLACK):
-            self.start_compaction()
-
-    def fail(self, reason, broken=False, needed=0):
-        self.needed = max(self.needed, needed)
-        if broken:
-            if self.broken is None:
-                log.error("state file %s: %s; writes are refused until it "
-                          "is rewritten", self.path, reason)
-            self.broken = reason
-        elif self.error is None:
-            log.error("state file %s: %s; writes are refused meanwhile",
-                      self.path, reason)
-        self.error = reason
-
-    def health(self):
-        if self.broken or self.error:
-            return f"state file not writable: {self.broken or self.error}"
-        return None
-
-    def describe(self):
-        return {"state_file": {"writable": self.health() is None,
-                               "bytes": self.size,
-                               "compactions": self.compactions}}
-
-    def metrics(self):
-        return [
-            ("state_file_writable", "gauge",
-             "1 when the state file takes writes.",
-             [("", int(self.health() is None))]),
-            ("state_file_bytes", "gauge", "Size of the state file.",
-             [("", self.size)]),
-            ("state_file_compactions_total", "counter",
-             "Rewrites of the state file to its live records.",
-             [("", self.compactions)]),
-        ]
-
-    # -- writes -----------------------------------------------------------
-
-    def add_channel(self, name, max_messages, use_sessions):
-        if name in self.channels:
-            raise APIError(NO_CHANNEL, "Channel already exists")
-        record = self.record("c\t%s\t%d\t%d\t0" % (
-            json.dumps(name), max_messages, use_sessions))
-        self.write(record)
-        self.live += len(record)
-        self.apply_channel(name, max_messages, use_sessions)
-
-    def add_client(self, client_id):
-        if client_id in self.clients:
-            raise APIError(NO_CHANNEL, "Client already exists")
-        record = self.client_record(client_id)
-        self.write(record)
-        self.live += len(record)
-        self.clients[client_id] = self.loop.time()
-        self.added += 1
-
-    def push(self, name, content):
-        channel = self.channel(name)
-        message_id = self.next_id()
-        text = message_text(message_id, content)
-        record = self.message_record(channel, message_id, text)
-        self.write(record)
-        self.pushed += 1
-        self.live += len(record)
-        messages = channel.messages
-        if messages and len(messages) == channel.max_messages:
-            # Roughly: the record of the message the history drops.
-            self.live -= len(record) - len(text) + len(messages[0][1])
-        return message_id, self.apply_push(channel, message_id, text)
-
-    def remove_channel(self, name):
-        channel = self.channels.get(name)
-        if channel is None:
-            return False
-        self.write(self.record("d\t" + channel.key))
-        self.live -= self.channel_bytes(channel)
-        self.apply_remove(channel)
-        return True
-
-    def channel_bytes(self, channel):
-        overhead = 30 + len(channel.key)
-        return overhead + sum(overhead + len(text)
-                              for _, text in channel.messages or ())
-
-    def forget(self, client_ids, channels):
-        # Journaled first, so what expired stays gone after a restart.  If
-        # that fails (a full disk), they expire at a later pass.
-        records = [self.record("x\t" + json.dumps(c)) for c in client_ids]
-        records += [self.record("d\t" + c.key) for c in channels]
-        try:
-            self.write(b"".join(records))
-        except HTTPError:
-            return False
-        self.live -= sum(len(r) for r in records[:len(client_ids)])
-        self.live -= sum(self.channel_bytes(c) for c in channels)
-        return super().forget(client_ids, channels)
-
-    # -- startup ----------------------------------------------------------
+    # -- opening ----------------------------------------------------------
 
     def open(self):
+        """Lock PATH, replay it through the core, and open it to append."""
         path = self.path
         if os.path.exists(path + ".lock"):
             # Refuse before reading if another server holds PATH.
             self.lock()
         data = self.read_file()
-        end = self.load(data)
+        end = replay(self.core, data, path)
         self.lock()
         self.fd = self.open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         if end < len(data):
@@ -1007,12 +1046,12 @@ class StateFileStore(MemoryStore):
             os.ftruncate(self.fd, end)
             os.fsync(self.fd)
         self.size = end
+        core = self.core
+        self.live = sum(map(channel_bytes, core.channels.values())) + \
+            sum(30 + len(client_id) for client_id in core.clients)
         if os.path.exists(path + ".tmp"):
             os.unlink(path + ".tmp")     # a compaction cut short
         self.syncer = self.loop.create_task(self.sync_loop())
-        log.info("state file %s: %d channels, %d clients, %d messages",
-                 path, len(self.channels), len(self.clients),
-                 sum(len(c.messages or ()) for c in self.channels.values()))
 
     @staticmethod
     def open_file(path, flags):
@@ -1042,73 +1081,80 @@ class StateFileStore(MemoryStore):
         except OSError as e:
             raise StartupError(f"{self.path}: {e.strerror}") from None
 
-    def load(self, data):
-        """Apply the records of ``data``; returns where the good ones end.
+    # -- appending --------------------------------------------------------
 
-        A bad or incomplete last line is a write cut short by a crash, and
-        is dropped; a bad record anywhere else is damage (or not a state
-        file), and the server stops without touching the file.
-        """
-        now = self.loop.time()
-        channels = self.channels
-        clients = self.clients
-        last_id = 0
-        position = 0
-        size = len(data)
-        crc32 = zlib.crc32
-        while position < size:
-            newline = data.find(b"\n", position)
-            line = data[position:newline if newline >= 0 else size]
-            try:
-                if newline < 0 or line[8:9] != b" " or \
-                        int(line[:8], 16) != crc32(line[9:]):
-                    raise ValueError("checksum mismatch")
-                fields = line[9:].split(b"\t")
-                kind = fields[0]
-                if kind == b"p":
-                    message_id = int(fields[2])
-                    if message_id > last_id:
-                        last_id = message_id
-                    channel = channels.get(json.loads(fields[1]))
-                    if channel is not None and \
-                            channel.newest_id < message_id:
-                        channel.add(message_id, fields[3].decode())
-                elif kind == b"c":
-                    name = json.loads(fields[1])
-                    channel = channels[name] = Channel(
-                        name, int(fields[2]), fields[3] == b"1", now)
-                    channel.dropped_id = int(fields[4])
-                elif kind == b"u":
-                    clients[json.loads(fields[1])] = now
-                elif kind == b"d":
-                    channels.pop(json.loads(fields[1]), None)
-                elif kind == b"x":
-                    clients.pop(json.loads(fields[1]), None)
-                elif kind == b"i":
-                    last_id = max(last_id, int(fields[1]))
-                else:
-                    raise ValueError("unknown record")
-            except (ValueError, IndexError, UnicodeDecodeError) as e:
-                if 0 <= newline < size - 1:
-                    raise StartupError(
-                        f"{self.path}: damaged record at byte {position} "
-                        f"({e}); fix or move the file") from None
-                break                    # the last record, cut short
-            position = newline + 1
-        self.last_id = max(self.last_id, last_id)
-        self.added = len(channels) + len(clients)
-        self.live = sum(map(self.channel_bytes, channels.values())) + \
-            sum(30 + len(client_id) for client_id in clients)
-        return position
+    def write(self, data, live=0):
+        """Append records, or raise a 503 with nothing stored; ``live`` is
+        how much they change the size of a snapshot."""
+        if self.state == self.BROKEN:
+            raise unavailable(f"state file not writable: {self.reason}")
+        failure = self.append(self.fd, data, self.size)
+        if failure is None and self.mirror is not None:
+            failure = self.append(self.mirror[0], data, self.mirror[1])
+            if failure is not None:
+                self.cut_back(self.fd, self.size)
+            else:
+                self.mirror[1] += len(data)
+        if failure is not None:
+            self.refuse(failure, len(data))
+            raise unavailable(f"state file not writable: {failure}")
+        self.size += len(data)
+        self.live += live
+        self.dirty = True
+        if self.during is not None:
+            self.during.append(data)
+        if self.state == self.REFUSING and len(data) >= self.needed:
+            log.info("state file %s is writable again", self.path)
+            self.state, self.reason, self.needed = self.OK, None, 0
+        if (self.compacting is None and self.size >
+                STATE_COMPACT_RATIO * self.live + STATE_COMPACT_SLACK):
+            self.start_compaction()
+
+    def append(self, fd, data, size):
+        """Write all of ``data`` at the end of a file of ``size`` bytes;
+        None, or why not (the file is then cut back to ``size``)."""
+        try:
+            written = os.write(fd, data)
+        except OSError as e:
+            written = e
+        if written == len(data):
+            return None
+        # A short write (the disk filled mid-record) or none: cut the file
+        # back to its last whole record, so that no half record is
+        # followed by good ones.
+        self.cut_back(fd, size)
+        return (written.strerror if isinstance(written, OSError)
+                else "short write") or str(written)
+
+    def cut_back(self, fd, size):
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            self.fail("cannot cut back a failed write: " + e.strerror)
+
+    def refuse(self, reason, needed):
+        self.needed = max(self.needed, needed)
+        if self.state == self.OK:
+            log.error("state file %s: %s; writes are refused meanwhile",
+                      self.path, reason)
+        if self.state != self.BROKEN:
+            self.state, self.reason = self.REFUSING, reason
+
+    def fail(self, reason):
+        """PATH cannot be trusted: refuse writes until it is rewritten."""
+        if self.state != self.BROKEN:
+            log.error("state file %s: %s; writes are refused until it is "
+                      "rewritten", self.path, reason)
+        self.state, self.reason = self.BROKEN, reason
 
     # -- durability -------------------------------------------------------
 
     async def sync_loop(self):
         """Once a second: fsync what was written; while PATH cannot be
-        trusted, rewrite it; while writes fail, try again."""
+        trusted, rewrite it; while writes are refused, try again."""
         while True:
             await asyncio.sleep(STATE_FSYNC_INTERVAL)
-            if self.dirty and not self.broken:
+            if self.dirty and self.state != self.BROKEN:
                 self.dirty = False
                 async with self.swap:
                     try:
@@ -1118,27 +1164,57 @@ class StateFileStore(MemoryStore):
                         # The kernel may have dropped the pages it could
                         # not write: retrying the fsync would report
                         # success for data that is gone.
-                        self.fail("fsync failed: " + e.strerror, broken=True)
-            if self.broken and self.compacting is None:
+                        self.fail("fsync failed: " + e.strerror)
+            if self.state == self.BROKEN and self.compacting is None:
                 self.start_compaction()
-            elif self.error and not self.broken:
+            elif self.state == self.REFUSING:
                 # Writable again only if a write as big as the refused one
                 # goes through: the probe is padded to its size.
                 try:
-                    self.write(self.record("i\t%d\t%s" % (
-                        self.last_id, "." * self.needed)))
+                    self.write(counter_record(self.core.last_id, self.needed))
                 except HTTPError:
                     pass
 
     def start_compaction(self):
         self.compacting = self.loop.create_task(self.compact())
 
+    async def snapshot(self, fd):
+        """Write the live state to ``fd`` a slice at a time; its size."""
+        core = self.core
+        channels = list(core.channels.values())
+        clients = list(core.clients)
+        size = self.write_all(fd, counter_record(core.last_id))
+        chunk = []
+        deadline = time.perf_counter() + STATE_COMPACT_SLICE
+        for channel in channels:
+            if core.channels.get(channel.name) is channel:  # not removed since
+                chunk.append(channel_record(
+                    channel.name, channel.max_messages, channel.use_sessions,
+                    channel.dropped_id))
+                for message_id, text in channel.messages or ():
+                    chunk.append(message_record(channel, message_id, text))
+            if time.perf_counter() > deadline:
+                size += self.write_all(fd, b"".join(chunk))
+                chunk = []
+                await asyncio.sleep(0)
+                deadline = time.perf_counter() + STATE_COMPACT_SLICE
+        for client_id in clients:
+            if client_id in core.clients:
+                chunk.append(client_record(client_id))
+                if len(chunk) >= 1000 and time.perf_counter() > deadline:
+                    size += self.write_all(fd, b"".join(chunk))
+                    chunk = []
+                    await asyncio.sleep(0)
+                    deadline = time.perf_counter() + STATE_COMPACT_SLICE
+        return size + self.write_all(fd, b"".join(chunk))
+
     async def compact(self):
-        """Rewrite PATH as the live state (see the class docstring)."""
+        """Rewrite PATH as the live state (see the class docstring).  What
+        could hold the event loop (fsync, the rename, closing the old file,
+        which makes the kernel free its pages) runs in a thread."""
         started = time.monotonic()
         tmp = self.path + ".tmp"
-        channels = list(self.channels.values())
-        clients = list(self.clients)
+        run = self.loop.run_in_executor
         self.during = []
         fd = None
         try:
@@ -1146,46 +1222,30 @@ class StateFileStore(MemoryStore):
             # must go on at the new end, not leave a hole.
             fd = self.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
                                 os.O_APPEND)
-            size = self.write_all(fd, self.record("i\t%d" % self.last_id))
-            chunk = []
-            deadline = time.perf_counter() + STATE_COMPACT_SLICE
-            for channel in channels:
-                if self.channels.get(channel.name) is not channel:
-                    continue             # removed since the copy
-                chunk.append(self.channel_record(channel))
-                for message_id, text in channel.messages or ():
-                    chunk.append(self.message_record(channel, message_id,
-                                                     text))
-                if time.perf_counter() > deadline:
-                    size += self.write_all(fd, b"".join(chunk))
-                    chunk = []
-                    await asyncio.sleep(0)
-                    deadline = time.perf_counter() + STATE_COMPACT_SLICE
-            for client_id in clients:
-                if client_id in self.clients:
-                    chunk.append(self.client_record(client_id))
-                    if len(chunk) >= 1000 and \
-                            time.perf_counter() > deadline:
-                        size += self.write_all(fd, b"".join(chunk))
-                        chunk = []
-                        await asyncio.sleep(0)
-                        deadline = time.perf_counter() + STATE_COMPACT_SLICE
-            size += self.write_all(fd, b"".join(chunk))
-            live = size
-            size += self.write_all(fd, b"".join(self.during))
-            self.during.clear()
+            size = live = await self.snapshot(fd)
+            # What arrived meanwhile, until little is left to copy.
+            while True:
+                during, self.during = self.during, []
+                size += await run(None, self.write_all, fd, b"".join(during))
+                if len(during) < 100:
+                    break
             async with self.swap:
-                await self.loop.run_in_executor(None, os.fdatasync, fd)
-                # From here to the swap nothing awaits: no record can go to
-                # the old file only.
+                await run(None, os.fdatasync, fd)
                 size += self.write_all(fd, b"".join(self.during))
-                os.replace(tmp, self.path)
-                old, self.fd, fd = self.fd, fd, None
-                os.close(old)
-                self.size, self.live = size, live
+                # From here every record goes to both files, so that it is
+                # in PATH whichever file PATH names when the rename returns.
                 self.during = None
+                self.mirror = [fd, size]
+                try:
+                    await run(None, os.replace, tmp, self.path)
+                finally:
+                    fd, size = self.mirror
+                    self.mirror = None
+                old, self.fd, fd = self.fd, fd, None
+                self.size, self.live = size, live
                 self.dirty = True
-            await self.loop.run_in_executor(None, self.sync_directory)
+                await run(None, os.close, old)
+            await run(None, self.sync_directory)
         except BaseException as e:
             if fd is not None:
                 os.close(fd)
@@ -1200,10 +1260,10 @@ class StateFileStore(MemoryStore):
             await asyncio.sleep(STATE_FSYNC_INTERVAL)
         else:
             self.compactions += 1
-            if self.broken:
+            if self.state == self.BROKEN:
                 log.info("state file %s rewritten; writes are taken again",
                          self.path)
-            self.broken = self.error = None
+            self.state, self.reason, self.needed = self.OK, None, 0
             log.debug("compacted %s to %d bytes in %.3f s", self.path,
                       size, time.monotonic() - started)
         finally:
@@ -1247,898 +1307,111 @@ class StateFileStore(MemoryStore):
             self.lock_fd = None
 
 
-# ---------------------------------------------------------------------------
-# Redis client: RESP2 over an asyncio protocol, pipelined, reconnecting
-# ---------------------------------------------------------------------------
-#
-# Replies: simple strings are ``str``, bulk strings ``bytes``, integers
-# ``int``, nulls ``None``, arrays ``list``.  An error reply raises
-# RedisReplyError in the caller.  A command that Redis does not confirm
-# within REDIS_COMMAND_TIMEOUT raises RedisTimeout and closes its
-# connection: replies are matched by order only, so once one is missing no
-# later reply can be trusted.  Nothing is queued while disconnected.
+class StateFileStore(MemoryStore):
+    """Memory, plus a journal that survives restarts and crashes.
 
-redis_log = logging.getLogger("simple_comet.redis")
-
-
-# Limits.  Redis's own proto-max-bulk-len is 512 MiB, so a longer bulk can
-# only be garbage; the others are far above anything Redis sends to us.
-REDIS_DEFAULT_PORT = 6379
-REDIS_MAX_BULK = 512 * 1024 * 1024
-REDIS_MAX_ARRAY = 2 ** 32            # elements announced by one array header
-REDIS_MAX_DEPTH = 32                 # nested arrays (an XREAD reply uses 4)
-REDIS_MAX_LINE = 64 * 1024           # a status, error or header line
-REDIS_MAX_DB = 2 ** 31 - 1           # Redis keeps databases in an int
-
-REDIS_CONNECT_TIMEOUT = 5.0          # seconds for connect, AUTH and SELECT
-REDIS_COMMAND_TIMEOUT = 5.0          # seconds for Redis to confirm a command
-
-# Reconnect back-off: the first retry after about RECONNECT_FIRST seconds,
-# then RECONNECT_FACTOR times longer each failure, +-RECONNECT_JITTER so
-# that many instances do not reconnect in step, never above RECONNECT_MAX.
-REDIS_RECONNECT_FIRST = 0.2
-REDIS_RECONNECT_FACTOR = 2.0
-REDIS_RECONNECT_JITTER = 0.2
-REDIS_RECONNECT_MAX = 5.0
-REDIS_LOG_REPEAT = 60.0              # seconds between "still unreachable" lines
-
-
-# ---------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------
-
-class RedisError(Exception):
-    """Anything that went wrong talking to Redis."""
-
-
-class RedisReplyError(RedisError):
-    """Redis answered the command with an error reply.
-
-    The connection is fine and stays open.  ``code`` is the error's first
-    word ("ERR", "NOSCRIPT", "WRONGTYPE", ...).
+    Every write appends its record before it is applied and acknowledged,
+    so a crash or SIGKILL loses nothing acknowledged; the journal fsyncs
+    once a second, so a power loss costs at most about the last second.
     """
 
-    @property
-    def code(self):
-        return str(self).split(" ", 1)[0]
-
-
-class RedisConnectionError(RedisError):
-    """Not connected, or the connection was lost before the reply came.
-
-    The command may or may not have been carried out by Redis.
-    """
-
-
-class RedisTimeout(RedisConnectionError):
-    """Redis did not confirm the command in time; the connection is closed."""
-
-
-class RedisProtocolError(RedisError):
-    """The bytes from the server are not RESP2: the stream is unusable."""
-
-
-# ---------------------------------------------------------------------------
-# URLs
-# ---------------------------------------------------------------------------
-
-_DIGITS = re.compile(r"[0-9]+")
-_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
-_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
-_QUERY_KEYS = {"db", "password", "username"}
-
-
-class RedisURL(NamedTuple):
-    """Where Redis is and how to log in: ``path`` for a unix socket, else
-    ``host`` and ``port``.  Its repr and str hide the password."""
-
-    host: str | None
-    port: int | None
-    path: str | None
-    username: str | None
-    password: str | None
-    db: int
-
-    @property
-    def where(self):
-        """The address alone, for messages."""
-        if self.path is not None:
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    def redacted(self):
-        """The URL with '***' in place of the password."""
-        login = ""
-        if self.username is not None or self.password is not None:
-            login = quote(self.username or "", safe="")
-            if self.password is not None:
-                login += ":***"
-            login += "@"
-        if self.path is not None:
-            db = f"?db={self.db}" if self.db else ""
-            return f"unix://{login}{quote(self.path)}{db}"
-        return f"redis://{login}{self.where}/{self.db}"
-
-    def __repr__(self):
-        return f"RedisURL({self.redacted()!r})"
-
-    __str__ = redacted
-
-
-def parse_redis_url(text):
-    """Parse ``redis://[[user]:password@]host[:port][/db]`` or
-    ``unix://[[user]:password@]/path/redis.sock[?db=N]`` into a RedisURL.
-
-    User and password are percent-decoded; ``?db=``, ``?password=`` and
-    ``?username=`` are accepted in either form.  A user without a password
-    is refused: ``redis://secret@host`` is more often a password written
-    without its colon than a user who needs none.  Raises ValueError with a
-    one-line message that never contains the password.
-    """
-    if not isinstance(text, str):
-        raise ValueError("redis URL must be a string")
-    # No URL has them raw; a stray newline from a secrets file would
-    # otherwise end up in the password.
-    if _URL_FORBIDDEN.search(text):
-        raise ValueError("redis URL contains a space or control character")
-    scheme, sep, rest = text.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in ("redis", "unix"):
-        if scheme == "rediss":
-            raise ValueError("redis URL: TLS (rediss://) is not supported")
-        raise ValueError("redis URL must start with redis:// or unix://")
-    if "#" in rest:
-        raise ValueError("redis URL must not have a #fragment")
-    rest, _, query = rest.partition("?")
-    if scheme == "redis":
-        netloc, _, path = rest.partition("/")
-    else:
-        # unix://[login@]/path: the login, if any, ends at the first "@"
-        # that comes before the path's first "/".
-        at = rest.find("@")
-        if at >= 0 and at < rest.find("/"):
-            netloc, path = rest[:at + 1], rest[at + 1:]
-        else:
-            netloc, path = "", rest
-    login, at, hostport = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = login.partition(":")
-        if not colon:
-            raise ValueError("redis URL has a user but no password "
-                             "(write redis://:PASSWORD@host for a password alone)")
-        username = _unquote(user, "user") if user else None
-        password = _unquote(secret, "password")
-
-    fields = {}
-    for field in query.split("&") if query else ():
-        key, equals, value = field.partition("=")
-        if key not in _QUERY_KEYS or not equals:
-            # Named only when it is a plain word: the text after a "?" may
-            # be the end of a password whose "?" was not percent-encoded.
-            raise ValueError("redis URL: unknown parameter"
-                             + (f" {key!r}" if key.isalpha() and len(key) < 20 else "")
-                             + " (use db, password, username)")
-        if key in fields:
-            raise ValueError(f"redis URL: parameter {key!r} given twice")
-        fields[key] = _unquote(value, key)
-    if "password" in fields:
-        if password is not None:
-            raise ValueError("redis URL gives the password twice")
-        password = fields["password"]
-    if "username" in fields:
-        if username is not None:
-            raise ValueError("redis URL gives the user twice")
-        username = fields["username"] or None
-    if username is not None and password is None:
-        raise ValueError("redis URL has a user but no password")
-    if username is None and password == "":
-        password = None               # redis://:@host: nothing to AUTH with
-
-    db_text = fields.get("db")
-    host = port = socket_path = None
-    if scheme == "redis":
-        host, port = _parse_host_port(hostport)
-        if path:
-            if db_text is not None:
-                raise ValueError("redis URL gives the database twice")
-            db_text = path
-    else:
-        if hostport:
-            raise ValueError("redis URL: unix:// takes no host "
-                             "(write unix:///path/redis.sock)")
-        socket_path = _unquote(path, "socket path")
-        if not socket_path.startswith("/"):
-            raise ValueError("redis URL: unix:// needs an absolute socket path "
-                             "(write unix:///path/redis.sock)")
-        if "\x00" in socket_path:
-            raise ValueError("redis URL: the socket path contains NUL")
-    db = 0
-    if db_text is not None:
-        if not _DIGITS.fullmatch(db_text) or int(db_text) > REDIS_MAX_DB:
-            raise ValueError(f"redis URL: database {db_text!r} is not "
-                             f"a number from 0 to {REDIS_MAX_DB}")
-        db = int(db_text)
-    return RedisURL(host, port, socket_path, username, password, db)
-
-
-def _unquote(text, what):
-    if _BAD_PERCENT.search(text):
-        raise ValueError(f"redis URL: bad %-escape in the {what}")
-    try:
-        return unquote(text, errors="strict")
-    except UnicodeDecodeError:
-        # Its own message would quote the bytes, the password's perhaps.
-        raise ValueError(f"redis URL: the {what} is not UTF-8 "
-                         f"once %-decoded") from None
-
-
-def _parse_host_port(text):
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError("redis URL: unclosed [ in the host")
-        host, rest = text[1:end], text[end + 1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"redis URL: {host!r} is not an IPv6 address") from None
-        if rest and not rest.startswith(":"):
-            raise ValueError("redis URL: unexpected text after the IPv6 address")
-        port_text = rest[1:] if rest else None
-    else:
-        host, colon, port_text = text.partition(":")
-        if ":" in port_text:
-            raise ValueError("redis URL: put an IPv6 address in [brackets]")
-        if not host:
-            raise ValueError("redis URL has no host")
-        if not colon:
-            port_text = None
-        if not _HOSTNAME.fullmatch(host):
-            raise ValueError(f"redis URL: {host!r} is not a host name")
-    if port_text is None:
-        return host, REDIS_DEFAULT_PORT
-    if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
-        raise ValueError(f"redis URL: port {port_text!r} is not "
-                         f"a number from 1 to 65535")
-    return host, int(port_text)
-
-
-# ---------------------------------------------------------------------------
-# RESP2
-# ---------------------------------------------------------------------------
-
-def encode_command(*args):
-    """One command as a RESP array of bulk strings.
-
-    str is sent as UTF-8, int and float as their decimal text, bytes as
-    they are.  bool and None are refused: Redis has no such types and
-    "True" or "None" stored by mistake is hard to find afterwards.
-    """
-    if not args:
-        raise ValueError("a Redis command needs at least a name")
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        elif isinstance(arg, (bytes, bytearray, memoryview)):
-            arg = bytes(arg)
-        elif isinstance(arg, int) and not isinstance(arg, bool):
-            arg = b"%d" % arg
-        elif isinstance(arg, float):
-            if arg != arg:
-                raise ValueError("NaN cannot be sent to Redis")
-            arg = repr(arg).encode()
-        else:
-            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
-
-
-INCOMPLETE = object()                # gets(): no complete reply yet
-
-_INTEGER = re.compile(rb"-?[0-9]{1,19}")
-
-
-class RedisReader:
-    """Turns the bytes Redis sends into replies, however they are split.
-
-    ``feed(data)`` adds bytes; ``gets()`` returns the next complete reply,
-    or INCOMPLETE.  An array is built up across calls (a stack of the
-    arrays still open), so a large reply that arrives in many pieces is
-    parsed once, not again on every piece.  Raises RedisProtocolError on
-    anything that is not RESP2; the reader is unusable afterwards.
-    """
-
-    def __init__(self):
-        self._buffer = bytearray()
-        self._pos = 0
-        self._stack = []              # [[items so far, items still to come]]
-
-    def feed(self, data):
-        self._buffer += data
-
-    def gets(self):
-        stack = self._stack
-        while True:
-            item = self._item()
-            if item is INCOMPLETE:
-                # Deleting from the front of a bytearray is cheap in CPython.
-                del self._buffer[:self._pos]
-                self._pos = 0
-                return INCOMPLETE
-            if item is _OPENED:
-                continue
-            while stack:
-                frame = stack[-1]
-                frame[0].append(item)
-                frame[1] -= 1
-                if frame[1]:
-                    break
-                item = stack.pop()[0]
-            else:
-                return item
-
-    def _item(self):
-        """One reply element, INCOMPLETE, or _OPENED when an array begins."""
-        buffer, pos = self._buffer, self._pos
-        end = buffer.find(b"\r\n", pos)
-        if end < 0 or end - pos > REDIS_MAX_LINE:
-            if len(buffer) - pos > REDIS_MAX_LINE:
-                raise RedisProtocolError(
-                    f"line longer than {REDIS_MAX_LINE} bytes")
-            return INCOMPLETE
-        kind, line = buffer[pos], buffer[pos + 1:end]
-        if kind == 36:                                   # $ bulk string
-            size = self._length(line, REDIS_MAX_BULK)
-            if size < 0:
-                self._pos = end + 2
-                return None
-            start = end + 2
-            stop = start + size
-            if len(buffer) < stop + 2:
-                return INCOMPLETE
-            if buffer[stop:stop + 2] != b"\r\n":
-                raise RedisProtocolError("bulk string not followed by CRLF")
-            self._pos = stop + 2
-            return bytes(buffer[start:stop])
-        self._pos = end + 2
-        if kind == 43 or kind == 45:                     # + simple, - error
-            if 10 in line or 13 in line:
-                raise RedisProtocolError("bare CR or LF in a status line")
-            text = line.decode("utf-8", "replace")
-            return text if kind == 43 else RedisReplyError(text)
-        if kind == 58:                                   # : integer
-            if not _INTEGER.fullmatch(line):
-                raise RedisProtocolError(f"bad integer {bytes(line)[:40]!r}")
-            return int(line)
-        if kind == 42:                                   # * array
-            count = self._length(line, REDIS_MAX_ARRAY)
-            if count < 0:
-                return None
-            if count == 0:
-                return []
-            if len(self._stack) >= REDIS_MAX_DEPTH:
-                raise RedisProtocolError(
-                    f"arrays nested deeper than {REDIS_MAX_DEPTH}")
-            self._stack.append([[], count])
-            return _OPENED
-        raise RedisProtocolError(f"unknown reply type {bytes([kind])!r}")
-
-    @staticmethod
-    def _length(line, limit):
-        # isdigit() first: int() would also take " 7", "+7" and "7_0".
-        if line.isdigit() and len(line) <= 10:
-            length = int(line)
-            if length <= limit:
-                return length
-        elif line == b"-1":
-            return -1
-        raise RedisProtocolError(f"bad length {bytes(line)[:40]!r}")
-
-
-_OPENED = object()
-
-
-# ---------------------------------------------------------------------------
-# One connection
-# ---------------------------------------------------------------------------
-
-def _reason(exc):
-    """Why a socket operation failed, in a few words, for messages."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror})"
-    # asyncio's "Connect call failed ('127.0.0.1', 6379)" hides the errno's
-    # meaning, which is what an operator needs.
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
-    return str(exc) or type(exc).__name__
-
-
-class RedisConnection(asyncio.Protocol):
-    """One stream to Redis, shared by any number of concurrent commands.
-
-    ``execute()`` sends its command at once and returns a future; replies
-    resolve the futures as they arrive (in data_received: a protocol, not
-    a stream and a reader task, which would cost a turn of the loop per
-    read), in the order the commands were written, which is the order
-    Redis answers them.  Once closed, for whatever reason, a connection
-    stays closed (``close_reason`` says why): make a new one.
-    """
-
-    def __init__(self, url, *, connect_timeout=REDIS_CONNECT_TIMEOUT,
-                 command_timeout=REDIS_COMMAND_TIMEOUT):
-        self.url = url if isinstance(url, RedisURL) else parse_redis_url(url)
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
-        self.close_reason = None
-        self._loop = None
-        self._transport = None
-        self._parser = RedisReader()
-        self._pending = deque()       # (future, deadline, timeout), in order
-        self._timer = None            # fires at the earliest deadline
-        self._timer_when = None
-        self._closed = None           # an Event, set once closed
-        self._outgoing = None
-
-    @property
-    def connected(self):
-        return self._transport is not None and not self._closed.is_set()
-
-    @property
-    def closed(self):
-        return self._closed is not None and self._closed.is_set()
-
-    async def connect(self):
-        """Open the stream, log in (AUTH) and select the database.
-
-        All within connect_timeout.  Raises RedisConnectionError when it
-        cannot, a refused login included.
-        """
-        if self._closed is not None:
-            raise RuntimeError("a RedisConnection connects only once")
-        self._loop = loop = asyncio.get_running_loop()
-        self._closed = asyncio.Event()
-        url = self.url
-        deadline = loop.time() + self.connect_timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                if url.path is not None:
-                    await loop.create_unix_connection(lambda: self, url.path)
-                else:
-                    await loop.create_connection(lambda: self, url.host,
-                                                 url.port)
-        except (OSError, TimeoutError) as exc:
-            self._abort(_reason(exc))
-            raise RedisConnectionError(
-                f"{url.where}: cannot connect: {self.close_reason}") from None
-        except BaseException:
-            self._abort("connect cancelled")
-            raise
-
-        # One round trip for all three.  PING also proves that the other
-        # end speaks RESP before the connection is handed out.
-        timeout = max(0.001, deadline - loop.time())
-        replies = []
-        if url.password is not None:
-            login = (url.password,) if url.username is None else (url.username, url.password)
-            replies.append(self.execute("AUTH", *login, timeout=timeout))
-        if url.db:
-            replies.append(self.execute("SELECT", url.db, timeout=timeout))
-        replies.append(self.execute("PING", timeout=timeout))
-        try:
-            # All of them, so that no error is left unretrieved.
-            results = await asyncio.gather(*replies, return_exceptions=True)
-        except BaseException:
-            self._abort("connect cancelled")
-            raise
-        for result in results:
-            if isinstance(result, RedisReplyError):
-                # WRONGPASS, NOAUTH, a bad db, LOADING: Redis's own words.
-                self._abort(str(result))
-            if isinstance(result, BaseException):
-                raise RedisConnectionError(
-                    f"{url.where}: cannot connect: {self.close_reason}") from None
-
-    def execute(self, *args, timeout=None):
-        """Send one command (in this turn of the event loop, after those
-        issued before it); return a future for its reply.
-
-        The future raises RedisReplyError for an error reply, RedisTimeout
-        if no reply comes within ``timeout`` seconds (default
-        command_timeout), RedisConnectionError if the connection is lost
-        first.  Raises RedisConnectionError at once when not connected.
-        """
-        return self.send(encode_command(*args), timeout)
-
-    def send(self, data, timeout=None):
-        """As execute(), for a command already encoded."""
-        if not self.connected or self._transport.is_closing():
-            raise RedisConnectionError(
-                f"{self.url.where}: not connected"
-                + (f" ({self.close_reason})" if self.close_reason else ""))
-        loop = self._loop
-        future = loop.create_future()
-        if timeout is None:
-            timeout = self.command_timeout
-        deadline = loop.time() + timeout
-        self._pending.append((future, deadline, timeout))
-        if self._timer is None or deadline < self._timer_when:
-            self._arm(deadline)
-        # Commands issued in one turn of the event loop go out in one write:
-        # a syscall per command would cost a third of the throughput with
-        # many callers.  The buffer is bounded by the timeout: what Redis
-        # does not take within command_timeout goes with the connection.
-        if self._outgoing is None:
-            self._outgoing = [data]
-            loop.call_soon(self._flush)
-        else:
-            self._outgoing.append(data)
-        return future
-
-    def _flush(self):
-        outgoing, self._outgoing = self._outgoing, None
-        if outgoing and not self._closed.is_set():
-            self._transport.write(b"".join(outgoing))
-
-    def close(self, reason="closed by the client"):
-        """Close now; every command still waiting fails."""
-        self._abort(reason)
-
-    async def wait_closed(self):
-        """Return once the connection is closed, by close() or by loss."""
-        await self._closed.wait()
-
-    # -- asyncio.Protocol ---------------------------------------------------
-
-    def connection_made(self, transport):
-        if self._closed.is_set():        # connect() was cancelled meanwhile
-            transport.abort()
-        else:
-            self._transport = transport
-
-    def data_received(self, data):
-        parser = self._parser
-        pending = self._pending
-        try:
-            parser.feed(data)
-            while (reply := parser.gets()) is not INCOMPLETE:
-                if not pending:
-                    raise RedisProtocolError("a reply to no command")
-                future = pending.popleft()[0]
-                if future.done():         # its caller was cancelled
-                    continue
-                if type(reply) is RedisReplyError:
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
-        except RedisProtocolError as exc:
-            self._abort(f"protocol error: {exc}")
-
-    def eof_received(self):
-        self._abort("connection closed by the server")
-
-    def connection_lost(self, exc):
-        if exc is None:
-            self._abort("connection closed by the server")
-        else:
-            self._abort(f"connection lost: {_reason(exc)}")
-
-    def _arm(self, when):
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._check_deadlines)
-        self._timer_when = when
-
-    def _check_deadlines(self):
-        # One timer serves every command: it fires at the earliest deadline
-        # and, if that command has been answered meanwhile, sets itself for
-        # the next one.  Replies come about in deadline order, so the scan
-        # of the waiting commands happens about once per command_timeout.
-        self._timer = None
-        if not self._pending:
-            return
-        deadline, timeout = min((entry[1], entry[2]) for entry in self._pending)
-        # call_at may fire up to a clock tick early.
-        if deadline <= self._loop.time() + 0.001:
-            self._abort(f"no reply within {timeout:g} s", timed_out=True)
-        else:
-            self._arm(deadline)
-
-    def _abort(self, reason, timed_out=False):
-        if self._closed is None:
-            self._closed = asyncio.Event()
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self.close_reason = reason
-        self._outgoing = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._transport is not None:
-            # abort, not close: close would first flush what a stalled
-            # server is not reading.
-            self._transport.abort()
-        message = f"{self.url.where}: {reason}"
-        now = self._loop.time() + 0.001 if self._loop else 0.0
-        pending, self._pending = self._pending, deque()
-        for future, deadline, _ in pending:
-            if future.done():
-                continue
-            # Commands behind the one that timed out were maybe not late
-            # themselves, but their replies can no longer be matched.
-            # A fresh exception each: one instance raised in many tasks
-            # would collect all their tracebacks.
-            late = timed_out and deadline <= now
-            future.set_exception((RedisTimeout if late else RedisConnectionError)(message))
-            # Marks it retrieved: a caller that stopped waiting (a
-            # fire-and-forget write) must not cause an asyncio error log.
-            future.exception()
-
-
-# ---------------------------------------------------------------------------
-# A connection kept up
-# ---------------------------------------------------------------------------
-
-class RedisBackoff:
-    """Delays between reconnect attempts: growing, jittered, capped."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self._base = REDIS_RECONNECT_FIRST
-
-    def next(self):
-        delay = self._base * random.uniform(1 - REDIS_RECONNECT_JITTER,
-                                            1 + REDIS_RECONNECT_JITTER)
-        # Capping the base, not the result, keeps the jitter at the cap too.
-        self._base = min(self._base * REDIS_RECONNECT_FACTOR,
-                         REDIS_RECONNECT_MAX / (1 + REDIS_RECONNECT_JITTER))
-        return delay
-
-
-def script_sha(script):
-    """The SHA1 by which Redis knows a Lua script."""
-    if isinstance(script, str):
-        script = script.encode()
-    return hashlib.sha1(script).hexdigest()
-
-
-class RedisClient:
-    """A connection to Redis that reconnects by itself.
-
-    ``start()`` (in a running loop) begins connecting in the background
-    and returns at once.
-    After each (re)connection ``await on_connect(client)`` runs (to load
-    scripts and catch up): during it ``execute`` already works but
-    ``connected`` is still false, so whoever checks ``connected`` before
-    writing waits for the catch-up.  If on_connect raises, the connection
-    is dropped and retried.  Commands issued while disconnected fail at
-    once with RedisConnectionError.
-    """
-
-    def __init__(self, url, *, on_connect=None,
-                 connect_timeout=REDIS_CONNECT_TIMEOUT,
-                 command_timeout=REDIS_COMMAND_TIMEOUT):
-        self.url = url if isinstance(url, RedisURL) else parse_redis_url(url)
-        self.on_connect = on_connect
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
-        self.last_error = None        # why it is not connected, for status
-        self.connects = 0             # successful (re)connections so far
-        self._conn = None             # set once logged in, before on_connect
-        self._ready = False           # on_connect has returned
-        self._ready_event = asyncio.Event()
-        self._task = None
-        self._blocking_conn = None
-        self._blocking_lock = asyncio.Lock()
-        self._blocking_backoff = RedisBackoff()
-        self._blocking_retry_at = 0.0
-
-    @property
-    def connected(self):
-        return self._ready and self._conn is not None and self._conn.connected
-
-    def start(self):
-        """Begin connecting; returns the task that keeps the connection."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._keep())
-        return self._task
-
-    async def wait_connected(self, timeout=None):
-        """Wait until connected; return False if timeout seconds pass first."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not self.connected:
-                    await self._ready_event.wait()
-                    if not self.connected:
-                        await asyncio.sleep(0)
-            return True
-        except TimeoutError:
-            return False
+    def __init__(self, config, loop):
+        super().__init__(config, loop)
+        self.journal = Journal(config.state_file, self, loop)
+
+    def open(self):
+        self.journal.open()
+        log.info("state file %s: %d channels, %d clients, %d messages",
+                 self.journal.path, len(self.channels), len(self.clients),
+                 sum(len(c.messages or ()) for c in self.channels.values()))
 
     async def close(self):
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        for conn in (self._conn, self._blocking_conn):
-            if conn is not None:
-                conn.close()
-        self._conn = self._blocking_conn = None
-        self._ready = False
-        self._ready_event.clear()
+        await self.journal.close()
 
-    def execute(self, *args, timeout=None):
-        """As RedisConnection.execute, on the current connection."""
-        conn = self._conn
-        if conn is None:
-            raise RedisConnectionError(
-                f"{self.url.where}: not connected"
-                + (f" ({self.last_error})" if self.last_error else ""))
-        return conn.execute(*args, timeout=timeout)
+    def health(self):
+        journal = self.journal
+        if journal.state != journal.OK:
+            return f"state file not writable: {journal.reason}"
+        return None
 
-    def send(self, data):
-        """As RedisConnection.send, on the current connection."""
-        conn = self._conn
-        if conn is None:
-            raise RedisConnectionError(f"{self.url.where}: not connected")
-        return conn.send(data)
+    def counters(self):
+        journal = self.journal
+        return (
+            ("state_file.writable", "state_file_writable",
+             "1 when the state file takes writes.", self.health() is None),
+            ("state_file.bytes", "state_file_bytes", "Size of the state file.",
+             journal.size),
+            ("state_file.compactions", "state_file_compactions_total",
+             "Rewrites of the state file to its live records.",
+             journal.compactions),
+        )
 
-    async def evalsha(self, sha, script, keys=(), args=()):
-        """Run a Lua script by its SHA1 (None: computed), loading it if need be.
+    # -- persistence hooks ------------------------------------------------
 
-        On NOSCRIPT (Redis restarted, failed over, or SCRIPT FLUSH) the
-        script is sent whole with EVAL, which also caches it again.  The
-        retry goes after whatever was issued meanwhile.
-        """
-        keys = tuple(keys)
-        args = tuple(args)
-        if sha is None:
-            sha = script_sha(script)
+    def keep_channel(self, name, max_messages, use_sessions):
+        data = channel_record(name, max_messages, use_sessions)
+        self.journal.write(data, live=len(data))
+
+    def keep_client(self, client_id):
+        data = client_record(client_id)
+        self.journal.write(data, live=len(data))
+
+    def keep_push(self, channel, message_id, text):
+        data = message_record(channel, message_id, text)
+        live = len(data)
+        messages = channel.messages
+        if messages and len(messages) == channel.max_messages:
+            # Roughly: the record of the message the history drops.
+            live -= len(data) - len(text) + len(messages[0][1])
+        self.journal.write(data, live)
+
+    def keep_remove(self, channel):
+        self.journal.write(removal_record(channel.name),
+                           live=-channel_bytes(channel))
+
+    def keep_expiry(self, client_ids, channels):
+        # Journaled first, so what expired stays gone after a restart.
+        records = [client_record(c, "x") for c in client_ids]
+        live = -sum(map(len, records)) - sum(map(channel_bytes, channels))
+        records += [removal_record(c.name) for c in channels]
         try:
-            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
-        except RedisReplyError as exc:
-            if exc.code != "NOSCRIPT":
-                raise
-        return await self.execute("EVAL", script, len(keys), *keys, *args)
-
-    async def execute_blocking(self, *args, block):
-        """Run a blocking command (``XREAD BLOCK ms ...``) on a connection
-        of its own, so that it holds up no other command.
-
-        ``block`` is the command's own blocking time in seconds; no reply
-        within block + command_timeout raises RedisTimeout.  One at a time:
-        concurrent calls wait their turn.  The connection is opened on
-        first use and again after a failure, not sooner than the back-off
-        allows, so a loop around this call does not spin.  While the client
-        is not connected it raises RedisConnectionError at once: a tailing
-        loop waits with ``wait_connected()`` first.
-        """
-        if not block or block <= 0:
-            raise ValueError("execute_blocking needs a finite block time")
-        loop = asyncio.get_running_loop()
-        async with self._blocking_lock:
-            conn = self._blocking_conn
-            if conn is None or not conn.connected:
-                self._blocking_conn = None
-                if not self.connected:
-                    raise RedisConnectionError(
-                        f"{self.url.where}: not connected"
-                        + (f" ({self.last_error})" if self.last_error else ""))
-                delay = self._blocking_retry_at - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                conn = RedisConnection(self.url,
-                                       connect_timeout=self.connect_timeout,
-                                       command_timeout=self.command_timeout)
-                try:
-                    await conn.connect()
-                except RedisConnectionError:
-                    self._blocking_retry_at = loop.time() + self._blocking_backoff.next()
-                    raise
-                self._blocking_backoff.reset()
-                self._blocking_conn = conn
-            future = conn.execute(*args, timeout=block + self.command_timeout)
-            try:
-                return await future
-            except asyncio.CancelledError:
-                # Its reply is still to come; the next command would get it.
-                conn.close("a blocking command was cancelled")
-                raise
-
-    async def _keep(self):
-        loop = asyncio.get_running_loop()
-        backoff = RedisBackoff()
-        down_since = loop.time()
-        failures = 0
-        logged_reason = None
-        logged_at = 0.0
-        while True:
-            conn = RedisConnection(self.url,
-                                   connect_timeout=self.connect_timeout,
-                                   command_timeout=self.command_timeout)
-            try:
-                await conn.connect()
-                self._conn = conn
-                if self.on_connect is not None:
-                    await self.on_connect(self)
-                if not conn.connected:
-                    raise RedisConnectionError(f"{self.url.where}: {conn.close_reason}")
-            except RedisError as exc:
-                reason = conn.close_reason if conn.closed else f"on_connect: {exc}"
-            except Exception as exc:
-                # A bug in on_connect, not a Redis state: its traceback helps.
-                redis_log.error("redis: on_connect failed", exc_info=exc)
-                reason = f"on_connect: {exc!r}"
-            else:
-                reason = None
-            if reason is not None:
-                conn.close("on_connect failed")
-                self._conn = None
-                self.last_error = reason
-                failures += 1
-                now = loop.time()
-                # The first failure of an outage at WARNING, then only news
-                # or a periodic reminder, so a long outage stays readable.
-                if reason != logged_reason or now - logged_at >= REDIS_LOG_REPEAT:
-                    if failures == 1:
-                        redis_log.warning("redis: cannot connect to %s: %s; "
-                                          "retrying", self.url, reason)
-                    else:
-                        redis_log.warning("redis: still cannot connect to %s: "
-                                          "%s (%d attempts in %.0f s)", self.url,
-                                          reason, failures, now - down_since)
-                    logged_reason, logged_at = reason, now
-                else:
-                    redis_log.debug("redis: cannot connect to %s: %s",
-                                    self.url, reason)
-                await asyncio.sleep(backoff.next())
-                continue
-
-            self.connects += 1
-            self.last_error = None
-            self._ready = True
-            self._ready_event.set()
-            if self.connects == 1 and failures == 0:
-                redis_log.info("redis: connected to %s", self.url)
-            else:
-                redis_log.info("redis: connected to %s after %.1f s",
-                               self.url, loop.time() - down_since)
-            up_since = loop.time()
-            await conn.wait_closed()
-
-            self._ready = False
-            self._ready_event.clear()
-            self._conn = None
-            self.last_error = conn.close_reason
-            redis_log.warning("redis: connection to %s lost: %s; reconnecting",
-                              self.url, conn.close_reason)
-            # A connection that drops as soon as it is made must not be
-            # retried at the first delay for ever.
-            if loop.time() - up_since >= REDIS_RECONNECT_MAX:
-                backoff.reset()
-            down_since = loop.time()
-            failures = 0
-            logged_reason = None
-            await asyncio.sleep(backoff.next())
+            self.journal.write(b"".join(records), live)
+        except HTTPError:
+            return False
+        return True
 
 
 # ---------------------------------------------------------------------------
-# Storage shared by several instances: Redis (--redis)
+# Storage shared by instances (--redis): the scripts
 # ---------------------------------------------------------------------------
+#
+# Keys, under the prefix: id (the counter), log (the shared log, a stream)
+# and log:bytes (its size), epoch, channels, clients and instances (sorted
+# sets by time of last read or sign of life), c:NAME (a channel's options),
+# h:NAME (its history, a list of message JSON).
+
+REDIS_LOG_LENGTH = 100_000           # entries kept in the shared log, at most
+REDIS_LOG_BYTES = 64 * 1024 * 1024   # ... and bytes of entries, at most
+REDIS_KEY_TTL = 7 * 24 * 3600        # seconds a channel's keys outlive all use
+REDIS_INSTANCE_WINDOW = 3000         # ms: an instance seen since is counted
+REDIS_APPLY_WAIT = 5.0               # seconds a reply waits for its entry
+REDIS_TAIL_BLOCK = 1.0               # seconds one XREAD waits for entries
+REDIS_TAIL_COUNT = 1000              # entries one XREAD reads at most
+REDIS_PUSH_BATCH = 100               # pushes in one script at most
+REDIS_PUSH_BYTES = 1024 * 1024       # bytes of messages in one script, about
+REDIS_EXPIRE_BATCH = 1000            # expiries per housekeeping run
+REDIS_TOUCH_BATCH = 5000             # names per housekeeping script
 
 # Lua run by every script: ids from one counter, never below what this
 # instance has seen (so they never go backwards, even if Redis lost its
 # data), and one log entry per change, chained to the one before so that an
 # instance notices a gap.  Every id taken is appended at once, so the
 # counter is also the last entry of the log, and the entry before an id is
-# the counter's value before it was taken.
+# the counter's value before it was taken.  The log is bounded in entries
+# and in bytes (so that Redis's memory follows the histories, whatever the
+# size of messages): past either bound its oldest entries go, a batch at a
+# time, until it is a sixteenth under both; an instance that falls behind
+# the trimmed log sees a gap and reloads.
 REDIS_LUA_COMMON = r"""
 local function now_ms()
   local t = redis.call('TIME')
@@ -2153,31 +1426,54 @@ local function next_id(counter, floor)
   end
   return id, string.format('%d', prev)
 end
-local function append(log, id, prev, kind, rest, loglen)
+local function trim(log, size)
+  local len = redis.call('XLEN', log)
+  if len <= @ENTRIES@ and size <= @BYTES@ then return end
+  local want_len, want_size = @ENTRIES@ * 15 / 16, @BYTES@ * 15 / 16
+  local freed = 0
+  for _ = 1, 10 do
+    local need = math.max(len - want_len,
+                          math.ceil((size - want_size) * len / size))
+    if need <= 0 then break end
+    local batch = redis.call('XRANGE', log, '-', '+', 'COUNT',
+                             math.min(100, need))
+    if #batch == 0 then break end
+    local last
+    for _, entry in ipairs(batch) do
+      size, len, last = size - #entry[2][2], len - 1, entry[1]
+      freed = freed + #entry[2][2]
+      if len <= want_len and size <= want_size then break end
+    end
+    redis.call('XTRIM', log, 'MINID', string.match(last, '^%d+') .. '-2')
+  end
+  redis.call('DECRBY', log .. ':bytes', freed)
+end
+local function append(log, id, prev, kind, rest)
   local sid = string.format('%d', id)
-  redis.call('XADD', log, 'MAXLEN', '~', loglen, sid .. '-1', 'r',
-             kind .. '\t' .. prev .. '\t' .. rest)
+  local entry = kind .. '\t' .. prev .. '\t' .. rest
+  redis.call('XADD', log, sid .. '-1', 'r', entry)
+  trim(log, redis.call('INCRBY', log .. ':bytes', #entry))
   return sid
 end
-"""
+""".replace("@ENTRIES@", str(REDIS_LOG_LENGTH)).replace(
+    "@BYTES@", str(REDIS_LOG_BYTES))
 
-# KEYS: counter log channels meta  ARGV: floor name max sessions loglen ttl
+# KEYS: counter log channels meta  ARGV: floor name max sessions ttl
 REDIS_ADD_CHANNEL = REDIS_LUA_COMMON + r"""
 if redis.call('EXISTS', KEYS[4]) == 1 then return -2 end
 local id, prev = next_id(KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[4], 'max', ARGV[3], 'sessions', ARGV[4], 'dropped', 0)
-redis.call('PEXPIRE', KEYS[4], ARGV[6])
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
 redis.call('ZADD', KEYS[3], now_ms(), ARGV[2])
-append(KEYS[2], id, prev, 'c',
-       ARGV[2] .. '\t' .. ARGV[3] .. '\t' .. ARGV[4], ARGV[5])
+append(KEYS[2], id, prev, 'c', ARGV[2] .. '\t' .. ARGV[3] .. '\t' .. ARGV[4])
 return id
 """
 
-# KEYS: counter log clients  ARGV: floor client loglen
+# KEYS: counter log clients  ARGV: floor client
 REDIS_ADD_CLIENT = REDIS_LUA_COMMON + r"""
 if redis.call('ZADD', KEYS[3], 'NX', now_ms(), ARGV[2]) == 0 then return -2 end
 local id, prev = next_id(KEYS[1], ARGV[1])
-append(KEYS[2], id, prev, 'u', ARGV[2], ARGV[3])
+append(KEYS[2], id, prev, 'u', ARGV[2])
 return id
 """
 
@@ -2185,16 +1481,17 @@ return id
 # script (up to REDIS_PUSH_BATCH): Redis runs it for about a quarter less
 # than one script per push.
 # KEYS: counter log instances, then meta history of each push
-# ARGV: floor loglen ttl instance_window_ms, then name content of each push
+# ARGV: floor ttl instance_window_ms, then name content of each push
 # Returns the instances counted, then for each push "ID<TAB>PREVIOUS
 # ENTRY<TAB>MESSAGE" ("-2": no such channel), one per line: one string,
 # which costs a Python reader far less than an array.  (A message's JSON
-# has no raw line break.)  A history gets its time to live when it is
-# made; housekeeping renews it while the channel is read.
+# has no raw line break; its layout is MESSAGE_JSON's.)  A history gets
+# its time to live when it is made; housekeeping renews it while the
+# channel is read.
 REDIS_PUSH = REDIS_LUA_COMMON + r"""
 local ms, seconds = now_ms()
 local floor = ARGV[1]
-local out = {redis.call('ZCOUNT', KEYS[3], ms - tonumber(ARGV[4]), '+inf')}
+local out = {redis.call('ZCOUNT', KEYS[3], ms - tonumber(ARGV[3]), '+inf')}
 for i = 1, (#KEYS - 3) / 2 do
   local meta, history = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   local max = tonumber(redis.call('HGET', meta, 'max'))
@@ -2204,28 +1501,28 @@ for i = 1, (#KEYS - 3) / 2 do
     local id, prev = next_id(KEYS[1], floor)
     local sid = string.format('%d', id)
     local text = '{"id": ' .. sid .. ', "ts": ' .. seconds ..
-                 ', "content": ' .. ARGV[4 + 2 * i] .. '}'
+                 ', "content": ' .. ARGV[3 + 2 * i] .. '}'
     local length = redis.call('RPUSH', history, text)
     if length == 1 then
-      redis.call('PEXPIRE', history, ARGV[3])
+      redis.call('PEXPIRE', history, ARGV[2])
     elseif length > max then
       local oldest = redis.call('LPOP', history)
       redis.call('HSET', meta, 'dropped', string.match(oldest, '^{"id": (%d+)'))
     end
-    append(KEYS[2], id, prev, 'p', ARGV[3 + 2 * i] .. '\t' .. text, ARGV[2])
+    append(KEYS[2], id, prev, 'p', ARGV[2 + 2 * i] .. '\t' .. text)
     out[i + 1] = sid .. '\t' .. prev .. '\t' .. text
   end
 end
 return table.concat(out, '\n')
 """
 
-# KEYS: counter log channels meta history  ARGV: floor name loglen
+# KEYS: counter log channels meta history  ARGV: floor name
 REDIS_REMOVE_CHANNEL = REDIS_LUA_COMMON + r"""
 if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
 redis.call('DEL', KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[3], ARGV[2])
 local id, prev = next_id(KEYS[1], ARGV[1])
-append(KEYS[2], id, prev, 'd', ARGV[2], ARGV[3])
+append(KEYS[2], id, prev, 'd', ARGV[2])
 return id
 """
 
@@ -2233,44 +1530,44 @@ return id
 # and clients were read here (or are held by a poll or stream), and what
 # nobody read for its timeout goes, as log entries every instance applies.
 # KEYS: counter log channels clients instances
-# ARGV: floor loglen instance channel_timeout_ms session_timeout_ms ttl
-#       prefix limit n_channels channels... clients...
+# ARGV: floor instance channel_timeout_ms session_timeout_ms ttl prefix
+#       limit n_channels channels... clients...
 REDIS_HOUSEKEEPING = REDIS_LUA_COMMON + r"""
 local ms = now_ms()
 local floor = ARGV[1]
-local prefix = ARGV[7]
-redis.call('ZADD', KEYS[5], ms, ARGV[3])
+local prefix = ARGV[6]
+redis.call('ZADD', KEYS[5], ms, ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ms - 60000)
-local n = tonumber(ARGV[9])
-for i = 10, 9 + n do
+local n = tonumber(ARGV[8])
+for i = 9, 8 + n do
   if redis.call('ZADD', KEYS[3], 'XX', 'CH', ms, ARGV[i]) == 1 then
-    redis.call('PEXPIRE', prefix .. 'c:' .. ARGV[i], ARGV[6])
-    redis.call('PEXPIRE', prefix .. 'h:' .. ARGV[i], ARGV[6])
+    redis.call('PEXPIRE', prefix .. 'c:' .. ARGV[i], ARGV[5])
+    redis.call('PEXPIRE', prefix .. 'h:' .. ARGV[i], ARGV[5])
   end
 end
-for i = 10 + n, #ARGV do
+for i = 9 + n, #ARGV do
   redis.call('ZADD', KEYS[4], 'XX', ms, ARGV[i])
 end
 local gone = 0
-local names = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ms - tonumber(ARGV[4]),
-                         'LIMIT', 0, tonumber(ARGV[8]))
+local names = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ms - tonumber(ARGV[3]),
+                         'LIMIT', 0, tonumber(ARGV[7]))
 for _, name in ipairs(names) do
   redis.call('DEL', prefix .. 'c:' .. name, prefix .. 'h:' .. name)
   redis.call('ZREM', KEYS[3], name)
   local id, prev = next_id(KEYS[1], floor)
-  floor = append(KEYS[2], id, prev, 'd', name, ARGV[2])
+  floor = append(KEYS[2], id, prev, 'd', name)
   gone = gone + 1
 end
-names = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ms - tonumber(ARGV[5]),
-                   'LIMIT', 0, tonumber(ARGV[8]))
+names = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ms - tonumber(ARGV[4]),
+                   'LIMIT', 0, tonumber(ARGV[7]))
 for _, client in ipairs(names) do
   redis.call('ZREM', KEYS[4], client)
   local id, prev = next_id(KEYS[1], floor)
-  floor = append(KEYS[2], id, prev, 'x', client, ARGV[2])
+  floor = append(KEYS[2], id, prev, 'x', client)
   gone = gone + 1
 end
-redis.call('PEXPIRE', KEYS[3], ARGV[6])
-redis.call('PEXPIRE', KEYS[4], ARGV[6])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
 return gone
 """
 
@@ -2291,163 +1588,47 @@ end
 return 1
 """
 
-REDIS_LOG_LENGTH = 100_000           # entries kept in the shared log (about)
-REDIS_KEY_TTL = 7 * 24 * 3600        # seconds a channel's keys outlive all use
-REDIS_INSTANCE_WINDOW = 3000         # ms: an instance seen since is counted
-REDIS_APPLY_WAIT = 5.0               # seconds a reply waits for its entry
-REDIS_TAIL_BLOCK = 1.0               # seconds one XREAD waits for entries
-REDIS_TAIL_COUNT = 1000              # entries one XREAD reads at most
-REDIS_PUSH_BATCH = 100               # pushes in one script at most
-REDIS_PUSH_BYTES = 1024 * 1024       # bytes of messages in one script, about
-REDIS_EXPIRE_BATCH = 1000            # expiries per housekeeping run
-REDIS_TOUCH_BATCH = 5000             # names per housekeeping script
+
+# ---------------------------------------------------------------------------
+# Storage shared by instances (--redis): the replica
+# ---------------------------------------------------------------------------
+
+SCRIPT_SHAS = {}                     # script -> the SHA1 Redis knows it by
 
 
 class LogGap(Exception):
     """The shared log does not continue where this instance stopped."""
 
 
-class RedisStore(MemoryStore):
-    """A replica of the state that every instance keeps in one Redis.
+class RedisReplica:
+    """Keeps a store's core what Redis holds: loads it, then tails the
+    shared log from the last entry applied and applies each entry through
+    the core, in order, which wakes this instance's polls and streams.
 
-    Writes run a Lua script that checks, assigns an id from the shared
-    counter, stores and appends one entry to a shared log (a stream), all
-    atomically.  Each instance tails the log from the last entry it applied
-    and applies entries in order to its local channels and clients, which
-    wakes its own polls and streams; a write is answered once its own entry
-    is applied, so the writer reads what it wrote.  Reads are answered from
-    the replica; one that needs more than the replica has (a channel, a
-    client or a ``since`` it has not seen yet) first waits until it has
-    caught up with Redis.  Expiry is decided in Redis (every instance sends
-    what it read once a second), so all instances agree.  Keys, under the
-    prefix: id, log, epoch, channels, clients, instances (sorted
-    sets), c:NAME (options), h:NAME (history).
+    ``applied(position)`` waits until the replica has applied the log up to
+    an entry: a write is answered once its own entry is applied, so the
+    writer reads what it wrote, and a read that needs more than the replica
+    has waits for it.  While pushes from here are under way (``writing``)
+    the tail mostly waits for their replies instead of reading them back.
     """
 
-    def __init__(self, config, loop):
-        super().__init__(config, loop)
-        prefix = config.redis_prefix
-        self.prefix = prefix
-        self.k = {name: prefix + name for name in (
-            "id", "log", "epoch", "channels", "clients", "instances")}
-        self.client = RedisClient(config.redis, on_connect=self.connected)
-        self.scripts = {}
+    def __init__(self, store):
+        self.store = store               # the core entries are applied to
+        self.client = store.client
+        self.k = store.k
         self.position = None             # last log entry applied; None: load
         self.epoch = None
-        self.instance = os.urandom(8).hex()
-        self.touched_channels = set()
-        self.touched_clients = set()
         self.reached = {}                # message id -> waiters it reached
         self.awaited = {}                # log position -> futures
-        self.writing = 0                 # pushes sent, not yet answered
+        self.writing = 0                 # push scripts sent, not answered
         self.wanted = asyncio.Event()    # the tail should read the log
-        # A safety net for a deployment that is gone for good; expiry
-        # itself is the housekeeping script's.
-        self.ttl = int(max(config.inactive_channel_timeout,
-                           config.session_timeout, REDIS_KEY_TTL) * 1000)
-        self.tail_task = None
-        self.housekeeping_task = None
-        self.batch = []                  # (name, content JSON, future)
-        # The hottest command, from parts made once.
-        self.push_keys = b"".join(
-            encode_command(self.k[k]).partition(b"\r\n")[2]
-            for k in ("id", "log", "instances"))
-        self.push_limits = encode_command(
-            REDIS_LOG_LENGTH, self.ttl,
-            REDIS_INSTANCE_WINDOW).partition(b"\r\n")[2]
-        encoded_prefix = prefix.encode().replace(b"%", b"%%")
-        self.push_channel_keys = (b"$%d\r\n" + encoded_prefix + b"c:%b\r\n"
-                                  b"$%d\r\n" + encoded_prefix + b"h:%b\r\n")
-        self.push_key_length = len(prefix.encode()) + 2
-        self.push_sha = script_sha(REDIS_PUSH).encode()
-
-    def open(self):
-        self.client.start()
-        self.tail_task = self.loop.create_task(self.tail())
-        log.info("redis: using %s with prefix %r", self.client.url,
-                 self.prefix)
-
-    async def close(self):
-        if self.tail_task is not None:
-            self.tail_task.cancel()
-        if self.client.connected:
-            # Gone: pushes elsewhere stop counting this instance at once.
-            try:
-                await self.client.execute("ZREM", self.k["instances"],
-                                          self.instance)
-            except RedisError:
-                pass
-        await self.client.close()
-
-    def health(self):
-        # Open to everyone: no address, no detail (the log has them).
-        if not self.client.connected:
-            return "Redis unreachable"
-        if self.position is None:
-            return "Redis: catching up"
-        return None
-
-    def describe(self):
-        return {"redis": {"connected": self.health() is None,
-                          "last_error": self.client.last_error,
-                          "applied_id": self.position or 0,
-                          "instance": self.instance}}
-
-    def metrics(self):
-        return [("redis_connected", "gauge",
-                 "1 when connected to Redis and caught up.",
-                 [("", int(self.health() is None))]),
-                ("redis_reconnects_total", "counter",
-                 "Connections made to Redis.", [("", self.client.connects)])]
-
-    # -- talking to Redis ---------------------------------------------------
-
-    async def connected(self, client):
-        # A new connection: whatever was missed is in the log (or, if Redis
-        # lost its data, the state is reloaded); the tail finds out.  Say
-        # at once that this instance is here, and what it read meanwhile.
-        self.touched_channels.update(self.channels)
-        self.touched_clients.update(self.clients)
-        await self.run("revive", REDIS_REVIVE, [
-            self.k["instances"], self.k["channels"], self.k["clients"]],
-            [REDIS_INSTANCE_WINDOW], check=False)
-        await self.housekeeping(check=False)
-
-    def check_connected(self):
-        """A 503 at once, with nothing sent, while Redis is unreachable."""
-        if not self.client.connected:
-            raise unavailable("Redis unreachable: " +
-                              (self.client.last_error or "connecting"))
-
-    async def run(self, name, script, keys, args, check=True):
-        """Run a script; a Redis that cannot answer is a 503."""
-        if check:
-            self.check_connected()
-        sha = self.scripts.get(name)
-        if sha is None:
-            sha = self.scripts[name] = script_sha(script)
-        try:
-            return await self.client.evalsha(sha, script, keys, args)
-        except RedisReplyError as e:
-            raise unavailable(f"Redis refused the write: {e}") from None
-        except RedisError as e:
-            # Not confirmed: Redis may or may not have stored it.
-            raise unavailable(f"Redis did not confirm the write: {e}") \
-                from None
-
-    def floor(self):
-        return max(self.last_id,
-                   min(int(time.time() * ID_UNITS_PER_SECOND), MAX_SAFE_ID))
-
-    def key(self, kind, name):
-        return self.prefix + kind + name
 
     async def applied(self, position):
-        """Wait until this instance has applied the log up to position;
-        False if it has not within REDIS_APPLY_WAIT."""
+        """Wait until the log is applied up to position; False if it is not
+        within REDIS_APPLY_WAIT."""
         if self.position is not None and self.position >= position:
             return True
-        future = self.loop.create_future()
+        future = self.store.loop.create_future()
         self.awaited.setdefault(position, []).append(future)
         self.wanted.set()
         try:
@@ -2457,228 +1638,52 @@ class RedisStore(MemoryStore):
             return False
         return True
 
-    def settled(self):
-        return self.catch_up()
+    def advance(self, position):
+        self.position = position
+        if self.awaited:
+            for wanted in [p for p in self.awaited if p <= position]:
+                for future in self.awaited.pop(wanted):
+                    if not future.done():
+                        future.set_result(None)
 
-    async def catch_up(self):
-        tail = await self.run_command("GET", self.k["id"])
-        return await self.applied(int(tail or 0))
-
-    async def run_command(self, *args):
-        self.check_connected()
-        try:
-            return await self.client.execute(*args)
-        except RedisError as e:
-            raise unavailable(f"Redis: {e}") from None
-
-    # -- writes -------------------------------------------------------------
-
-    def add_channel(self, name, max_messages, use_sessions):
-        return self.change(
-            "add_channel", REDIS_ADD_CHANNEL,
-            [self.k["id"], self.k["log"], self.k["channels"],
-             self.key("c:", name)],
-            [self.floor(), name, max_messages, int(use_sessions),
-             REDIS_LOG_LENGTH, self.ttl], "Channel already exists")
-
-    def add_client(self, client_id):
-        return self.change(
-            "add_client", REDIS_ADD_CLIENT,
-            [self.k["id"], self.k["log"], self.k["clients"]],
-            [self.floor(), client_id, REDIS_LOG_LENGTH],
-            "Client already exists")
-
-    async def change(self, name, script, keys, args, refusal):
-        position = await self.run(name, script, keys, args)
-        if position == -2:
-            raise APIError(NO_CHANNEL, refusal)
-        await self.applied(position)
-
-    async def push(self, name, content):
-        # The hottest write: pushes made in one turn of the loop go to Redis
-        # together (send_pushes), and are applied in order as answered.
-        self.check_connected()
-        future = self.loop.create_future()
-        if not self.batch:
-            self.loop.call_soon(self.send_pushes)
-        self.batch.append((name, json.dumps(content).encode(), future))
-        message_id, instances = await future
-        if self.position is None or self.position < message_id:
-            await self.applied(message_id)
-        self.pushed += 1
-        return message_id, self.reached.pop(message_id, 0), instances
-
-    def send_pushes(self, batch=None, script=False):
-        """Send the pushes waiting (or ``batch`` again, with the script's
-        text when Redis did not know it) in scripts of up to
-        REDIS_PUSH_BATCH pushes and REDIS_PUSH_BYTES of messages (or one
-        larger message): Redis runs one script at a time, for every
-        instance."""
-        if batch is None:
-            batch, self.batch = self.batch, []
-        while batch:
-            count = size = 0
-            for _, content, _ in batch[:REDIS_PUSH_BATCH]:
-                if count and size + len(content) > REDIS_PUSH_BYTES:
-                    break
-                count += 1
-                size += len(content)
-            some, batch = batch[:count], batch[count:]
-            names = [name.encode() for name, _, _ in some]
-            key_length = self.push_key_length
-            floor = b"%d" % self.floor()
-            numkeys = b"%d" % (3 + 2 * len(some))
-            body = REDIS_PUSH.encode() if script else self.push_sha
-            command = b"".join((
-                b"*%d\r\n" % (10 + 4 * len(some)),
-                b"$4\r\nEVAL\r\n" if script else b"$7\r\nEVALSHA\r\n",
-                b"$%d\r\n%b\r\n" % (len(body), body),
-                b"$%d\r\n%b\r\n" % (len(numkeys), numkeys),
-                self.push_keys,
-                *[self.push_channel_keys % (key_length + len(name), name,
-                                            key_length + len(name), name)
-                  for name in names],
-                b"$%d\r\n%b\r\n" % (len(floor), floor),
-                self.push_limits,
-                *[b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
-                    len(name), name, len(content), content)
-                  for name, (_, content, _) in zip(names, some)]))
-            try:
-                reply = self.client.send(command)
-            except RedisError as e:
-                self.fail_pushes(some, f"Redis unreachable: {e}")
-                continue
-            self.writing += 1
-            reply.add_done_callback(
-                lambda reply, some=some: self.pushes_answered(some, reply))
-
-    def pushes_answered(self, batch, reply):
+    def answered(self):
+        """A push script was answered (or failed)."""
         self.writing -= 1
         if not self.writing:
             self.wanted.set()
-        try:
-            results = reply.result().decode().split("\n")
-        except RedisReplyError as e:
-            if e.code == "NOSCRIPT":
-                self.send_pushes(batch, script=True)
-            else:
-                self.fail_pushes(batch, f"Redis refused the write: {e}")
+
+    # -- applying -----------------------------------------------------------
+
+    def apply_entry(self, position, payload):
+        if self.position is not None and position <= self.position:
+            return                       # applied already, by its writer
+        kind, prev, rest = payload.split("\t", 2)
+        if int(prev) != self.position:
+            raise LogGap(f"log entries between {self.position} and "
+                         f"{position} are gone")
+        store = self.store
+        if kind == "p":
+            name, text = rest.split("\t", 1)
+            self.apply_pushed(position, name, text)
             return
-        except RedisError as e:
-            # Not confirmed: Redis may or may not have stored them.
-            self.fail_pushes(batch, f"Redis did not confirm the write: {e}")
-            return
-        try:
-            self.apply_answers(batch, results)
-        except Exception:
-            # A callback's exception would only be logged: its pushes
-            # would wait for ever.
-            log.exception("internal error applying pushes")
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(
-                        HTTPError(500, "Internal server error"))
+        if kind == "c":
+            name, max_messages, use_sessions = rest.split("\t")
+            store.apply_channel(name, int(max_messages), use_sessions == "1")
+        elif kind == "d":
+            store.apply_remove(rest)
+        elif kind == "u":
+            store.apply_client(rest)
+        elif kind == "x":
+            store.apply_forget(rest)
+        store.apply_counter(position)
+        self.advance(position)
 
-    def apply_answers(self, batch, results):
-        instances = int(results[0])
-        for (name, _, future), result in zip(batch, results[1:]):
-            if result == "-2":
-                if not future.done():
-                    try:
-                        check_id(name, "channel id", channel=True)
-                        error = APIError(NO_CHANNEL, "Nonexistent channel")
-                    except APIError as e:
-                        error = e
-                    future.set_exception(error)
-                continue
-            message_id, prev, text = result.split("\t", 2)
-            message_id = int(message_id)
-            if self.position is not None and int(prev) == self.position:
-                # The entry right after the last one applied: apply it
-                # now rather than wait for the tail to read it back.
-                self.apply_pushed(message_id, name, text)
-            # Its caller may have gone (the client left): applied anyway.
-            if not future.done():
-                future.set_result((message_id, instances))
-
-    @staticmethod
-    def fail_pushes(batch, message):
-        for _, _, future in batch:
-            if not future.done():
-                # One exception each: raised in many tasks, one instance
-                # would collect all their tracebacks.
-                future.set_exception(unavailable(message))
-
-    async def remove_channel(self, name):
-        removed = await self.run(
-            "remove_channel", REDIS_REMOVE_CHANNEL,
-            [self.k["id"], self.k["log"], self.k["channels"],
-             self.key("c:", name), self.key("h:", name)],
-            [self.floor(), name, REDIS_LOG_LENGTH])
-        if removed:
-            await self.applied(removed)
-        return bool(removed)
-
-    # -- reads and expiry ---------------------------------------------------
-
-    def touch_channel(self, channel, now):
-        self.touched_channels.add(channel.name)
-        super().touch_channel(channel, now)
-
-    def touch_client(self, client_id, now):
-        self.touched_clients.add(client_id)
-        super().touch_client(client_id, now)
-
-    async def expire(self, now, reading):
-        """Tell Redis what was read here (held polls and open streams count)
-        and let it expire what nobody read.  Locally, entries are only
-        moved along, so each is looked at once per timeout."""
-        for client_id in list(self.stale(
-                self.clients.items(), now - self.config.session_timeout)):
-            if client_id in reading:
-                self.touch_client(client_id, now)
-            else:
-                MemoryStore.touch_client(self, client_id, now)
-        for channel in list(self.stale(
-                ((c, c.last_read) for c in self.channels.values()),
-                now - self.config.inactive_channel_timeout)):
-            if channel.waiters:
-                self.touch_channel(channel, now)
-            else:
-                MemoryStore.touch_channel(self, channel, now)
-        if self.client.connected and (self.housekeeping_task is None or
-                                      self.housekeeping_task.done()):
-            self.housekeeping_task = self.loop.create_task(self.housekeeping())
-        # Push counts of entries applied here but pushed elsewhere.
-        if len(self.reached) > 10_000:
-            self.reached.clear()
-
-    async def housekeeping(self, check=True):
-        channels = list(self.touched_channels)
-        clients = list(self.touched_clients)
-        self.touched_channels.clear()
-        self.touched_clients.clear()
-        config = self.config
-        keys = [self.k[k] for k in ("id", "log", "channels", "clients",
-                                     "instances")]
-        try:
-            while True:
-                some_channels = channels[:REDIS_TOUCH_BATCH]
-                some_clients = clients[:REDIS_TOUCH_BATCH - len(some_channels)]
-                del channels[:len(some_channels)]
-                del clients[:len(some_clients)]
-                await self.run("housekeeping", REDIS_HOUSEKEEPING, keys, [
-                    self.floor(), REDIS_LOG_LENGTH, self.instance,
-                    int(config.inactive_channel_timeout * 1000),
-                    int(config.session_timeout * 1000), self.ttl, self.prefix,
-                    REDIS_EXPIRE_BATCH, len(some_channels), *some_channels,
-                    *some_clients], check)
-                if not channels and not clients:
-                    return
-        except HTTPError:
-            # Told again next time.
-            self.touched_channels.update(channels)
-            self.touched_clients.update(clients)
+    def apply_pushed(self, position, name, text):
+        store = self.store
+        reached = store.apply_push(store.channels.get(name), position, text)
+        if reached:
+            self.reached[position] = reached
+        self.advance(position)
 
     # -- following the log --------------------------------------------------
 
@@ -2732,118 +1737,457 @@ class RedisStore(MemoryStore):
             except LogGap as e:
                 log.warning("redis: %s; reloading the shared state", e)
                 self.position = None
-            except RedisError:
+            except (RedisError, HTTPError):
                 await asyncio.sleep(0.1)  # the client reconnects meanwhile
-            except HTTPError:
-                await asyncio.sleep(0.1)
-
-    def apply_entry(self, position, payload):
-        if self.position is not None and position <= self.position:
-            return                       # applied already, by its writer
-        kind, prev, rest = payload.split("\t", 2)
-        if int(prev) != self.position:
-            raise LogGap(f"log entries between {self.position} and "
-                         f"{position} are gone")
-        channels = self.channels
-        if kind == "p":
-            name, text = rest.split("\t", 1)
-            self.apply_pushed(position, name, text)
-            return
-        if kind == "c":
-            name, max_messages, use_sessions = rest.split("\t")
-            if name not in channels:
-                self.apply_channel(name, int(max_messages),
-                                   use_sessions == "1")
-        elif kind == "d":
-            channel = channels.get(rest)
-            if channel is not None:
-                self.apply_remove(channel)
-        elif kind == "u":
-            if rest not in self.clients:
-                self.clients[rest] = self.loop.time()
-                self.added += 1
-        elif kind == "x":
-            self.clients.pop(rest, None)
-        self.last_id = max(self.last_id, position)
-        self.advance(position)
-
-    def apply_pushed(self, position, name, text):
-        channel = self.channels.get(name)
-        if channel is not None and channel.newest_id < position:
-            self.reached[position] = self.apply_push(channel, position, text)
-        if position > self.last_id:
-            self.last_id = position
-        self.advance(position)
-
-    def advance(self, position):
-        self.position = position
-        if self.awaited:
-            for wanted in [p for p in self.awaited if p <= position]:
-                for future in self.awaited.pop(wanted):
-                    if not future.done():
-                        future.set_result(None)
 
     async def load(self):
-        """Make the replica what Redis holds, then follow the log from the
+        """Make the core what Redis holds, then follow the log from the
         entry that was last when loading began (entries applied twice
         change nothing).  Waiters on channels that are gone get -2 or
         ``deleted``; messages the replica missed are delivered."""
         execute = self.client.execute
-        await execute("SET", self.k["epoch"], os.urandom(8).hex(), "NX")
-        epoch, tail = await asyncio.gather(
-            execute("GET", self.k["epoch"]), execute("GET", self.k["id"]))
+        k = self.k
+        store = self.store
+        await execute("SET", k["epoch"], os.urandom(8).hex(), "NX")
+        epoch, tail = await asyncio.gather(execute("GET", k["epoch"]),
+                                           execute("GET", k["id"]))
         epoch = epoch.decode()
         if self.epoch is not None and epoch != self.epoch:
             log.warning("redis: Redis came back without this deployment's "
                         "data; channels and clients are gone")
         names, clients = await asyncio.gather(
-            execute("ZRANGE", self.k["channels"], 0, -1),
-            execute("ZRANGE", self.k["clients"], 0, -1))
+            execute("ZRANGE", k["channels"], 0, -1),
+            execute("ZRANGE", k["clients"], 0, -1))
         names = [n.decode() for n in names]
         metas = await asyncio.gather(*[execute(
-            "HMGET", self.key("c:", n), "max", "sessions", "dropped")
+            "HMGET", store.key("c:", n), "max", "sessions", "dropped")
             for n in names])
         histories = await asyncio.gather(*[execute(
-            "LRANGE", self.key("h:", n), 0, -1) for n in names])
-        now = self.loop.time()
-        loaded = {}
-        for name, (max_messages, sessions, dropped), history in zip(
-                names, metas, histories):
-            if max_messages is not None:
-                loaded[name] = (int(max_messages), sessions == b"1",
-                                int(dropped or 0), history)
-        for channel in list(self.channels.values()):
-            if channel.name not in loaded:
-                self.apply_remove(channel)
-        for name, (max_messages, use_sessions, dropped, history) in \
+            "LRANGE", store.key("h:", n), 0, -1) for n in names])
+        loaded = {name: (meta, history) for name, meta, history
+                  in zip(names, metas, histories) if meta[0] is not None}
+        for name in [n for n in store.channels if n not in loaded]:
+            store.apply_remove(name)
+        for name, ((max_messages, sessions, dropped), history) in \
                 loaded.items():
-            channel = self.channels.get(name)
-            if channel is None:
-                channel = self.apply_channel(name, max_messages, use_sessions)
-            channel.dropped_id = max(channel.dropped_id, dropped)
+            channel = store.apply_channel(name, int(max_messages),
+                                          sessions == b"1", int(dropped or 0))
             for text in history:
                 text = text.decode()
-                message_id = int(text[7:text.index(",")])
-                if message_id > channel.newest_id:
-                    self.apply_push(channel, message_id, text)
+                store.apply_push(channel, message_id_of(text), text)
         clients = {c.decode() for c in clients}
-        for client_id in list(self.clients):
-            if client_id not in clients:
-                del self.clients[client_id]
+        for client_id in [c for c in store.clients if c not in clients]:
+            store.apply_forget(client_id)
         for client_id in clients:
-            if client_id not in self.clients:
-                self.clients[client_id] = now
-                self.added += 1
+            store.apply_client(client_id)
         self.epoch = epoch
-        self.last_id = max(self.last_id, int(tail or 0))
+        store.apply_counter(int(tail or 0))
         self.advance(int(tail or 0))
         log.info("redis: %d channels and %d clients loaded", len(loaded),
                  len(clients))
 
 
 # ---------------------------------------------------------------------------
+# Storage shared by instances (--redis): pushes in batches
+# ---------------------------------------------------------------------------
+
+class RedisPushes:
+    """Pushes made in one turn of the loop go to Redis in one script (up to
+    REDIS_PUSH_BATCH pushes and REDIS_PUSH_BYTES of messages, or one larger
+    message: Redis runs one script at a time, for every instance), and are
+    applied in order as answered.  The hottest command, so it is encoded
+    from parts made once."""
+
+    def __init__(self, store, replica):
+        self.store = store
+        self.replica = replica
+        self.client = store.client
+        self.waiting = []                # (name, content JSON, future)
+        k = store.k
+        self.keys = b"".join(encode_command(k[name]).partition(b"\r\n")[2]
+                             for name in ("id", "log", "instances"))
+        self.limits = encode_command(
+            store.ttl, REDIS_INSTANCE_WINDOW).partition(b"\r\n")[2]
+        prefix = store.prefix.encode().replace(b"%", b"%%")
+        self.channel_keys = (b"$%d\r\n" + prefix + b"c:%b\r\n"
+                             b"$%d\r\n" + prefix + b"h:%b\r\n")
+        self.key_length = len(store.prefix.encode()) + 2
+        self.sha = script_sha(REDIS_PUSH).encode()
+
+    def add(self, name, content):
+        """A future of (id, instances), or an exception to raise."""
+        future = self.store.loop.create_future()
+        if not self.waiting:
+            self.store.loop.call_soon(self.send)
+        self.waiting.append((name, json.dumps(content).encode(), future))
+        return future
+
+    def send(self, batch=None, script=False):
+        """Send the pushes waiting (or ``batch`` again, with the script's
+        text when Redis did not know it)."""
+        if batch is None:
+            batch, self.waiting = self.waiting, []
+        while batch:
+            count = size = 0
+            for _, content, _ in batch[:REDIS_PUSH_BATCH]:
+                if count and size + len(content) > REDIS_PUSH_BYTES:
+                    break
+                count += 1
+                size += len(content)
+            some, batch = batch[:count], batch[count:]
+            try:
+                reply = self.client.send(self.command(some, script))
+            except RedisError as e:
+                self.fail(some, f"Redis unreachable: {e}")
+                continue
+            self.replica.writing += 1
+            reply.add_done_callback(
+                lambda reply, some=some: self.answered(some, reply))
+
+    def command(self, some, script):
+        names = [name.encode() for name, _, _ in some]
+        key_length = self.key_length
+        floor = b"%d" % self.store.floor()
+        numkeys = b"%d" % (3 + 2 * len(some))
+        body = REDIS_PUSH.encode() if script else self.sha
+        return b"".join((
+            b"*%d\r\n" % (9 + 4 * len(some)),
+            b"$4\r\nEVAL\r\n" if script else b"$7\r\nEVALSHA\r\n",
+            b"$%d\r\n%b\r\n" % (len(body), body),
+            b"$%d\r\n%b\r\n" % (len(numkeys), numkeys),
+            self.keys,
+            *[self.channel_keys % (key_length + len(name), name,
+                                   key_length + len(name), name)
+              for name in names],
+            b"$%d\r\n%b\r\n" % (len(floor), floor),
+            self.limits,
+            *[b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+                len(name), name, len(content), content)
+              for name, (_, content, _) in zip(names, some)]))
+
+    def answered(self, batch, reply):
+        self.replica.answered()
+        try:
+            results = reply.result().decode().split("\n")
+        except RedisReplyError as e:
+            if e.code == "NOSCRIPT":
+                self.send(batch, script=True)
+            else:
+                self.fail(batch, f"Redis refused the write: {e}")
+            return
+        except RedisError as e:
+            # Not confirmed: Redis may or may not have stored them.
+            self.fail(batch, f"Redis did not confirm the write: {e}")
+            return
+        try:
+            self.apply(batch, results)
+        except Exception:
+            # A callback's exception would only be logged: its pushes
+            # would wait for ever.
+            log.exception("internal error applying pushes")
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(
+                        HTTPError(500, "Internal server error"))
+
+    def apply(self, batch, results):
+        instances = int(results[0])
+        replica = self.replica
+        for (name, _, future), result in zip(batch, results[1:]):
+            if result == "-2":
+                if not future.done():
+                    try:
+                        check_id(name, "channel id", channel=True)
+                        error = APIError(NO_CHANNEL, "Nonexistent channel")
+                    except APIError as e:
+                        error = e
+                    future.set_exception(error)
+                continue
+            message_id, prev, text = result.split("\t", 2)
+            message_id = int(message_id)
+            if replica.position is not None and int(prev) == replica.position:
+                # The entry right after the last one applied: apply it
+                # now rather than wait for the tail to read it back.
+                replica.apply_pushed(message_id, name, text)
+            # Its caller may have gone (the client left): applied anyway.
+            if not future.done():
+                future.set_result((message_id, instances))
+
+    @staticmethod
+    def fail(batch, message):
+        for _, _, future in batch:
+            if not future.done():
+                # One exception each: raised in many tasks, one instance
+                # would collect all their tracebacks.
+                future.set_exception(unavailable(message))
+
+
+# ---------------------------------------------------------------------------
+# Storage shared by instances (--redis): the store
+# ---------------------------------------------------------------------------
+
+class RedisStore(Core):
+    """A replica of the state that every instance keeps in one Redis.
+
+    Writes run a Lua script that checks, assigns an id from the shared
+    counter, stores and appends one entry to the shared log, all
+    atomically; the replica applies it (the writer's own entry first, so
+    the writer reads what it wrote).  Reads are answered from the replica;
+    one that needs more than it has (a channel, a client or a ``since`` it
+    has not seen yet) first catches up.  Expiry is decided in Redis (every
+    instance sends what it read once a second), so all instances agree.
+    """
+
+    def __init__(self, config, loop):
+        super().__init__(config, loop)
+        prefix = self.prefix = config.redis_prefix
+        self.k = {name: prefix + name for name in (
+            "id", "log", "epoch", "channels", "clients", "instances")}
+        self.client = RedisClient(config.redis, on_connect=self.connected)
+        self.instance = os.urandom(8).hex()
+        # A safety net for a deployment that is gone for good; expiry
+        # itself is the housekeeping script's.
+        self.ttl = int(max(config.inactive_channel_timeout,
+                           config.session_timeout, REDIS_KEY_TTL) * 1000)
+        self.replica = RedisReplica(self)
+        self.pushes = RedisPushes(self, self.replica)
+        self.touched_channels = set()
+        self.touched_clients = set()
+        self.tail_task = None
+        self.housekeeping_task = None
+
+    def open(self):
+        self.client.start()
+        self.tail_task = self.loop.create_task(self.replica.tail())
+        log.info("redis: using %s with prefix %r", self.client.url,
+                 self.prefix)
+
+    async def close(self):
+        if self.tail_task is not None:
+            self.tail_task.cancel()
+        if self.client.connected:
+            # Gone: pushes elsewhere stop counting this instance at once.
+            try:
+                await self.client.execute("ZREM", self.k["instances"],
+                                          self.instance)
+            except RedisError:
+                pass
+        await self.client.close()
+
+    def health(self):
+        # Open to everyone: no address, no detail (the log has them).
+        if not self.client.connected:
+            return "Redis unreachable"
+        if self.replica.position is None:
+            return "Redis: catching up"
+        return None
+
+    def counters(self):
+        connected = self.health() is None
+        return (
+            ("redis.connected", "redis_connected",
+             "1 when connected to Redis and caught up.", connected),
+            ("redis.last_error", None, None, self.client.last_error),
+            ("redis.applied_id", None, None, self.replica.position or 0),
+            ("redis.instance", None, None, self.instance),
+            (None, "redis_reconnects_total", "Connections made to Redis.",
+             self.client.connects),
+        )
+
+    def key(self, kind, name):
+        return self.prefix + kind + name
+
+    def floor(self):
+        return max(self.last_id,
+                   min(int(time.time() * ID_UNITS_PER_SECOND), MAX_SAFE_ID))
+
+    # -- talking to Redis ---------------------------------------------------
+
+    async def connected(self, client):
+        # A new connection: whatever was missed is in the log (or, if Redis
+        # lost its data, the state is reloaded); the tail finds out.  Say
+        # at once that this instance is here, and what it read meanwhile.
+        self.touched_channels.update(self.channels)
+        self.touched_clients.update(self.clients)
+        await self.run(REDIS_REVIVE, [
+            self.k["instances"], self.k["channels"], self.k["clients"]],
+            [REDIS_INSTANCE_WINDOW], check=False)
+        await self.housekeeping(check=False)
+
+    def check_connected(self):
+        """A 503 at once, with nothing sent, while Redis is unreachable."""
+        if not self.client.connected:
+            raise unavailable("Redis unreachable: " +
+                              (self.client.last_error or "connecting"))
+
+    async def run(self, script, keys, args, check=True):
+        """Run a script, or a command (``script`` None); a Redis that
+        cannot answer is a 503."""
+        if check:
+            self.check_connected()
+        try:
+            if script is None:
+                return await self.client.execute(*keys)
+            sha = SCRIPT_SHAS.get(script)
+            if sha is None:
+                sha = SCRIPT_SHAS[script] = script_sha(script)
+            return await self.client.evalsha(sha, script, keys, args)
+        except RedisReplyError as e:
+            raise unavailable(f"Redis refused the write: {e}") from None
+        except RedisError as e:
+            # Not confirmed: Redis may or may not have stored it.
+            raise unavailable(f"Redis did not confirm the write: {e}") \
+                from None
+
+    async def catch_up(self):
+        try:
+            tail = await self.run(None, ["GET", self.k["id"]], ())
+        except HTTPError:
+            return False
+        return await self.replica.applied(int(tail or 0))
+
+    # -- writes -------------------------------------------------------------
+
+    async def add_channel(self, name, max_messages, use_sessions):
+        await self.change(REDIS_ADD_CHANNEL, [
+            self.k["id"], self.k["log"], self.k["channels"],
+            self.key("c:", name)],
+            [self.floor(), name, max_messages, int(use_sessions), self.ttl],
+            "Channel already exists")
+
+    async def add_client(self, client_id):
+        await self.change(REDIS_ADD_CLIENT, [
+            self.k["id"], self.k["log"], self.k["clients"]],
+            [self.floor(), client_id], "Client already exists")
+
+    async def change(self, script, keys, args, refusal):
+        position = await self.run(script, keys, args)
+        if position == -2:
+            raise APIError(NO_CHANNEL, refusal)
+        await self.replica.applied(position)
+
+    async def push(self, name, content):
+        self.check_connected()
+        message_id, instances = await self.pushes.add(name, content)
+        replica = self.replica
+        if replica.position is None or replica.position < message_id:
+            await replica.applied(message_id)
+        self.pushed += 1
+        return Pushed(message_id, replica.reached.pop(message_id, 0),
+                      instances)
+
+    async def remove_channel(self, name):
+        removed = await self.run(REDIS_REMOVE_CHANNEL, [
+            self.k["id"], self.k["log"], self.k["channels"],
+            self.key("c:", name), self.key("h:", name)], [self.floor(), name])
+        if removed:
+            await self.replica.applied(removed)
+        return bool(removed)
+
+    # -- reads and expiry ---------------------------------------------------
+
+    def touch_channel(self, channel, now):
+        self.touched_channels.add(channel.name)
+        super().touch_channel(channel, now)
+
+    def touch_client(self, client_id, now):
+        self.touched_clients.add(client_id)
+        super().touch_client(client_id, now)
+
+    async def expire(self, now, reading):
+        """Tell Redis what was read here (held polls and open streams count)
+        and let it expire what nobody read.  Locally, entries are only
+        moved along, so each is looked at once per timeout."""
+        for client_id in list(self.stale_clients(now)):
+            if client_id in reading:
+                self.touch_client(client_id, now)
+            else:
+                Core.touch_client(self, client_id, now)
+        for channel in list(self.stale_channels(now)):
+            if channel.waiters:
+                self.touch_channel(channel, now)
+            else:
+                Core.touch_channel(self, channel, now)
+        if self.client.connected and (self.housekeeping_task is None or
+                                      self.housekeeping_task.done()):
+            self.housekeeping_task = self.loop.create_task(self.housekeeping())
+        # Push counts of entries applied here but pushed elsewhere.
+        if len(self.replica.reached) > 10_000:
+            self.replica.reached.clear()
+
+    async def housekeeping(self, check=True):
+        channels = list(self.touched_channels)
+        clients = list(self.touched_clients)
+        self.touched_channels.clear()
+        self.touched_clients.clear()
+        config = self.config
+        keys = [self.k[k] for k in ("id", "log", "channels", "clients",
+                                     "instances")]
+        try:
+            while True:
+                some_channels = channels[:REDIS_TOUCH_BATCH]
+                some_clients = clients[:REDIS_TOUCH_BATCH - len(some_channels)]
+                del channels[:len(some_channels)]
+                del clients[:len(some_clients)]
+                await self.run(REDIS_HOUSEKEEPING, keys, [
+                    self.floor(), self.instance,
+                    int(config.inactive_channel_timeout * 1000),
+                    int(config.session_timeout * 1000), self.ttl, self.prefix,
+                    REDIS_EXPIRE_BATCH, len(some_channels), *some_channels,
+                    *some_clients], check)
+                if not channels and not clients:
+                    return
+        except HTTPError:
+            # Told again next time.
+            self.touched_channels.update(channels)
+            self.touched_clients.update(clients)
+
+
+# ---------------------------------------------------------------------------
 # The hub: held polls and open streams, the two kinds of waiter
 # ---------------------------------------------------------------------------
+
+class Deadlines:
+    """Items in the order of their deadlines, for timeouts that all have one
+    length, so that an item added or moved goes to the end and the order
+    holds: what is due is at the front, and one periodic walk finds it,
+    stopping at the first item still in time (a timer each would cost more
+    memory and time than the item).  Held polls, open streams (their next
+    heartbeat) and connections (their idle close) are kept so."""
+
+    __slots__ = ("due",)
+
+    def __init__(self):
+        self.due = {}                    # item -> deadline, in that order
+
+    def __len__(self):
+        return len(self.due)
+
+    def __iter__(self):
+        return iter(self.due)
+
+    def add(self, item, deadline):
+        self.due[item] = deadline
+
+    def move(self, item, deadline):
+        """A later deadline for an item (if it is still here)."""
+        due = self.due
+        if due.pop(item, None) is not None:
+            due[item] = deadline
+
+    def remove(self, item):
+        return self.due.pop(item, None) is not None
+
+    def expired(self, now):
+        """The items due by ``now``, oldest first; they stay until removed
+        or moved."""
+        out = []
+        for item, deadline in self.due.items():
+            if deadline > now:
+                break
+            out.append(item)
+        return out
+
 
 def event_bytes(channel, message_id, text):
     """A message as one EventSource event (the JSON gains its channel)."""
@@ -2855,8 +2199,7 @@ class Poll:
     """A held read, answered once: by a push to one of its channels, by
     the poll timeout, or when its channels are deleted."""
 
-    __slots__ = ("conn", "channels", "since", "client_id", "callback",
-                 "deadline")
+    __slots__ = ("conn", "channels", "since", "client_id", "callback")
 
     def __init__(self, conn, channels, since, client_id, callback):
         self.conn = conn
@@ -2864,7 +2207,6 @@ class Poll:
         self.since = since
         self.client_id = client_id
         self.callback = callback         # JSON-P callback, None for JSON
-        self.deadline = None
 
     def notify(self, hub, channel, message_id, text, cache, now):
         # Polls that share channels, since and format get the same bytes:
@@ -2897,15 +2239,13 @@ class Stream:
     the client stays.  While the opening replay is written, live events
     wait in ``backlog``."""
 
-    __slots__ = ("conn", "channels", "client_id", "cursor", "sent",
-                 "backlog")
+    __slots__ = ("conn", "channels", "client_id", "cursor", "backlog")
 
-    def __init__(self, conn, channels, client_id, cursor, now):
+    def __init__(self, conn, channels, client_id, cursor):
         self.conn = conn
         self.channels = channels
         self.client_id = client_id
         self.cursor = cursor             # the id it started after
-        self.sent = now                  # last write, for heartbeats
         self.backlog = None
 
     def notify(self, hub, channel, message_id, text, cache, now):
@@ -2915,7 +2255,7 @@ class Stream:
         if data is None:
             data = cache[Stream] = event_bytes(channel, message_id, text)
         self.send(hub, data)
-        self.sent = now
+        hub.streams.move(self, now + hub.config.sse_heartbeat)
         return 1
 
     def send(self, hub, data):
@@ -2949,11 +2289,8 @@ class Hub:
         self.loop = loop
         self.store = store
         store.hub = self
-        # Every held poll, oldest first.  They all share one timeout, so this
-        # is also deadline order: one sweep answers the expired ones, where a
-        # timer per poll would cost more memory and time than the poll.
-        self.polls = {}
-        self.streams = {}
+        self.polls = Deadlines()         # held polls, by their timeout
+        self.streams = Deadlines()       # open streams, by their heartbeat
         self.reading = {}                # client id -> its polls and streams
         self.delivered = 0
         self.started = time.time()
@@ -2967,7 +2304,7 @@ class Hub:
     def last_id(self):
         return self.store.last_id
 
-    # -- writes (the store may answer later: Redis) -------------------------
+    # -- writes: coroutines of the store ----------------------------------
 
     def add_channel(self, name, max_messages, use_sessions):
         return self.store.add_channel(name, max_messages, use_sessions)
@@ -2976,15 +2313,14 @@ class Hub:
         return self.store.add_client(client_id)
 
     def push(self, name, content):
-        """Store a message: (its id, waiters reached[, instances]), or an
-        awaitable of it."""
+        """Store a message; a coroutine of its Pushed."""
         if content is None:
             self.store.channel(name)     # a missing channel is told first
             raise APIError(BAD_PARAMETER, "Missing content")
         return self.store.push(name, content)
 
     def remove_channel(self, name):
-        """True when the channel existed (or an awaitable of it)."""
+        """A coroutine of whether the channel existed."""
         return self.store.remove_channel(name)
 
     # -- told by the store --------------------------------------------------
@@ -3006,40 +2342,28 @@ class Hub:
 
     # -- reads --------------------------------------------------------------
 
-    def view(self, names, since, client_id):
-        """(The channels a reader may read, its cursor): now, or once this
-        instance has caught up with a store that others write too.
+    async def view(self, names, since, client_id):
+        """(The channels a reader may read, its cursor), once this instance
+        has what the reader needs.
 
         A3 clamps a ``since`` above the counter to it.  An instance of a
         shared store may not have applied yet what the reader saw on
         another one, nor a channel or client registered there: then it
-        catches up first, rather than answer from a stale view.
+        catches up first, rather than answer from a stale view.  If it
+        cannot (the shared store is unreachable or slow), it answers from
+        what it has, and keeps a cursor that is ahead (nothing is sent
+        twice).
         """
         store = self.store
         if since <= store.last_id:
             try:
                 return self.readable(names, client_id), since
             except APIError:
-                settled = store.settled()
-                if settled is None:
-                    raise
-        else:
-            settled = store.settled()
-            if settled is None:
-                return self.readable(names, client_id), store.last_id
-        return self.view_later(settled, names, since, client_id)
-
-    async def view_later(self, settled, names, since, client_id):
-        try:
-            caught_up = await settled
-        except HTTPError:
-            caught_up = False
-        if caught_up:
-            return self.readable(names, client_id), \
-                min(since, self.store.last_id)
-        # The shared store is unreachable or slow: answer from what was
-        # applied, and keep a cursor that is ahead (nothing is sent twice).
-        return self.readable(names, client_id), since
+                await store.catch_up()
+                return self.readable(names, client_id), since
+        caught_up = await store.catch_up()
+        return self.readable(names, client_id), \
+            min(since, store.last_id) if caught_up else since
 
     def readable(self, names, client_id):
         """The channels of ``names`` that this reader may read, touched."""
@@ -3114,9 +2438,9 @@ class Hub:
         if now is None:
             now = self.loop.time()
         if waiter.__class__ is Poll:
-            del self.polls[waiter]
+            self.polls.remove(waiter)
         else:
-            del self.streams[waiter]
+            self.streams.remove(waiter)
         store = self.store
         for channel in waiter.channels:
             waiters = channel.waiters
@@ -3141,9 +2465,8 @@ class Hub:
     def hold(self, poll):
         # Answered by the sweep that follows the deadline, so never later
         # than --poll-timeout.
-        poll.deadline = (self.loop.time() + self.config.poll_timeout -
-                         self.sweep_interval)
-        self.polls[poll] = None
+        self.polls.add(poll, self.loop.time() + self.config.poll_timeout -
+                       self.sweep_interval)
         self.attach(poll)
 
     def answer(self, poll, text):
@@ -3156,13 +2479,7 @@ class Hub:
         self.answer(poll, self.empty_text(poll.channels, poll.since))
 
     def sweep(self):
-        now = self.loop.time()
-        expired = []
-        for poll in self.polls:
-            if poll.deadline > now:
-                break
-            expired.append(poll)
-        for poll in expired:
+        for poll in self.polls.expired(self.loop.time()):
             self.time_out(poll)
         self.sweeper = self.loop.call_later(self.sweep_interval, self.sweep)
 
@@ -3170,7 +2487,7 @@ class Hub:
         """Start a stream; returns the opening replay, a list of event
         bytes: ``lost`` first where history was dropped, then what is
         retained after the cursor, oldest first."""
-        stream = Stream(conn, channels, client_id, cursor, self.loop.time())
+        stream = Stream(conn, channels, client_id, cursor)
         lost = [c.key for c in channels if cursor and c.dropped_id > cursor]
         replay = [(message_id, channel, text) for channel in channels
                   for message_id, text in channel.since(cursor)]
@@ -3183,7 +2500,7 @@ class Hub:
                           % ", ".join(lost).encode())
         if events:
             stream.backlog = bytearray()
-        self.streams[stream] = None
+        self.streams.add(stream, self.loop.time() + self.config.sse_heartbeat)
         self.attach(stream)
         return stream, events
 
@@ -3203,11 +2520,11 @@ class Hub:
     def heartbeat(self):
         """A comment to every stream that has had no event for a while, so
         proxies and browsers keep it."""
-        limit = self.loop.time() - self.config.sse_heartbeat
-        for stream in self.streams:
-            if stream.sent <= limit and stream.backlog is None:
+        now = self.loop.time()
+        for stream in self.streams.expired(now):
+            if stream.backlog is None:
                 stream.conn.transport.write(b": keep-alive\n\n")
-                stream.sent = limit + self.config.sse_heartbeat
+                self.streams.move(stream, now + self.config.sse_heartbeat)
         self.heartbeats = self.loop.call_later(self.heartbeat_interval,
                                                self.heartbeat)
 
@@ -3239,28 +2556,23 @@ FALSE_WORDS = {"", "0", "false", "no", "off"}
 
 PUBLIC, ADMIN = False, True              # who may call a route
 
-# Method, path, handler, access.  A path with a "fmt" group is an API
-# resource (JSON or JSON-P, failures as negative return codes); the others
-# build their whole reply.  Status and metrics exist with --enable-status.
-ROUTES = (
-    ("GET", r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)", "read", PUBLIC),
-    ("HEAD", r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)", "read", PUBLIC),
-    ("POST", r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)", "push", ADMIN),
-    ("DELETE", r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)", "delete",
-     ADMIN),
-    ("OPTIONS", r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)", "preflight",
-     PUBLIC),
-    ("GET", r"/channels/(?P<names>[^/]*)\.sse", "stream", PUBLIC),
-    ("OPTIONS", r"/channels/(?P<names>[^/]*)\.sse", "preflight", PUBLIC),
-    ("POST", r"/channels\.(?P<fmt>jsonp?)", "register_channel", ADMIN),
-    ("POST", r"/clients\.(?P<fmt>jsonp?)", "register_client", ADMIN),
-    ("GET", r"/health\.(?P<fmt>jsonp?)", "health", PUBLIC),
-    ("HEAD", r"/health\.(?P<fmt>jsonp?)", "health", PUBLIC),
-    ("GET", r"/(?:status|stats)\.(?P<fmt>jsonp?)", "status", ADMIN),
-    ("HEAD", r"/(?:status|stats)\.(?P<fmt>jsonp?)", "status", ADMIN),
-    ("GET", r"/metrics", "metrics", ADMIN),
-    ("HEAD", r"/metrics", "metrics", ADMIN),
-)
+# Path -> {method: (handler, access)}.  A path with a "fmt" group is an API
+# resource (JSON or JSON-P, failures as negative return codes) whose
+# handler returns a JSON text (None: held); the others build their whole
+# reply.  HEAD goes wherever GET goes.  Status and metrics exist with
+# --enable-status.
+ROUTES = {
+    r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)": {
+        "GET": ("read", PUBLIC), "POST": ("push", ADMIN),
+        "DELETE": ("delete", ADMIN), "OPTIONS": ("preflight", PUBLIC)},
+    r"/channels/(?P<names>[^/]*)\.sse": {
+        "GET": ("stream", PUBLIC), "OPTIONS": ("preflight", PUBLIC)},
+    r"/channels\.(?P<fmt>jsonp?)": {"POST": ("register_channel", ADMIN)},
+    r"/clients\.(?P<fmt>jsonp?)": {"POST": ("register_client", ADMIN)},
+    r"/health\.(?P<fmt>jsonp?)": {"GET": ("health", PUBLIC)},
+    r"/(?:status|stats)\.(?P<fmt>jsonp?)": {"GET": ("status", ADMIN)},
+    r"/metrics": {"GET": ("metrics", ADMIN)},
+}
 STATUS_ROUTES = {"status", "metrics"}
 
 # A stream refused before it starts gets a real HTTP status: a browser's
@@ -3271,37 +2583,37 @@ STREAM_REFUSALS = {BAD_PARAMETER: 400, NO_CHANNEL: 404,
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\n"
             b"Content-Type: text/event-stream; charset=utf-8\r\n" + NO_CACHE +
             b"X-Accel-Buffering: no\r\nX-Content-Type-Options: nosniff\r\n" +
-            CORS + b"Connection: close\r\n\r\n"
-            # The comment makes proxies pass the head on at once.
-            b"retry: %d\n: stream open\n\n" % SSE_RETRY_MS)
+            CORS + b"Connection: close\r\n\r\n")
+# The comment makes proxies pass the head on at once.
+SSE_START = SSE_HEAD + b"retry: %d\n: stream open\n\n" % SSE_RETRY_MS
 
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 class App:
-    """Routes a parsed request to the hub and builds the reply."""
+    """Routes a parsed request to the hub and builds the reply.  Every
+    handler is a coroutine ``handler(request, conn)``; the route's match,
+    parameters and JSON-P callback are on the request."""
 
     def __init__(self, config, hub, server):
         self.config = config
         self.hub = hub
         self.server = server
         self.token = config.admin_token.encode() if config.admin_token else None
-        # One compiled pattern per path, with its methods.
-        self.routes = []
-        paths = {}
-        for method, path, handler, admin in ROUTES:
-            if handler in STATUS_ROUTES and not config.enable_status:
-                continue
-            if path not in paths:
-                paths[path] = {}
-                self.routes.append((re.compile(path), paths[path]))
-            paths[path][method] = (getattr(self, handler), admin,
-                                   "(?P<fmt>" in path)
+        self.routes = []                 # (pattern, {method: entry})
+        for path, methods in ROUTES.items():
+            entries = {method: (getattr(self, name), admin, "(?P<fmt>" in path)
+                       for method, (name, admin) in methods.items()
+                       if config.enable_status or name not in STATUS_ROUTES}
+            if "GET" in entries:         # HEAD beside GET, in Allow too
+                entries = {m: e for method, e in entries.items() for m in
+                           ((method, "HEAD") if method == "GET" else (method,))}
+            if entries:
+                self.routes.append((re.compile(path), entries))
 
-    def route(self, request, conn):
-        """The reply: (status, content type, body, cors, extra headers);
-        None when a read is held; or an awaitable of either (a stream, or a
-        write the store answers later).  Raises HTTPError."""
+    async def route(self, request, conn):
+        """The reply: (status, content type, body, cors, extra headers), or
+        None when a read is held or a stream is open.  Raises HTTPError."""
         for pattern, methods in self.routes:
             match = pattern.fullmatch(request.path)
             if match is not None:
@@ -3315,17 +2627,17 @@ class App:
             raise HTTPError(405, f"{method} not allowed here", close=False,
                             headers=[("Allow", ", ".join(methods))])
         handler, admin, api = entry
+        request.match = match
         if not api or method == "OPTIONS":
             if admin:
                 self.authorize(request, conn)
-            return handler(request, conn, match)
-        fmt = match["fmt"]
+            return await handler(request, conn)
 
         reading = method in ("GET", "HEAD")
         # Until the callback is known, errors go through the default one.
-        callback = DEFAULT_CALLBACK if fmt == "jsonp" else None
+        callback = DEFAULT_CALLBACK if match["fmt"] == "jsonp" else None
         try:
-            params = self.parameters(request)
+            request.params = params = self.parameters(request)
             if callback is not None:
                 callback = params.get("cb", DEFAULT_CALLBACK)
                 refused = callback_error(callback)
@@ -3334,37 +2646,16 @@ class App:
                     # request whose answer could not be read.
                     return 200, b"application/javascript", \
                         f"/* {refused} */".encode(), reading, b""
+                request.callback = callback
             if admin:
                 self.authorize(request, conn)
-            text = handler(match, params, conn, callback, method)
-            if text.__class__ is not str:
-                if text is None:
-                    return None
-                return self.answer_later(text, callback, reading)
-        except APIError as e:
-            text = error_text(e.return_code, e.message)
-        content_type, body = frame_body(text, callback, self.config.quote_json)
-        return 200, content_type, body, reading, b""
-
-    async def answer_later(self, pending, callback, reading):
-        try:
-            text = await pending
+            text = await handler(request, conn)
             if text is None:
                 return None              # held
         except APIError as e:
             text = error_text(e.return_code, e.message)
         content_type, body = frame_body(text, callback, self.config.quote_json)
         return 200, content_type, body, reading, b""
-
-    @staticmethod
-    def then(result, reply):
-        """``reply(result)`` now, or once the store has answered."""
-        if not hasattr(result, "__await__"):
-            return reply(result)
-
-        async def later():
-            return reply(await result)
-        return later()
 
     @staticmethod
     def parameters(request):
@@ -3424,7 +2715,8 @@ class App:
 
     # -- resources ----------------------------------------------------------
 
-    def register_channel(self, match, params, conn, callback, method):
+    async def register_channel(self, request, conn):
+        params = request.params
         name = check_id(params.get("channel_id"), "channel_id", channel=True)
         word = params.get("use_sessions", "0").lower()
         if word not in TRUE_WORDS and word not in FALSE_WORDS:
@@ -3436,69 +2728,53 @@ class App:
             if max_messages > MAX_MESSAGES_PARAM:
                 raise APIError(BAD_PARAMETER, "Invalid max_messages: above "
                                               f"{MAX_MESSAGES_PARAM}")
-        return self.then(
-            self.hub.add_channel(name, max_messages, word in TRUE_WORDS),
-            lambda _: success_text(channel_id=name))
+        await self.hub.add_channel(name, max_messages, word in TRUE_WORDS)
+        return success_text(channel_id=name)
 
-    def register_client(self, match, params, conn, callback, method):
-        client_id = check_id(params.get("client_id"), "client_id")
-        return self.then(self.hub.add_client(client_id),
-                         lambda _: success_text(client_id=client_id))
+    async def register_client(self, request, conn):
+        client_id = check_id(request.params.get("client_id"), "client_id")
+        await self.hub.add_client(client_id)
+        return success_text(client_id=client_id)
 
-    def push(self, match, params, conn, callback, method):
-        result = self.hub.push(decode_segment(match.group("names")),
-                               params.get("content"))
-        if result.__class__ is tuple:
-            return self.push_text(result)
-        return self.then(result, self.push_text)
-
-    @staticmethod
-    def push_text(result):
+    async def push(self, request, conn):
+        pushed = await self.hub.push(decode_segment(request.match["names"]),
+                                     request.params.get("content"))
         # The hottest write: formatted directly rather than through a dict.
-        if len(result) == 2:
-            return ('{"return_code": 1, "error_message": "", "message_id": '
-                    '%d, "delivered": %d}' % result)
         return ('{"return_code": 1, "error_message": "", "message_id": %d, '
-                '"delivered": %d, "instances": %d}' % result)
+                '"delivered": %d%s}' % (
+                    pushed.id, pushed.delivered, "" if pushed.instances is None
+                    else ', "instances": %d' % pushed.instances))
 
-    def delete(self, match, params, conn, callback, method):
-        name = check_id(decode_segment(match.group("names")), "channel id",
+    async def delete(self, request, conn):
+        name = check_id(decode_segment(request.match["names"]), "channel id",
                         channel=True)
-        return self.then(self.hub.remove_channel(name), lambda removed:
-                         success_text(2 if removed else 1, channel_id=name,
-                                      removed=removed))
+        removed = await self.hub.remove_channel(name)
+        return success_text(2 if removed else 1, channel_id=name,
+                            removed=removed)
 
-    def read(self, match, params, conn, callback, method):
+    async def read(self, request, conn):
+        params = request.params
         since = params.get("since")
         client_id = self.client_id(params)
-        view = self.hub.view(self.channel_names(match),
-                             0 if since is None else self.cursor(since),
-                             client_id)
-        if view.__class__ is not tuple:
-            return self.read_later(view, conn, client_id, callback, method)
-        return self.answer_read(view, conn, client_id, callback, method)
-
-    async def read_later(self, view, conn, client_id, callback, method):
-        return self.answer_read(await view, conn, client_id, callback, method)
-
-    def answer_read(self, view, conn, client_id, callback, method):
         hub = self.hub
-        channels, since = view
+        channels, since = await hub.view(
+            self.channel_names(request.match),
+            0 if since is None else self.cursor(since), client_id)
         # No await between this check and hold(): a push cannot slip between.
         text = hub.read_text(channels, since) if since < hub.last_id else None
         if text is not None:
             return text
-        if method == "HEAD":
+        if request.method == "HEAD":
             return hub.empty_text(channels, since)
-        hub.hold(Poll(conn, channels, since, client_id, callback))
+        hub.hold(Poll(conn, channels, since, client_id, request.callback))
         return None
 
-    def stream(self, request, conn, match):
-        """Start an EventSource stream: the reply is an awaitable that
-        writes the head and the opening replay."""
+    async def stream(self, request, conn):
+        """Start an EventSource stream: write the head and the opening
+        replay, then stay open."""
         try:
             params = self.parameters(request)
-            names = self.channel_names(match)
+            names = self.channel_names(request.match)
             # A reconnecting browser sends the last id it saw: it wins.
             last_event_id = request.headers.get("last-event-id", "").strip()
             if last_event_id.isascii() and last_event_id.isdigit():
@@ -3506,33 +2782,26 @@ class App:
             else:
                 cursor = self.cursor(params.get("since", "0"))
             client_id = self.client_id(params)
-            view = self.hub.view(names, cursor, client_id)
+            channels, cursor = await self.hub.view(names, cursor, client_id)
         except APIError as e:
-            raise self.stream_refusal(e) from None
-        return self.start_stream(view, conn, client_id)
-
-    async def start_stream(self, view, conn, client_id):
-        if view.__class__ is not tuple:
-            try:
-                view = await view
-            except APIError as e:
-                raise self.stream_refusal(e) from None
-        channels, cursor = view
+            # Before the stream starts, a real HTTP status: a browser's
+            # EventSource then stops reconnecting.
+            raise HTTPError(STREAM_REFUSALS[e.return_code], e.message,
+                            close=False, return_code=e.return_code) from None
+        if request.method == "HEAD":
+            conn.keep_alive = False
+            conn.send(SSE_HEAD, 200)
+            return None
         stream, replay = self.hub.open_stream(conn, channels, cursor,
                                               client_id)
-        conn.send(SSE_HEAD, 200, keep=True)
+        conn.send(SSE_START, 200, keep=True)
         await conn.replay(stream, replay)
+        return None
 
-    @staticmethod
-    def stream_refusal(error):
-        # Before the stream starts, a real HTTP status: a browser's
-        # EventSource then stops reconnecting.
-        return HTTPError(STREAM_REFUSALS[error.return_code], error.message,
-                         close=False, return_code=error.return_code)
-
-    def preflight(self, request, conn, match):
+    async def preflight(self, request, conn):
         requested = request.headers.get("access-control-request-headers", "")
-        methods = next(m for pattern, m in self.routes if pattern is match.re)
+        methods = next(m for pattern, m in self.routes
+                       if pattern is request.match.re)
         extra = (b"Access-Control-Allow-Methods: %s\r\n"
                  b"Access-Control-Max-Age: 86400\r\n" % ", ".join(
                      m for m in methods if m in ("GET", "HEAD", "OPTIONS")
@@ -3541,71 +2810,79 @@ class App:
             extra += b"Access-Control-Allow-Headers: %s\r\n" % requested.encode()
         return 204, b"text/plain", b"", True, extra
 
-    def health(self, match, params, conn, callback, method):
+    async def health(self, request, conn):
         problem = self.hub.store.health()
         if problem is not None:
             raise HTTPError(503, problem, close=False)
         return success_text()
 
-    def status(self, match, params, conn, callback, method):
-        hub = self.hub
-        store = hub.store
-        server = self.server
-        return success_text(status={
-            "channels": list(store.channels),
-            "clients": list(store.clients),
-            "held_connections_count": len(hub.polls),
-            "uptime": round(time.time() - hub.started, 3),
-            "connections": len(server.connections),
-            "polls_held": len(hub.polls),
-            "streams_open": len(hub.streams),
-            "channels_count": len(store.channels),
-            "clients_count": len(store.clients),
-            "messages_pushed": store.pushed,
-            "messages_delivered": hub.delivered,
-            "last_id": store.last_id,
-            **store.describe(),
-        })
+    # -- status and metrics ---------------------------------------------------
 
-    def metrics(self, request, conn, match):
+    def counters(self):
+        """Every figure of /status.json and /metrics, a row each: (status
+        key, dotted for a group; metric name, with its label name in
+        braces; help; value).  A row without a key is a metric only, one
+        without a name in the status only; a metric ending in _total is a
+        counter, any other a gauge."""
         hub = self.hub
         store = hub.store
         server = self.server
-        families = [
-            ("connections", "gauge", "Open client connections.",
-             [("", len(server.connections))]),
-            ("polls_held", "gauge", "Long polls held, waiting for a message.",
-             [("", len(hub.polls))]),
-            ("streams_open", "gauge", "EventSource streams open.",
-             [("", len(hub.streams))]),
-            ("channels", "gauge", "Registered channels.",
-             [("", len(store.channels))]),
-            ("clients", "gauge", "Registered clients (sessions).",
-             [("", len(store.clients))]),
-            ("messages_pushed_total", "counter", "Messages pushed.",
-             [("", store.pushed)]),
-            ("messages_delivered_total", "counter",
+        return (
+            ("held_connections_count", None, None, len(hub.polls)),
+            ("uptime", None, None, round(time.time() - hub.started, 3)),
+            ("connections", "connections", "Open client connections.",
+             len(server.connections)),
+            ("polls_held", "polls_held",
+             "Long polls held, waiting for a message.", len(hub.polls)),
+            ("streams_open", "streams_open", "EventSource streams open.",
+             len(hub.streams)),
+            ("channels_count", "channels", "Registered channels.",
+             len(store.channels)),
+            ("clients_count", "clients", "Registered clients (sessions).",
+             len(store.clients)),
+            ("messages_pushed", "messages_pushed_total", "Messages pushed.",
+             store.pushed),
+            ("messages_delivered", "messages_delivered_total",
              "Held polls answered and stream events sent by pushes.",
-             [("", hub.delivered)]),
-            ("requests_total", "counter", "Replies sent, by status class.",
-             [('{class="%dxx"}' % n, server.replies[n]) for n in (2, 3, 4, 5)]),
-            ("connections_refused_total", "counter",
-             "Connections refused at the connection caps.",
-             [("", server.refused)]),
-            ("writable", "gauge",
+             hub.delivered),
+            ("last_id", None, None, store.last_id),
+            ("replies", "requests_total{class}",
+             "Replies sent, by status class.",
+             {"%dxx" % n: server.replies[n] for n in (2, 3, 4, 5)}),
+            ("connections_refused", "connections_refused_total",
+             "Connections refused at the connection caps.", server.refused),
+            ("writable", "writable",
              "1 when the server can take writes (see /health.json).",
-             [("", int(store.health() is None))]),
-            ("log_records_dropped_total", "counter",
+             store.health() is None),
+            ("log_records_dropped", "log_records_dropped_total",
              "Log lines dropped because the log sink was not keeping up.",
-             [("", DroppingQueueHandler.dropped)]),
-        ]
-        families += store.metrics()
+             DroppingQueueHandler.dropped),
+        ) + tuple(store.counters())
+
+    async def status(self, request, conn):
+        store = self.hub.store
+        status = {"channels": list(store.channels),
+                  "clients": list(store.clients)}
+        for key, _, _, value in self.counters():
+            if key is not None:
+                group, _, key = key.rpartition(".")
+                (status.setdefault(group, {}) if group else status)[key] = value
+        return success_text(status=status)
+
+    async def metrics(self, request, conn):
         lines = []
-        for name, kind, text, samples in families:
+        for _, name, text, value in self.counters():
+            if name is None:
+                continue
+            name, _, label = name.partition("{")
+            kind = "counter" if name.endswith("_total") else "gauge"
             lines.append(f"# HELP simple_comet_{name} {text}")
             lines.append(f"# TYPE simple_comet_{name} {kind}")
-            lines.extend(f"simple_comet_{name}{labels} {value}"
-                         for labels, value in samples)
+            samples = value.items() if label else [("", value)]
+            for labels, number in samples:
+                if label:
+                    labels = '{%s="%s"}' % (label[:-1], labels)
+                lines.append(f"simple_comet_{name}{labels} {int(number)}")
         return 200, METRICS_TYPE, ("\n".join(lines) + "\n").encode(), \
             False, b""
 
@@ -3651,8 +2928,7 @@ class Connection:
         self.version = "HTTP/1.1"
         self.waiter = None               # set while a request waits on a poll
         self.busy = False                # a request read but not answered
-        # Server.tick() closes idle connections from the oldest deadline on;
-        # one walk for all costs less than a timer each.
+        # When it is idle for --http-timeout, Server.tick() closes it.
         self.deadline = server.loop.time() + server.config.http_timeout
 
     def poll_reply(self, callback, text):
@@ -3677,11 +2953,9 @@ class Connection:
             self.transport.close()
         deadline = server.loop.time() + server.config.http_timeout
         if deadline - self.deadline >= IDLE_ORDER_SLACK:
-            # Kept in about deadline order, moved at most once a second:
-            # the idle sweep is then at most that late.
-            connections = server.connections
-            if connections.pop(self, False) is None:
-                connections[self] = None
+            # Moved along at most once a second: the idle sweep is then at
+            # most that late.
+            server.connections.move(self, deadline)
         self.deadline = deadline
 
     def peer_text(self):
@@ -3758,9 +3032,7 @@ class Connection:
                 request.body = await read_chunked(reader, max_body)
         except asyncio.LimitOverrunError:
             raise HTTPError(400, "Chunk size line too long") from None
-        reply = server.app.route(request, self)
-        if reply is not None and reply.__class__ is not tuple:
-            reply = await reply          # a stream, or a write answered later
+        reply = await server.app.route(request, self)
         if reply is None:
             self.busy = False
             # Held, or streaming: keep reading, so a client that leaves is
@@ -3958,9 +3230,7 @@ class Server:
         self.loop = None
         self.hub = None
         self.app = None
-        # Open connections in deadline order, so the idle sweep stops at the
-        # first one still in time.
-        self.connections = {}
+        self.connections = Deadlines()   # open, by their idle deadline
         self.per_ip = {}                 # non-local address -> connections
         self.replies = [0] * 6           # replies sent, by status // 100
         self.refused = 0
@@ -3995,12 +3265,12 @@ class Server:
         if not local:
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         conn = Connection(self, reader, writer, peer, local)
-        self.connections[conn] = None
+        self.connections.add(conn, conn.deadline)
         return conn.run()
 
     def forget(self, conn):
         """A connection is closed: it counts no more."""
-        if self.connections.pop(conn, False) is not False and not conn.local:
+        if self.connections.remove(conn) and not conn.local:
             ip = conn.peer[0]
             count = self.per_ip[ip] - 1
             if count:
@@ -4090,17 +3360,12 @@ class Server:
             self.client_log.tick()
             self.spare_the_collector()
             now = self.loop.time()
-            idle = []
-            for conn in self.connections:
-                if conn.deadline >= now:
-                    break
-                idle.append(conn)
-            for conn in idle:
-                if conn.held is not None:
+            for conn in self.connections.expired(now):
+                if conn.held is not None or conn.deadline > now:
                     # Waiting for a message is not idle.
-                    conn.deadline = now + self.config.http_timeout
-                    del self.connections[conn]
-                    self.connections[conn] = None
+                    if conn.held is not None:
+                        conn.deadline = now + self.config.http_timeout
+                    self.connections.move(conn, conn.deadline)
                 elif conn.transport.get_write_buffer_size():
                     # A client that stopped reading its replies: close()
                     # would wait for them to drain, forever.
@@ -4385,6 +3650,889 @@ def main(argv=None):
         # normally would wait for it at the final flush of stderr.
         os._exit(status)
     return status
+
+
+# ===========================================================================
+# Lower level: a Redis client (RESP2 over an asyncio protocol, pipelined,
+# reconnecting), self-contained; the Redis store above is its only user
+# ===========================================================================
+#
+# Replies: simple strings are ``str``, bulk strings ``bytes``, integers
+# ``int``, nulls ``None``, arrays ``list``.  An error reply raises
+# RedisReplyError in the caller.  A command that Redis does not confirm
+# within REDIS_COMMAND_TIMEOUT raises RedisTimeout and closes its
+# connection: replies are matched by order only, so once one is missing no
+# later reply can be trusted.  Nothing is queued while disconnected.
+
+redis_log = logging.getLogger("simple_comet.redis")
+
+
+# Limits.  Redis's own proto-max-bulk-len is 512 MiB, so a longer bulk can
+# only be garbage; the others are far above anything Redis sends to us.
+REDIS_DEFAULT_PORT = 6379
+REDIS_MAX_BULK = 512 * 1024 * 1024
+REDIS_MAX_ARRAY = 2 ** 32            # elements announced by one array header
+REDIS_MAX_DEPTH = 32                 # nested arrays (an XREAD reply uses 4)
+REDIS_MAX_LINE = 64 * 1024           # a status, error or header line
+REDIS_MAX_DB = 2 ** 31 - 1           # Redis keeps databases in an int
+
+REDIS_CONNECT_TIMEOUT = 5.0          # seconds for connect, AUTH and SELECT
+REDIS_COMMAND_TIMEOUT = 5.0          # seconds for Redis to confirm a command
+
+# Reconnect back-off: the first retry after about RECONNECT_FIRST seconds,
+# then RECONNECT_FACTOR times longer each failure, +-RECONNECT_JITTER so
+# that many instances do not reconnect in step, never above RECONNECT_MAX.
+REDIS_RECONNECT_FIRST = 0.2
+REDIS_RECONNECT_FACTOR = 2.0
+REDIS_RECONNECT_JITTER = 0.2
+REDIS_RECONNECT_MAX = 5.0
+REDIS_LOG_REPEAT = 60.0              # seconds between "still unreachable" lines
+
+
+# ---------------------------------------------------------------------------
+# Redis client: errors
+# ---------------------------------------------------------------------------
+
+class RedisError(Exception):
+    """Anything that went wrong talking to Redis."""
+
+
+class RedisReplyError(RedisError):
+    """Redis answered the command with an error reply.
+
+    The connection is fine and stays open.  ``code`` is the error's first
+    word ("ERR", "NOSCRIPT", "WRONGTYPE", ...).
+    """
+
+    @property
+    def code(self):
+        return str(self).split(" ", 1)[0]
+
+
+class RedisConnectionError(RedisError):
+    """Not connected, or the connection was lost before the reply came.
+
+    The command may or may not have been carried out by Redis.
+    """
+
+
+class RedisTimeout(RedisConnectionError):
+    """Redis did not confirm the command in time; the connection is closed."""
+
+
+class RedisProtocolError(RedisError):
+    """The bytes from the server are not RESP2: the stream is unusable."""
+
+
+# ---------------------------------------------------------------------------
+# Redis client: URLs
+# ---------------------------------------------------------------------------
+
+_DIGITS = re.compile(r"[0-9]+")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
+_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
+_QUERY_KEYS = {"db", "password", "username"}
+
+
+class RedisURL(NamedTuple):
+    """Where Redis is and how to log in: ``path`` for a unix socket, else
+    ``host`` and ``port``.  Its repr and str hide the password."""
+
+    host: str | None
+    port: int | None
+    path: str | None
+    username: str | None
+    password: str | None
+    db: int
+
+    @property
+    def where(self):
+        """The address alone, for messages."""
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def redacted(self):
+        """The URL with '***' in place of the password."""
+        login = ""
+        if self.username is not None or self.password is not None:
+            login = quote(self.username or "", safe="")
+            if self.password is not None:
+                login += ":***"
+            login += "@"
+        if self.path is not None:
+            db = f"?db={self.db}" if self.db else ""
+            return f"unix://{login}{quote(self.path)}{db}"
+        return f"redis://{login}{self.where}/{self.db}"
+
+    def __repr__(self):
+        return f"RedisURL({self.redacted()!r})"
+
+    __str__ = redacted
+
+
+def parse_redis_url(text):
+    """Parse ``redis://[[user]:password@]host[:port][/db]`` or
+    ``unix://[[user]:password@]/path/redis.sock[?db=N]`` into a RedisURL.
+
+    User and password are percent-decoded; ``?db=``, ``?password=`` and
+    ``?username=`` are accepted in either form.  A user without a password
+    is refused: ``redis://secret@host`` is more often a password written
+    without its colon than a user who needs none.  Raises ValueError with a
+    one-line message that never contains the password.
+    """
+    if not isinstance(text, str):
+        raise ValueError("redis URL must be a string")
+    # No URL has them raw; a stray newline from a secrets file would
+    # otherwise end up in the password.
+    if _URL_FORBIDDEN.search(text):
+        raise ValueError("redis URL contains a space or control character")
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("redis", "unix"):
+        if scheme == "rediss":
+            raise ValueError("redis URL: TLS (rediss://) is not supported")
+        raise ValueError("redis URL must start with redis:// or unix://")
+    if "#" in rest:
+        raise ValueError("redis URL must not have a #fragment")
+    rest, _, query = rest.partition("?")
+    if scheme == "redis":
+        netloc, _, path = rest.partition("/")
+    else:
+        # unix://[login@]/path: the login, if any, ends at the first "@"
+        # that comes before the path's first "/".
+        at = rest.find("@")
+        if at >= 0 and at < rest.find("/"):
+            netloc, path = rest[:at + 1], rest[at + 1:]
+        else:
+            netloc, path = "", rest
+    login, at, hostport = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = login.partition(":")
+        if not colon:
+            raise ValueError("redis URL has a user but no password "
+                             "(write redis://:PASSWORD@host for a password alone)")
+        username = _unquote(user, "user") if user else None
+        password = _unquote(secret, "password")
+
+    fields = {}
+    for field in query.split("&") if query else ():
+        key, equals, value = field.partition("=")
+        if key not in _QUERY_KEYS or not equals:
+            # Named only when it is a plain word: the text after a "?" may
+            # be the end of a password whose "?" was not percent-encoded.
+            raise ValueError("redis URL: unknown parameter"
+                             + (f" {key!r}" if key.isalpha() and len(key) < 20 else "")
+                             + " (use db, password, username)")
+        if key in fields:
+            raise ValueError(f"redis URL: parameter {key!r} given twice")
+        fields[key] = _unquote(value, key)
+    if "password" in fields:
+        if password is not None:
+            raise ValueError("redis URL gives the password twice")
+        password = fields["password"]
+    if "username" in fields:
+        if username is not None:
+            raise ValueError("redis URL gives the user twice")
+        username = fields["username"] or None
+    if username is not None and password is None:
+        raise ValueError("redis URL has a user but no password")
+    if username is None and password == "":
+        password = None               # redis://:@host: nothing to AUTH with
+
+    db_text = fields.get("db")
+    host = port = socket_path = None
+    if scheme == "redis":
+        host, port = _parse_host_port(hostport)
+        if path:
+            if db_text is not None:
+                raise ValueError("redis URL gives the database twice")
+            db_text = path
+    else:
+        if hostport:
+            raise ValueError("redis URL: unix:// takes no host "
+                             "(write unix:///path/redis.sock)")
+        socket_path = _unquote(path, "socket path")
+        if not socket_path.startswith("/"):
+            raise ValueError("redis URL: unix:// needs an absolute socket path "
+                             "(write unix:///path/redis.sock)")
+        if "\x00" in socket_path:
+            raise ValueError("redis URL: the socket path contains NUL")
+    db = 0
+    if db_text is not None:
+        if not _DIGITS.fullmatch(db_text) or int(db_text) > REDIS_MAX_DB:
+            raise ValueError(f"redis URL: database {db_text!r} is not "
+                             f"a number from 0 to {REDIS_MAX_DB}")
+        db = int(db_text)
+    return RedisURL(host, port, socket_path, username, password, db)
+
+
+def _unquote(text, what):
+    if _BAD_PERCENT.search(text):
+        raise ValueError(f"redis URL: bad %-escape in the {what}")
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        # Its own message would quote the bytes, the password's perhaps.
+        raise ValueError(f"redis URL: the {what} is not UTF-8 "
+                         f"once %-decoded") from None
+
+
+def _parse_host_port(text):
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("redis URL: unclosed [ in the host")
+        host, rest = text[1:end], text[end + 1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"redis URL: {host!r} is not an IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ValueError("redis URL: unexpected text after the IPv6 address")
+        port_text = rest[1:] if rest else None
+    else:
+        host, colon, port_text = text.partition(":")
+        if ":" in port_text:
+            raise ValueError("redis URL: put an IPv6 address in [brackets]")
+        if not host:
+            raise ValueError("redis URL has no host")
+        if not colon:
+            port_text = None
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"redis URL: {host!r} is not a host name")
+    if port_text is None:
+        return host, REDIS_DEFAULT_PORT
+    if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+        raise ValueError(f"redis URL: port {port_text!r} is not "
+                         f"a number from 1 to 65535")
+    return host, int(port_text)
+
+
+# ---------------------------------------------------------------------------
+# Redis client: encoding and parsing (RESP2)
+# ---------------------------------------------------------------------------
+
+def encode_command(*args):
+    """One command as a RESP array of bulk strings.
+
+    str is sent as UTF-8, int and float as their decimal text, bytes as
+    they are.  bool and None are refused: Redis has no such types and
+    "True" or "None" stored by mistake is hard to find afterwards.
+    """
+    if not args:
+        raise ValueError("a Redis command needs at least a name")
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, (bytes, bytearray, memoryview)):
+            arg = bytes(arg)
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            arg = b"%d" % arg
+        elif isinstance(arg, float):
+            if arg != arg:
+                raise ValueError("NaN cannot be sent to Redis")
+            arg = repr(arg).encode()
+        else:
+            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+INCOMPLETE = object()                # gets(): no complete reply yet
+
+_INTEGER = re.compile(rb"-?[0-9]{1,19}")
+
+
+class RedisReader:
+    """Turns the bytes Redis sends into replies, however they are split.
+
+    ``feed(data)`` adds bytes; ``gets()`` returns the next complete reply,
+    or INCOMPLETE.  An array is built up across calls (a stack of the
+    arrays still open), so a large reply that arrives in many pieces is
+    parsed once, not again on every piece.  Raises RedisProtocolError on
+    anything that is not RESP2; the reader is unusable afterwards.
+    """
+
+    def __init__(self):
+        self._buffer = bytearray()
+        self._pos = 0
+        self._stack = []              # [[items so far, items still to come]]
+
+    def feed(self, data):
+        self._buffer += data
+
+    def gets(self):
+        stack = self._stack
+        while True:
+            item = self._item()
+            if item is INCOMPLETE:
+                # Deleting from the front of a bytearray is cheap in CPython.
+                del self._buffer[:self._pos]
+                self._pos = 0
+                return INCOMPLETE
+            if item is _OPENED:
+                continue
+            while stack:
+                frame = stack[-1]
+                frame[0].append(item)
+                frame[1] -= 1
+                if frame[1]:
+                    break
+                item = stack.pop()[0]
+            else:
+                return item
+
+    def _item(self):
+        """One reply element, INCOMPLETE, or _OPENED when an array begins."""
+        buffer, pos = self._buffer, self._pos
+        end = buffer.find(b"\r\n", pos)
+        if end < 0 or end - pos > REDIS_MAX_LINE:
+            if len(buffer) - pos > REDIS_MAX_LINE:
+                raise RedisProtocolError(
+                    f"line longer than {REDIS_MAX_LINE} bytes")
+            return INCOMPLETE
+        kind, line = buffer[pos], buffer[pos + 1:end]
+        if kind == 36:                                   # $ bulk string
+            size = self._length(line, REDIS_MAX_BULK)
+            if size < 0:
+                self._pos = end + 2
+                return None
+            start = end + 2
+            stop = start + size
+            if len(buffer) < stop + 2:
+                return INCOMPLETE
+            if buffer[stop:stop + 2] != b"\r\n":
+                raise RedisProtocolError("bulk string not followed by CRLF")
+            self._pos = stop + 2
+            return bytes(buffer[start:stop])
+        self._pos = end + 2
+        if kind == 43 or kind == 45:                     # + simple, - error
+            if 10 in line or 13 in line:
+                raise RedisProtocolError("bare CR or LF in a status line")
+            text = line.decode("utf-8", "replace")
+            return text if kind == 43 else RedisReplyError(text)
+        if kind == 58:                                   # : integer
+            if not _INTEGER.fullmatch(line):
+                raise RedisProtocolError(f"bad integer {bytes(line)[:40]!r}")
+            return int(line)
+        if kind == 42:                                   # * array
+            count = self._length(line, REDIS_MAX_ARRAY)
+            if count < 0:
+                return None
+            if count == 0:
+                return []
+            if len(self._stack) >= REDIS_MAX_DEPTH:
+                raise RedisProtocolError(
+                    f"arrays nested deeper than {REDIS_MAX_DEPTH}")
+            self._stack.append([[], count])
+            return _OPENED
+        raise RedisProtocolError(f"unknown reply type {bytes([kind])!r}")
+
+    @staticmethod
+    def _length(line, limit):
+        # isdigit() first: int() would also take " 7", "+7" and "7_0".
+        if line.isdigit() and len(line) <= 10:
+            length = int(line)
+            if length <= limit:
+                return length
+        elif line == b"-1":
+            return -1
+        raise RedisProtocolError(f"bad length {bytes(line)[:40]!r}")
+
+
+_OPENED = object()
+
+
+# ---------------------------------------------------------------------------
+# Redis client: one connection
+# ---------------------------------------------------------------------------
+
+def _reason(exc):
+    """Why a socket operation failed, in a few words, for messages."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    # asyncio's "Connect call failed ('127.0.0.1', 6379)" hides the errno's
+    # meaning, which is what an operator needs.
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+class RedisConnection(asyncio.Protocol):
+    """One stream to Redis, shared by any number of concurrent commands.
+
+    ``execute()`` sends its command at once and returns a future; replies
+    resolve the futures as they arrive (in data_received: a protocol, not
+    a stream and a reader task, which would cost a turn of the loop per
+    read), in the order the commands were written, which is the order
+    Redis answers them.  Once closed, for whatever reason, a connection
+    stays closed (``close_reason`` says why): make a new one.
+    """
+
+    def __init__(self, url, *, connect_timeout=REDIS_CONNECT_TIMEOUT,
+                 command_timeout=REDIS_COMMAND_TIMEOUT):
+        self.url = url if isinstance(url, RedisURL) else parse_redis_url(url)
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.close_reason = None
+        self._loop = None
+        self._transport = None
+        self._parser = RedisReader()
+        self._pending = deque()       # (future, deadline, timeout), in order
+        self._timer = None            # fires at the earliest deadline
+        self._timer_when = None
+        self._closed = None           # an Event, set once closed
+        self._outgoing = None
+
+    @property
+    def connected(self):
+        return self._transport is not None and not self._closed.is_set()
+
+    @property
+    def closed(self):
+        return self._closed is not None and self._closed.is_set()
+
+    async def connect(self):
+        """Open the stream, log in (AUTH) and select the database.
+
+        All within connect_timeout.  Raises RedisConnectionError when it
+        cannot, a refused login included.
+        """
+        if self._closed is not None:
+            raise RuntimeError("a RedisConnection connects only once")
+        self._loop = loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        url = self.url
+        deadline = loop.time() + self.connect_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                if url.path is not None:
+                    await loop.create_unix_connection(lambda: self, url.path)
+                else:
+                    await loop.create_connection(lambda: self, url.host,
+                                                 url.port)
+        except (OSError, TimeoutError) as exc:
+            self._abort(_reason(exc))
+            raise RedisConnectionError(
+                f"{url.where}: cannot connect: {self.close_reason}") from None
+        except BaseException:
+            self._abort("connect cancelled")
+            raise
+
+        # One round trip for all three.  PING also proves that the other
+        # end speaks RESP before the connection is handed out.
+        timeout = max(0.001, deadline - loop.time())
+        replies = []
+        if url.password is not None:
+            login = (url.password,) if url.username is None else (url.username, url.password)
+            replies.append(self.execute("AUTH", *login, timeout=timeout))
+        if url.db:
+            replies.append(self.execute("SELECT", url.db, timeout=timeout))
+        replies.append(self.execute("PING", timeout=timeout))
+        try:
+            # All of them, so that no error is left unretrieved.
+            results = await asyncio.gather(*replies, return_exceptions=True)
+        except BaseException:
+            self._abort("connect cancelled")
+            raise
+        for result in results:
+            if isinstance(result, RedisReplyError):
+                # WRONGPASS, NOAUTH, a bad db, LOADING: Redis's own words.
+                self._abort(str(result))
+            if isinstance(result, BaseException):
+                raise RedisConnectionError(
+                    f"{url.where}: cannot connect: {self.close_reason}") from None
+
+    def execute(self, *args, timeout=None):
+        """Send one command (in this turn of the event loop, after those
+        issued before it); return a future for its reply.
+
+        The future raises RedisReplyError for an error reply, RedisTimeout
+        if no reply comes within ``timeout`` seconds (default
+        command_timeout), RedisConnectionError if the connection is lost
+        first.  Raises RedisConnectionError at once when not connected.
+        """
+        return self.send(encode_command(*args), timeout)
+
+    def send(self, data, timeout=None):
+        """As execute(), for a command already encoded."""
+        if not self.connected or self._transport.is_closing():
+            raise RedisConnectionError(
+                f"{self.url.where}: not connected"
+                + (f" ({self.close_reason})" if self.close_reason else ""))
+        loop = self._loop
+        future = loop.create_future()
+        if timeout is None:
+            timeout = self.command_timeout
+        deadline = loop.time() + timeout
+        self._pending.append((future, deadline, timeout))
+        if self._timer is None or deadline < self._timer_when:
+            self._arm(deadline)
+        # Commands issued in one turn of the event loop go out in one write:
+        # a syscall per command would cost a third of the throughput with
+        # many callers.  The buffer is bounded by the timeout: what Redis
+        # does not take within command_timeout goes with the connection.
+        if self._outgoing is None:
+            self._outgoing = [data]
+            loop.call_soon(self._flush)
+        else:
+            self._outgoing.append(data)
+        return future
+
+    def _flush(self):
+        outgoing, self._outgoing = self._outgoing, None
+        if outgoing and not self._closed.is_set():
+            self._transport.write(b"".join(outgoing))
+
+    def close(self, reason="closed by the client"):
+        """Close now; every command still waiting fails."""
+        self._abort(reason)
+
+    async def wait_closed(self):
+        """Return once the connection is closed, by close() or by loss."""
+        await self._closed.wait()
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport):
+        if self._closed.is_set():        # connect() was cancelled meanwhile
+            transport.abort()
+        else:
+            self._transport = transport
+
+    def data_received(self, data):
+        parser = self._parser
+        pending = self._pending
+        try:
+            parser.feed(data)
+            while (reply := parser.gets()) is not INCOMPLETE:
+                if not pending:
+                    raise RedisProtocolError("a reply to no command")
+                future = pending.popleft()[0]
+                if future.done():         # its caller was cancelled
+                    continue
+                if type(reply) is RedisReplyError:
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+        except RedisProtocolError as exc:
+            self._abort(f"protocol error: {exc}")
+
+    def eof_received(self):
+        self._abort("connection closed by the server")
+
+    def connection_lost(self, exc):
+        if exc is None:
+            self._abort("connection closed by the server")
+        else:
+            self._abort(f"connection lost: {_reason(exc)}")
+
+    def _arm(self, when):
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._check_deadlines)
+        self._timer_when = when
+
+    def _check_deadlines(self):
+        # One timer serves every command: it fires at the earliest deadline
+        # and, if that command has been answered meanwhile, sets itself for
+        # the next one.  Replies come about in deadline order, so the scan
+        # of the waiting commands happens about once per command_timeout.
+        self._timer = None
+        if not self._pending:
+            return
+        deadline, timeout = min((entry[1], entry[2]) for entry in self._pending)
+        # call_at may fire up to a clock tick early.
+        if deadline <= self._loop.time() + 0.001:
+            self._abort(f"no reply within {timeout:g} s", timed_out=True)
+        else:
+            self._arm(deadline)
+
+    def _abort(self, reason, timed_out=False):
+        if self._closed is None:
+            self._closed = asyncio.Event()
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self.close_reason = reason
+        self._outgoing = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            # abort, not close: close would first flush what a stalled
+            # server is not reading.
+            self._transport.abort()
+        message = f"{self.url.where}: {reason}"
+        now = self._loop.time() + 0.001 if self._loop else 0.0
+        pending, self._pending = self._pending, deque()
+        for future, deadline, _ in pending:
+            if future.done():
+                continue
+            # Commands behind the one that timed out were maybe not late
+            # themselves, but their replies can no longer be matched.
+            # A fresh exception each: one instance raised in many tasks
+            # would collect all their tracebacks.
+            late = timed_out and deadline <= now
+            future.set_exception((RedisTimeout if late else RedisConnectionError)(message))
+            # Marks it retrieved: a caller that stopped waiting (a
+            # fire-and-forget write) must not cause an asyncio error log.
+            future.exception()
+
+
+# ---------------------------------------------------------------------------
+# Redis client: a connection kept up
+# ---------------------------------------------------------------------------
+
+class RedisBackoff:
+    """Delays between reconnect attempts: growing, jittered, capped."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._base = REDIS_RECONNECT_FIRST
+
+    def next(self):
+        delay = self._base * random.uniform(1 - REDIS_RECONNECT_JITTER,
+                                            1 + REDIS_RECONNECT_JITTER)
+        # Capping the base, not the result, keeps the jitter at the cap too.
+        self._base = min(self._base * REDIS_RECONNECT_FACTOR,
+                         REDIS_RECONNECT_MAX / (1 + REDIS_RECONNECT_JITTER))
+        return delay
+
+
+def script_sha(script):
+    """The SHA1 by which Redis knows a Lua script."""
+    if isinstance(script, str):
+        script = script.encode()
+    return hashlib.sha1(script).hexdigest()
+
+
+class RedisClient:
+    """A connection to Redis that reconnects by itself.
+
+    ``start()`` (in a running loop) begins connecting in the background
+    and returns at once.
+    After each (re)connection ``await on_connect(client)`` runs (to load
+    scripts and catch up): during it ``execute`` already works but
+    ``connected`` is still false, so whoever checks ``connected`` before
+    writing waits for the catch-up.  If on_connect raises, the connection
+    is dropped and retried.  Commands issued while disconnected fail at
+    once with RedisConnectionError.
+    """
+
+    def __init__(self, url, *, on_connect=None,
+                 connect_timeout=REDIS_CONNECT_TIMEOUT,
+                 command_timeout=REDIS_COMMAND_TIMEOUT):
+        self.url = url if isinstance(url, RedisURL) else parse_redis_url(url)
+        self.on_connect = on_connect
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.last_error = None        # why it is not connected, for status
+        self.connects = 0             # successful (re)connections so far
+        self._conn = None             # set once logged in, before on_connect
+        self._ready = False           # on_connect has returned
+        self._ready_event = asyncio.Event()
+        self._task = None
+        self._blocking_conn = None
+        self._blocking_lock = asyncio.Lock()
+        self._blocking_backoff = RedisBackoff()
+        self._blocking_retry_at = 0.0
+
+    @property
+    def connected(self):
+        return self._ready and self._conn is not None and self._conn.connected
+
+    def start(self):
+        """Begin connecting; returns the task that keeps the connection."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._keep())
+        return self._task
+
+    async def wait_connected(self, timeout=None):
+        """Wait until connected; return False if timeout seconds pass first."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.connected:
+                    await self._ready_event.wait()
+                    if not self.connected:
+                        await asyncio.sleep(0)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self):
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for conn in (self._conn, self._blocking_conn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._blocking_conn = None
+        self._ready = False
+        self._ready_event.clear()
+
+    def execute(self, *args, timeout=None):
+        """As RedisConnection.execute, on the current connection."""
+        conn = self._conn
+        if conn is None:
+            raise RedisConnectionError(
+                f"{self.url.where}: not connected"
+                + (f" ({self.last_error})" if self.last_error else ""))
+        return conn.execute(*args, timeout=timeout)
+
+    def send(self, data):
+        """As RedisConnection.send, on the current connection."""
+        conn = self._conn
+        if conn is None:
+            raise RedisConnectionError(f"{self.url.where}: not connected")
+        return conn.send(data)
+
+    async def evalsha(self, sha, script, keys=(), args=()):
+        """Run a Lua script by its SHA1 (None: computed), loading it if need be.
+
+        On NOSCRIPT (Redis restarted, failed over, or SCRIPT FLUSH) the
+        script is sent whole with EVAL, which also caches it again.  The
+        retry goes after whatever was issued meanwhile.
+        """
+        keys = tuple(keys)
+        args = tuple(args)
+        if sha is None:
+            sha = script_sha(script)
+        try:
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+        except RedisReplyError as exc:
+            if exc.code != "NOSCRIPT":
+                raise
+        return await self.execute("EVAL", script, len(keys), *keys, *args)
+
+    async def execute_blocking(self, *args, block):
+        """Run a blocking command (``XREAD BLOCK ms ...``) on a connection
+        of its own, so that it holds up no other command.
+
+        ``block`` is the command's own blocking time in seconds; no reply
+        within block + command_timeout raises RedisTimeout.  One at a time:
+        concurrent calls wait their turn.  The connection is opened on
+        first use and again after a failure, not sooner than the back-off
+        allows, so a loop around this call does not spin.  While the client
+        is not connected it raises RedisConnectionError at once: a tailing
+        loop waits with ``wait_connected()`` first.
+        """
+        if not block or block <= 0:
+            raise ValueError("execute_blocking needs a finite block time")
+        loop = asyncio.get_running_loop()
+        async with self._blocking_lock:
+            conn = self._blocking_conn
+            if conn is None or not conn.connected:
+                self._blocking_conn = None
+                if not self.connected:
+                    raise RedisConnectionError(
+                        f"{self.url.where}: not connected"
+                        + (f" ({self.last_error})" if self.last_error else ""))
+                delay = self._blocking_retry_at - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                conn = RedisConnection(self.url,
+                                       connect_timeout=self.connect_timeout,
+                                       command_timeout=self.command_timeout)
+                try:
+                    await conn.connect()
+                except RedisConnectionError:
+                    self._blocking_retry_at = loop.time() + self._blocking_backoff.next()
+                    raise
+                self._blocking_backoff.reset()
+                self._blocking_conn = conn
+            future = conn.execute(*args, timeout=block + self.command_timeout)
+            try:
+                return await future
+            except asyncio.CancelledError:
+                # Its reply is still to come; the next command would get it.
+                conn.close("a blocking command was cancelled")
+                raise
+
+    async def _keep(self):
+        loop = asyncio.get_running_loop()
+        backoff = RedisBackoff()
+        down_since = loop.time()
+        failures = 0
+        logged_reason = None
+        logged_at = 0.0
+        while True:
+            conn = RedisConnection(self.url,
+                                   connect_timeout=self.connect_timeout,
+                                   command_timeout=self.command_timeout)
+            try:
+                await conn.connect()
+                self._conn = conn
+                if self.on_connect is not None:
+                    await self.on_connect(self)
+                if not conn.connected:
+                    raise RedisConnectionError(f"{self.url.where}: {conn.close_reason}")
+            except RedisError as exc:
+                reason = conn.close_reason if conn.closed else f"on_connect: {exc}"
+            except Exception as exc:
+                # A bug in on_connect, not a Redis state: its traceback helps.
+                redis_log.error("redis: on_connect failed", exc_info=exc)
+                reason = f"on_connect: {exc!r}"
+            else:
+                reason = None
+            if reason is not None:
+                conn.close("on_connect failed")
+                self._conn = None
+                self.last_error = reason
+                failures += 1
+                now = loop.time()
+                # The first failure of an outage at WARNING, then only news
+                # or a periodic reminder, so a long outage stays readable.
+                if reason != logged_reason or now - logged_at >= REDIS_LOG_REPEAT:
+                    if failures == 1:
+                        redis_log.warning("redis: cannot connect to %s: %s; "
+                                          "retrying", self.url, reason)
+                    else:
+                        redis_log.warning("redis: still cannot connect to %s: "
+                                          "%s (%d attempts in %.0f s)", self.url,
+                                          reason, failures, now - down_since)
+                    logged_reason, logged_at = reason, now
+                else:
+                    redis_log.debug("redis: cannot connect to %s: %s",
+                                    self.url, reason)
+                await asyncio.sleep(backoff.next())
+                continue
+
+            self.connects += 1
+            self.last_error = None
+            self._ready = True
+            self._ready_event.set()
+            if self.connects == 1 and failures == 0:
+                redis_log.info("redis: connected to %s", self.url)
+            else:
+                redis_log.info("redis: connected to %s after %.1f s",
+                               self.url, loop.time() - down_since)
+            up_since = loop.time()
+            await conn.wait_closed()
+
+            self._ready = False
+            self._ready_event.clear()
+            self._conn = None
+            self.last_error = conn.close_reason
+            redis_log.warning("redis: connection to %s lost: %s; reconnecting",
+                              self.url, conn.close_reason)
+            # A connection that drops as soon as it is made must not be
+            # retried at the first delay for ever.
+            if loop.time() - up_since >= REDIS_RECONNECT_MAX:
+                backoff.reset()
+            down_since = loop.time()
+            failures = 0
+            logged_reason = None
+            await asyncio.sleep(backoff.next())
 
 
 if __name__ == "__main__":

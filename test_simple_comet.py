@@ -8444,7 +8444,7 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
         await a.add_channel("t", 100, False)
         first = await a.push("t", "one")
         self.assertTrue(await b.catch_up())
-        a.writing += 1                    # as if a push were under way
+        a.replica.writing += 1            # as if a push were under way
         second = await a.push("t", "two")  # ends the read that was waiting
         await asyncio.sleep(0.05)
         elsewhere = await b.push("t", "three")
@@ -8455,7 +8455,7 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
         self.assertLess(time.monotonic() - start, 0.25)
         self.assertEqual(self.ids(a, "t"), [first[0], second[0],
                                             elsewhere[0], mine[0]])
-        a.writing -= 1
+        a.replica.writing -= 1
 
     async def test_pushes_together(self):
         """Pushes made in one turn of the loop go in scripts of up to

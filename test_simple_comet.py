@@ -8514,6 +8514,281 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
         self.assertEqual([len(t) for t in texts], sizes)
 
 
+class RedisLogBoundTests(unittest.IsolatedAsyncioTestCase):
+    """The shared log is bounded in bytes as well as in entries, exactly:
+    its byte count is what its entries hold, and instances go on."""
+
+    def setUp(self):
+        self.redis = RedisProcess()
+        self.addCleanup(self.redis.close)
+
+    async def test_log_is_bounded_in_bytes(self):
+        loop = asyncio.get_running_loop()
+        config = simple_comet.Config(redis=self.redis.url)
+        stores = []
+        for _ in range(2):
+            store = simple_comet.RedisStore(config, loop)
+            simple_comet.Hub(config, loop, store)
+            store.open()
+            self.addAsyncCleanup(store.close)
+            self.assertTrue(await store.client.wait_connected(5))
+            self.assertTrue(await store.catch_up())
+            stores.append(store)
+        a, b = stores
+        await a.add_channel("big", 2, False)
+        size = 700 * 1024
+        count = simple_comet.REDIS_LOG_BYTES // size + 30   # past the bound
+        for i in range(count):
+            await a.push("big", str(i % 10) * size)
+        log_key = a.k["log"]
+        entries = await a.client.execute("XRANGE", log_key, "-", "+")
+        held = sum(len(fields[1]) for _, fields in entries)
+        self.assertLessEqual(held, simple_comet.REDIS_LOG_BYTES)
+        self.assertGreater(held, simple_comet.REDIS_LOG_BYTES * 7 // 8)
+        self.assertEqual(int(await a.client.execute("GET", log_key + ":bytes")),
+                         held)
+        # The other instance followed, and both agree on the history.
+        self.assertTrue(await b.catch_up())
+        last = await a.push("big", "last")
+        self.assertTrue(await b.catch_up())
+        self.assertEqual([i for i, _ in b.channels["big"].messages],
+                         [i for i, _ in a.channels["big"].messages])
+        self.assertEqual(b.channels["big"].messages[-1][0], last.id)
+
+
+# ---------------------------------------------------------------------------
+# The change core, the state file's records and the stores, in process
+# ---------------------------------------------------------------------------
+
+class FakeLoop:
+    def __init__(self):
+        self.now = 100.0
+
+    def time(self):
+        return self.now
+
+
+class FakeHub:
+    def __init__(self):
+        self.delivered = []
+        self.removed = []
+
+    def deliver(self, channel, message_id, text):
+        self.delivered.append((channel.name, message_id))
+        return len(channel.waiters)
+
+    def channel_removed(self, channel):
+        self.removed.append(channel.name)
+
+
+def core_state(core):
+    """What a core holds, comparable."""
+    return ({name: (c.max_messages, c.use_sessions, c.dropped_id,
+                    list(c.messages or ()))
+             for name, c in core.channels.items()},
+            list(core.clients), core.last_id)
+
+
+class CoreTests(unittest.TestCase):
+    """Core applies every change, idempotently, for every store."""
+
+    def setUp(self):
+        self.core = simple_comet.Core(simple_comet.Config(), FakeLoop())
+        self.hub = self.core.hub = FakeHub()
+
+    def test_channels_and_clients(self):
+        core = self.core
+        first = core.apply_channel("a", 3, False)
+        self.assertIs(core.apply_channel("a", 9, True, dropped_id=7), first)
+        self.assertEqual((first.max_messages, first.use_sessions,
+                          first.dropped_id), (3, False, 7))
+        core.apply_channel("a", 3, False, dropped_id=2)
+        self.assertEqual(first.dropped_id, 7)          # never goes back
+        core.apply_client("c")
+        core.apply_client("c")
+        self.assertEqual(list(core.clients), ["c"])
+        self.assertEqual(core.added, 2)
+        core.apply_forget("c")
+        core.apply_forget("c")
+        core.apply_remove("a")
+        core.apply_remove("a")
+        self.assertEqual((dict(core.channels), dict(core.clients)), ({}, {}))
+        self.assertEqual(self.hub.removed, [])         # nobody waited
+
+    def test_pushes(self):
+        core = self.core
+        channel = core.apply_channel("a", 2, False)
+        base = core.last_id
+        self.assertEqual(core.apply_push(channel, base + 1, "m1"), 0)
+        self.assertEqual(core.apply_push(channel, base + 1, "again"), 0)
+        self.assertEqual(core.apply_push(channel, base, "older"), 0)
+        self.assertEqual(list(channel.messages), [(base + 1, "m1")])
+        # A channel not known here: only the counter moves.
+        self.assertEqual(core.apply_push(None, base + 5, "x"), 0)
+        self.assertEqual(core.last_id, base + 5)
+        channel.waiters = {object(): None, object(): None}
+        self.assertEqual(core.apply_push(channel, base + 6, "m2"), 2)
+        self.assertEqual(core.apply_push(channel, base + 7, "m3"), 2)
+        self.assertEqual(self.hub.delivered, [("a", base + 6), ("a", base + 7)])
+        self.assertEqual(channel.dropped_id, base + 1)
+        self.assertEqual(list(channel.messages),
+                         [(base + 6, "m2"), (base + 7, "m3")])
+        core.apply_counter(base)                       # never backwards
+        self.assertEqual(core.last_id, base + 7)
+        core.apply_remove("a")
+        self.assertEqual(self.hub.removed, ["a"])
+
+    def test_message_layout(self):
+        text = simple_comet.message_text(1234567, "h\u00e9 \"q\"\n")
+        self.assertEqual(simple_comet.message_id_of(text), 1234567)
+        self.assertEqual(json.loads(text)["content"], "h\u00e9 \"q\"\n")
+        self.assertNotIn("\n", text)
+
+
+class RecordTests(unittest.TestCase):
+    """The state file's records, and their replay through the core."""
+
+    def journal(self):
+        sc = simple_comet
+        channel = sc.Channel("r\u00e9\tom", 2, True, 0)
+        return b"".join([
+            sc.counter_record(500),
+            sc.channel_record("r\u00e9\tom", 2, True),
+            sc.channel_record("gone", 5, False, 40),
+            sc.client_record("c|1"),
+            sc.client_record("c2"),
+            sc.message_record(channel, 600, '{"id": 600, "ts": 1, "content": "a"}'),
+            sc.message_record(channel, 601, '{"id": 601, "ts": 1, "content": "b"}'),
+            sc.message_record(channel, 602, '{"id": 602, "ts": 1, "content": "c"}'),
+            sc.removal_record("gone"),
+            sc.client_record("c2", "x"),
+            sc.counter_record(900, padding=20),
+        ])
+
+    def replayed(self, data):
+        core = simple_comet.Core(simple_comet.Config(), FakeLoop())
+        end = simple_comet.replay(core, data, "PATH")
+        return core, end
+
+    def test_replay(self):
+        data = self.journal()
+        core, end = self.replayed(data)
+        self.assertEqual(end, len(data))
+        channels, clients, last_id = core_state(core)
+        self.assertEqual(list(channels), ["r\u00e9\tom"])
+        max_messages, use_sessions, dropped, messages = channels["r\u00e9\tom"]
+        self.assertEqual((max_messages, use_sessions, dropped), (2, True, 600))
+        self.assertEqual([i for i, _ in messages], [601, 602])
+        self.assertEqual(clients, ["c|1"])
+        self.assertGreaterEqual(last_id, 900)
+        self.assertTrue(all(line.endswith(b"\n") and line[8:9] == b" "
+                            for line in data.splitlines(True)))
+
+    def test_replay_is_idempotent(self):
+        """A journal replayed after its own snapshot (what compaction
+        relies on) changes nothing."""
+        data = self.journal()
+        once, _ = self.replayed(data)
+        twice, _ = self.replayed(data + data[data.index(b"\n") + 1:])
+        self.assertEqual(core_state(once)[:2], core_state(twice)[:2])
+
+    def test_torn_last_record_is_dropped(self):
+        data = self.journal()
+        last = data.rindex(b"\n", 0, len(data) - 1) + 1
+        for cut in (last + 1, last + 9, len(data) - 1):
+            core, end = self.replayed(data[:cut])
+            self.assertEqual(end, last, cut)
+        damaged = data[:last + 12] + b"X" + data[last + 13:]
+        core, end = self.replayed(damaged)
+        self.assertEqual(end, last)
+
+    def test_damage_in_the_middle_stops(self):
+        data = bytearray(self.journal())
+        second = data.index(b"\n") + 1
+        data[second + 12] ^= 1
+        with self.assertRaises(simple_comet.StartupError) as caught:
+            self.replayed(bytes(data))
+        self.assertIn(f"PATH: damaged record at byte {second}",
+                      str(caught.exception))
+        unknown = simple_comet.record("z\tnothing")
+        with self.assertRaises(simple_comet.StartupError):
+            self.replayed(unknown + simple_comet.counter_record(1))
+
+
+class DeadlinesTests(unittest.TestCase):
+    def test_order(self):
+        queue = simple_comet.Deadlines()
+        for name, when in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+            queue.add(name, when)
+        self.assertEqual(queue.expired(2.0), ["a", "b"])
+        queue.move("a", 4.0)
+        queue.move("nobody", 5.0)                      # gone: nothing
+        self.assertEqual(list(queue), ["b", "c", "a"])
+        self.assertTrue(queue.remove("b"))
+        self.assertFalse(queue.remove("b"))
+        self.assertEqual(queue.expired(3.5), ["c"])
+        self.assertEqual(len(queue), 2)
+        self.assertEqual(queue.expired(0), [])
+
+
+class StoreContractTests(unittest.IsolatedAsyncioTestCase):
+    """The memory store and the state-file store answer writes alike, and
+    the state file keeps what was acknowledged."""
+
+    async def store(self, kind, path=None):
+        loop = asyncio.get_running_loop()
+        config = simple_comet.Config(state_file=path)
+        store = kind(config, loop)
+        store.hub = FakeHub()
+        store.open()
+        self.addAsyncCleanup(store.close)
+        return store
+
+    async def check_writes(self, store):
+        sc = simple_comet
+        self.assertIsNone(await store.add_channel("a", 2, False))
+        with self.assertRaises(sc.APIError) as caught:
+            await store.add_channel("a", 2, False)
+        self.assertEqual(caught.exception.return_code, sc.NO_CHANNEL)
+        self.assertIsNone(await store.add_client("c"))
+        with self.assertRaises(sc.APIError):
+            await store.add_client("c")
+        pushed = await store.push("a", "one")
+        self.assertIsInstance(pushed, sc.Pushed)
+        self.assertEqual((pushed.delivered, pushed.instances), (0, None))
+        self.assertEqual(pushed.id, store.last_id)
+        with self.assertRaises(sc.APIError) as caught:
+            await store.push("nowhere", "x")
+        self.assertEqual(caught.exception.message, "Nonexistent channel")
+        await store.add_channel("b", 5, True)
+        self.assertTrue(await store.remove_channel("b"))
+        self.assertFalse(await store.remove_channel("b"))
+        self.assertTrue(await store.catch_up())
+        return pushed
+
+    async def test_memory(self):
+        await self.check_writes(await self.store(simple_comet.MemoryStore))
+
+    async def test_state_file(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "state")
+            store = await self.store(simple_comet.StateFileStore, path)
+            pushed = await self.check_writes(store)
+            before = core_state(store)
+            await store.close()
+            again = await self.store(simple_comet.StateFileStore, path)
+            self.assertEqual(core_state(again)[:2], before[:2])
+            self.assertGreaterEqual(again.last_id, pushed.id)
+            # A journal that cannot be trusted refuses, with nothing kept.
+            with self.assertLogs("simple_comet", "ERROR"):
+                again.journal.fail("test")
+            with self.assertRaises(simple_comet.HTTPError) as caught:
+                await again.push("a", "two")
+            self.assertEqual(caught.exception.status, 503)
+            self.assertEqual(len(again.channels["a"].messages), 1)
+            self.assertEqual(again.health(), "state file not writable: test")
+
+
 # ---------------------------------------------------------------------------
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown
 # ---------------------------------------------------------------------------

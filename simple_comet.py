@@ -747,13 +747,31 @@ class Core:
         clients[client_id] = now
         clients.move_to_end(client_id)
 
-    def stale_clients(self, now):
-        return self.stale(self.clients.items(),
-                          now - self.config.session_timeout)
-
-    def stale_channels(self, now):
-        return self.stale(((c, c.last_read) for c in self.channels.values()),
-                          now - self.config.inactive_channel_timeout)
+    async def expire(self, now, reading):
+        """Find the clients and channels nobody has read for their timeout
+        (those with a held poll or an open stream count as read now) and
+        hand them to ``expired()``.  Done in slices, so that a mass expiry
+        does not hold up replies."""
+        while True:
+            clients = list(islice(self.stale(
+                self.clients.items(), now - self.config.session_timeout),
+                EXPIRY_SLICE))
+            channels = list(islice(self.stale(
+                ((c, c.last_read) for c in self.channels.values()),
+                now - self.config.inactive_channel_timeout), EXPIRY_SLICE))
+            if not clients and not channels:
+                return
+            gone = [c for c in clients if c not in reading]
+            dead = [c for c in channels if not c.waiters]
+            for client_id in clients:
+                if client_id in reading:
+                    self.touch_client(client_id, now)
+            for channel in channels:
+                if channel.waiters:
+                    self.touch_channel(channel, now)
+            if (gone or dead) and not self.expired(gone, dead, now):
+                return                   # tried again at the next pass
+            await asyncio.sleep(0)
 
     @staticmethod
     def stale(entries, limit):
@@ -840,35 +858,15 @@ class MemoryStore(Core):
         self.apply_remove(name)
         return True
 
-    async def expire(self, now, reading):
-        """Forget clients and channels nobody has read for their timeout;
-        those with a held poll or an open stream count as read now.  Done
-        in slices, so a mass expiry does not hold up replies."""
-        while True:
-            clients = list(islice(self.stale_clients(now), EXPIRY_SLICE))
-            gone = []
-            for client_id in clients:
-                if client_id in reading:
-                    self.touch_client(client_id, now)
-                else:
-                    gone.append(client_id)
-            channels = list(islice(self.stale_channels(now), EXPIRY_SLICE))
-            dead = []
-            for channel in channels:
-                if channel.waiters:
-                    self.touch_channel(channel, now)
-                else:
-                    dead.append(channel)
-            if gone or dead:
-                if not self.keep_expiry(gone, dead):
-                    return               # tried again at the next pass
-                for client_id in gone:
-                    self.apply_forget(client_id)
-                for channel in dead:
-                    self.apply_remove(channel.name)
-            if not clients and not channels:
-                return
-            await asyncio.sleep(0)
+    def expired(self, client_ids, channels, now):
+        """Forget what expired; False when it cannot be yet."""
+        if not self.keep_expiry(client_ids, channels):
+            return False
+        for client_id in client_ids:
+            self.apply_forget(client_id)
+        for channel in channels:
+            self.apply_remove(channel.name)
+        return True
 
     # -- persistence hooks: nothing to keep in memory ----------------------
 
@@ -885,7 +883,6 @@ class MemoryStore(Core):
         pass
 
     def keep_expiry(self, client_ids, channels):
-        """False when what expired cannot be forgotten yet."""
         return True
 
 
@@ -1096,7 +1093,8 @@ class Journal:
             else:
                 self.mirror[1] += len(data)
         if failure is not None:
-            self.refuse(failure, len(data))
+            self.needed = max(self.needed, len(data))
+            self.trouble(self.REFUSING, failure)
             raise unavailable(f"state file not writable: {failure}")
         self.size += len(data)
         self.live += live
@@ -1130,22 +1128,18 @@ class Journal:
         try:
             os.ftruncate(fd, size)
         except OSError as e:
-            self.fail("cannot cut back a failed write: " + e.strerror)
+            self.trouble(self.BROKEN,
+                         "cannot cut back a failed write: " + e.strerror)
 
-    def refuse(self, reason, needed):
-        self.needed = max(self.needed, needed)
-        if self.state == self.OK:
-            log.error("state file %s: %s; writes are refused meanwhile",
-                      self.path, reason)
-        if self.state != self.BROKEN:
-            self.state, self.reason = self.REFUSING, reason
-
-    def fail(self, reason):
-        """PATH cannot be trusted: refuse writes until it is rewritten."""
-        if self.state != self.BROKEN:
-            log.error("state file %s: %s; writes are refused until it is "
-                      "rewritten", self.path, reason)
-        self.state, self.reason = self.BROKEN, reason
+    def trouble(self, state, reason):
+        """REFUSING, or BROKEN (PATH cannot be trusted until rewritten)."""
+        if self.state == self.BROKEN:
+            return
+        if self.state != state:
+            log.error("state file %s: %s; writes are refused %s", self.path,
+                      reason, "meanwhile" if state == self.REFUSING else
+                      "until it is rewritten")
+        self.state, self.reason = state, reason
 
     # -- durability -------------------------------------------------------
 
@@ -1164,7 +1158,8 @@ class Journal:
                         # The kernel may have dropped the pages it could
                         # not write: retrying the fsync would report
                         # success for data that is gone.
-                        self.fail("fsync failed: " + e.strerror)
+                        self.trouble(self.BROKEN,
+                                     "fsync failed: " + e.strerror)
             if self.state == self.BROKEN and self.compacting is None:
                 self.start_compaction()
             elif self.state == self.REFUSING:
@@ -1178,34 +1173,32 @@ class Journal:
     def start_compaction(self):
         self.compacting = self.loop.create_task(self.compact())
 
+    def live_records(self):
+        """The records of the live state, each as it is when reached."""
+        core = self.core
+        yield counter_record(core.last_id)
+        for channel in list(core.channels.values()):
+            if core.channels.get(channel.name) is channel:  # not removed since
+                yield channel_record(channel.name, channel.max_messages,
+                                     channel.use_sessions, channel.dropped_id)
+                for message_id, text in tuple(channel.messages or ()):
+                    yield message_record(channel, message_id, text)
+        for client_id in list(core.clients):
+            if client_id in core.clients:
+                yield client_record(client_id)
+
     async def snapshot(self, fd):
         """Write the live state to ``fd`` a slice at a time; its size."""
-        core = self.core
-        channels = list(core.channels.values())
-        clients = list(core.clients)
-        size = self.write_all(fd, counter_record(core.last_id))
+        size = 0
         chunk = []
         deadline = time.perf_counter() + STATE_COMPACT_SLICE
-        for channel in channels:
-            if core.channels.get(channel.name) is channel:  # not removed since
-                chunk.append(channel_record(
-                    channel.name, channel.max_messages, channel.use_sessions,
-                    channel.dropped_id))
-                for message_id, text in channel.messages or ():
-                    chunk.append(message_record(channel, message_id, text))
-            if time.perf_counter() > deadline:
+        for data in self.live_records():
+            chunk.append(data)
+            if len(chunk) >= 100 and time.perf_counter() > deadline:
                 size += self.write_all(fd, b"".join(chunk))
                 chunk = []
                 await asyncio.sleep(0)
                 deadline = time.perf_counter() + STATE_COMPACT_SLICE
-        for client_id in clients:
-            if client_id in core.clients:
-                chunk.append(client_record(client_id))
-                if len(chunk) >= 1000 and time.perf_counter() > deadline:
-                    size += self.write_all(fd, b"".join(chunk))
-                    chunk = []
-                    await asyncio.sleep(0)
-                    deadline = time.perf_counter() + STATE_COMPACT_SLICE
         return size + self.write_all(fd, b"".join(chunk))
 
     async def compact(self):
@@ -2095,25 +2088,24 @@ class RedisStore(Core):
         super().touch_client(client_id, now)
 
     async def expire(self, now, reading):
-        """Tell Redis what was read here (held polls and open streams count)
-        and let it expire what nobody read.  Locally, entries are only
-        moved along, so each is looked at once per timeout."""
-        for client_id in list(self.stale_clients(now)):
-            if client_id in reading:
-                self.touch_client(client_id, now)
-            else:
-                Core.touch_client(self, client_id, now)
-        for channel in list(self.stale_channels(now)):
-            if channel.waiters:
-                self.touch_channel(channel, now)
-            else:
-                Core.touch_channel(self, channel, now)
+        """Tell Redis what was read here (held polls and open streams
+        count) and let it expire what nobody read (housekeeping)."""
+        await super().expire(now, reading)
         if self.client.connected and (self.housekeeping_task is None or
                                       self.housekeeping_task.done()):
             self.housekeeping_task = self.loop.create_task(self.housekeeping())
         # Push counts of entries applied here but pushed elsewhere.
         if len(self.replica.reached) > 10_000:
             self.replica.reached.clear()
+
+    def expired(self, client_ids, channels, now):
+        # Decided in Redis: locally they are only moved along (not told
+        # as read), so that each is looked at once per timeout.
+        for client_id in client_ids:
+            Core.touch_client(self, client_id, now)
+        for channel in channels:
+            Core.touch_channel(self, channel, now)
+        return True
 
     async def housekeeping(self, check=True):
         channels = list(self.touched_channels)
@@ -2282,7 +2274,8 @@ class Stream:
 
 class Hub:
     """Delivery: who waits for which channel, in front of the store that
-    keeps the messages.  Routes talk to the hub only."""
+    keeps the messages.  Routes read through the hub and write to the
+    store."""
 
     def __init__(self, config, loop, store):
         self.config = config
@@ -2303,25 +2296,6 @@ class Hub:
     @property
     def last_id(self):
         return self.store.last_id
-
-    # -- writes: coroutines of the store ----------------------------------
-
-    def add_channel(self, name, max_messages, use_sessions):
-        return self.store.add_channel(name, max_messages, use_sessions)
-
-    def add_client(self, client_id):
-        return self.store.add_client(client_id)
-
-    def push(self, name, content):
-        """Store a message; a coroutine of its Pushed."""
-        if content is None:
-            self.store.channel(name)     # a missing channel is told first
-            raise APIError(BAD_PARAMETER, "Missing content")
-        return self.store.push(name, content)
-
-    def remove_channel(self, name):
-        """A coroutine of whether the channel existed."""
-        return self.store.remove_channel(name)
 
     # -- told by the store --------------------------------------------------
 
@@ -2598,6 +2572,7 @@ class App:
     def __init__(self, config, hub, server):
         self.config = config
         self.hub = hub
+        self.store = hub.store
         self.server = server
         self.token = config.admin_token.encode() if config.admin_token else None
         self.routes = []                 # (pattern, {method: entry})
@@ -2728,17 +2703,21 @@ class App:
             if max_messages > MAX_MESSAGES_PARAM:
                 raise APIError(BAD_PARAMETER, "Invalid max_messages: above "
                                               f"{MAX_MESSAGES_PARAM}")
-        await self.hub.add_channel(name, max_messages, word in TRUE_WORDS)
+        await self.store.add_channel(name, max_messages, word in TRUE_WORDS)
         return success_text(channel_id=name)
 
     async def register_client(self, request, conn):
         client_id = check_id(request.params.get("client_id"), "client_id")
-        await self.hub.add_client(client_id)
+        await self.store.add_client(client_id)
         return success_text(client_id=client_id)
 
     async def push(self, request, conn):
-        pushed = await self.hub.push(decode_segment(request.match["names"]),
-                                     request.params.get("content"))
+        name = decode_segment(request.match["names"])
+        content = request.params.get("content")
+        if content is None:
+            self.store.channel(name)     # a missing channel is told first
+            raise APIError(BAD_PARAMETER, "Missing content")
+        pushed = await self.store.push(name, content)
         # The hottest write: formatted directly rather than through a dict.
         return ('{"return_code": 1, "error_message": "", "message_id": %d, '
                 '"delivered": %d%s}' % (
@@ -2748,7 +2727,7 @@ class App:
     async def delete(self, request, conn):
         name = check_id(decode_segment(request.match["names"]), "channel id",
                         channel=True)
-        removed = await self.hub.remove_channel(name)
+        removed = await self.store.remove_channel(name)
         return success_text(2 if removed else 1, channel_id=name,
                             removed=removed)
 

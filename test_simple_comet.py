@@ -8781,7 +8781,7 @@ class StoreContractTests(unittest.IsolatedAsyncioTestCase):
             self.assertGreaterEqual(again.last_id, pushed.id)
             # A journal that cannot be trusted refuses, with nothing kept.
             with self.assertLogs("simple_comet", "ERROR"):
-                again.journal.fail("test")
+                again.journal.trouble(again.journal.BROKEN, "test")
             with self.assertRaises(simple_comet.HTTPError) as caught:
                 await again.push("a", "two")
             self.assertEqual(caught.exception.status, 503)

@@ -62,6 +62,7 @@ The file reads top to bottom, a banner a section:
 
 import argparse
 import asyncio
+import binascii
 import fcntl
 import gc
 import hashlib
@@ -151,6 +152,11 @@ LOG_FLUSH_TIMEOUT = 2.0              # seconds to write the last lines at exit
 # (see Server.spare_the_collector).
 GC_FREEZE_AFTER = 20_000
 
+# Revocations in force at once; beyond it a new one is refused (503), never
+# an old one dropped, so a revoked token cannot come back (SPEC D1).
+MAX_REVOCATIONS = 100_000
+MAX_REVOCATION_TIME = 30 * 24 * 3600    # seconds a revocation lasts at most
+
 # Expiry removes at most this many entries between two turns of the event
 # loop, so that a mass expiry does not hold up replies.
 EXPIRY_SLICE = 500
@@ -178,6 +184,9 @@ class Config:
     quote_json = False
     enable_status = False
     admin_token = None
+    token_keys = None                # TokenKeys, from --token-key-file
+    token_audience = None
+    token_issuer = None
     max_body = 1024 * 1024
     max_connections = 10_000
     max_connections_per_ip = 256
@@ -237,10 +246,12 @@ class StartupError(Exception):
 BAD_PARAMETER = -1
 NO_CHANNEL = -2          # nonexistent, already existing, or no valid channel
 UNREGISTERED_CLIENT = -3
+TOKEN_REFUSED = -4       # a token that is malformed, expired, revoked, ...
 
 REASONS = {
     100: "Continue", 200: "OK", 204: "No Content",
-    400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout",
     413: "Content Too Large", 414: "URI Too Long",
     415: "Unsupported Media Type", 417: "Expectation Failed",
@@ -264,7 +275,7 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 class Request:
     __slots__ = ("method", "path", "query", "version", "headers", "body",
-                 "keep_alive", "match", "params", "callback")
+                 "keep_alive", "match", "params", "callback", "claims")
 
     def __init__(self, method, path, query, version, headers):
         self.method = method
@@ -274,6 +285,7 @@ class Request:
         self.headers = headers
         self.body = b""
         self.callback = None             # set by App.route for JSON-P
+        self.claims = None               # ... and a token's, if it has one
         # HTTP/1.1 keeps the connection by default, HTTP/1.0 only on request.
         connection = headers.get("connection", "").lower()
         if version == "HTTP/1.1":
@@ -582,6 +594,580 @@ def parse_count(value, what, lowest):
 
 
 # ---------------------------------------------------------------------------
+# Tokens: signed JWTs (HS256, HS384, HS512, RS256), verified by hand
+# ---------------------------------------------------------------------------
+#
+# Pure code: no I/O and no clock (the caller passes ``now``, unix seconds).
+# The caller reads the key file, checks revocation and the subscribe and
+# publish scopes, and counts refusals by TokenError.reason.
+
+MAX_TOKEN_BYTES = 4096          # SPEC D1: "at most 4 KiB per token"
+MAX_TOKEN_PATTERNS = 100        # SPEC D1: patterns per claim
+MAX_INFO_BYTES = 1024           # SPEC D1: `info` at most 1 KiB, compact JSON
+TOKEN_LEEWAY = 5.0              # seconds of clock skew forgiven: SPEC's most
+TOKEN_CACHE_SIZE = 10_000       # tokens remembered: at most ~50 MB, often ~5
+MIN_HMAC_SECRET_BYTES = 32      # SPEC D1
+# RSA below 2048 bits is disallowed by NIST SP 800-131A and refused by
+# jsonwebtoken; one check costs ~0.2 ms at 2048 bits, ~0.85 ms at 4096 and
+# ~3 ms at 8192, past SPEC's 1 ms.
+MIN_RSA_BITS, MAX_RSA_BITS = 2048, 4096
+MAX_RSA_EXPONENT_BITS = 256     # NIST SP 800-56B's bound; keeps pow() cheap
+
+# The metric's reason labels, in SPEC's order.
+TOKEN_REASONS = ("malformed", "signature", "algorithm", "expired",
+                 "not_yet_valid", "audience", "issuer", "revoked", "scope",
+                 "disabled")
+
+# The accepted algorithms (RFC 7518 3.1); every other `alg`, "none" first,
+# is refused.  HMAC ones name their hash for hmac.digest().
+HMAC_HASHES = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+TOKEN_ALGORITHMS = (*HMAC_HASHES, "RS256")
+
+# DER encoding of DigestInfo(sha256, NULL) (RFC 8017 9.2, note 1): what an
+# RS256 signature's encoded message holds just before the hash.
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+# The OID 1.2.840.113549.1.1.1, rsaEncryption (RFC 3279 2.3.1).
+RSA_ENCRYPTION_OID = bytes.fromhex("2a864886f70d010101")
+DER_INTEGER, DER_BIT_STRING, DER_OID, DER_SEQUENCE = 0x02, 0x03, 0x06, 0x30
+
+# Compact JWS (RFC 7515 7.1): three base64url parts without padding.  The
+# signature may be empty, so that `alg: none` is refused as an algorithm.
+TOKEN_FORM = re.compile(
+    r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
+PEM_BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
+class TokenError(Exception):
+    """A refused token.  `reason` is one of TOKEN_REASONS (the metric label
+    and the end of the error message), `detail` a fixed phrase for the log.
+    `sub` and `jti` are set only when read from a payload whose signature
+    was verified, so a log never names an identity that a forger made up."""
+
+    def __init__(self, reason, detail="", sub=None, jti=None):
+        super().__init__(f"token {reason}")
+        self.reason, self.detail, self.sub, self.jti = reason, detail, sub, jti
+
+
+class KeyFileError(Exception):
+    """A key file that cannot be used: the message is one line that names
+    the file and the line, and never holds key material."""
+
+
+# -- keys --
+
+class HmacKey:
+    __slots__ = ("kid", "secret")    # the default repr shows neither
+
+    def __init__(self, kid, secret):
+        self.kid, self.secret = kid, secret
+
+
+class RsaKey:
+    __slots__ = ("kid", "n", "e", "size", "prefix")
+
+    def __init__(self, kid, n, e):
+        self.kid, self.n, self.e = kid, n, e
+        self.size = (n.bit_length() + 7) // 8
+        # The encoded message of RSASSA-PKCS1-v1_5 (RFC 8017 9.2) up to the
+        # hash, built once: 00 01 FF..FF 00 DigestInfo.
+        padding = self.size - 3 - len(SHA256_DIGEST_INFO) - 32
+        self.prefix = b"\0\1" + b"\xff" * padding + b"\0" + SHA256_DIGEST_INFO
+
+
+class TokenKeys:
+    """The keys of a key file: HMAC secrets, RSA public keys, and by name."""
+    __slots__ = ("hmac", "rsa", "named")
+
+    def __init__(self, keys):
+        self.hmac = tuple(key for key in keys if type(key) is HmacKey)
+        self.rsa = tuple(key for key in keys if type(key) is RsaKey)
+        self.named = {key.kid: key for key in keys if key.kid is not None}
+
+    def __len__(self):
+        return len(self.hmac) + len(self.rsa)
+
+    def __repr__(self):
+        return f"<TokenKeys: {len(self.hmac)} HMAC, {len(self.rsa)} RSA>"
+
+
+def parse_key_file(text, path):
+    """Read a key file (SPEC D1) into TokenKeys, or raise KeyFileError."""
+    keys, names, kid, kid_line = [], set(), None, 0
+    lines = text.removeprefix("\ufeff").split("\n")
+    index = 0
+    while index < len(lines):
+        line, index = lines[index].strip(), index + 1
+        where = f"{path}: line {index}"
+        if not line or line.startswith("#"):
+            continue
+        words = line.split(None, 1)
+        if words[0] == "kid":
+            if kid is not None:
+                raise KeyFileError(f"{path}: line {kid_line}: kid {kid!r}"
+                                   " is not followed by a key")
+            if len(words) == 1:
+                raise KeyFileError(f"{where}: kid without a name")
+            kid, kid_line = words[1], index
+            if kid in names:
+                raise KeyFileError(f"{where}: kid {kid!r} names two keys")
+            names.add(kid)
+            continue
+        if line.startswith("-----"):
+            label, der, index = read_pem(lines, index - 1, where)
+            try:
+                n, e = (public_key_info if label == "PUBLIC KEY"
+                        else rsa_public_key)(der, 0, len(der))
+                check_rsa_numbers(n, e)
+            except ValueError as error:
+                raise KeyFileError(f"{where}: {error}") from None
+            keys.append(RsaKey(kid, n, e))
+        else:
+            keys.append(HmacKey(kid, hmac_secret(line, where)))
+        kid = None
+    if kid is not None:
+        raise KeyFileError(
+            f"{path}: line {kid_line}: kid {kid!r} is not followed by a key")
+    if not keys:
+        raise KeyFileError(f"{path}: no key in the file")
+    return TokenKeys(keys)
+
+
+def hmac_secret(line, where):
+    # An OpenSSH public key line would otherwise become an HMAC secret
+    # that anyone can read, and so a way to forge tokens.
+    if line.startswith(("ssh-", "ecdsa-sha2-")):
+        raise KeyFileError(f"{where}: an OpenSSH public key; give it as PEM"
+                           " (ssh-keygen -e -m PKCS8 -f KEY.pub)")
+    secret = line.encode("utf-8", "surrogateescape")
+    if len(secret) < MIN_HMAC_SECRET_BYTES:
+        raise KeyFileError(f"{where}: HMAC secret of {len(secret)} bytes;"
+                           f" at least {MIN_HMAC_SECRET_BYTES} are needed")
+    return secret
+
+
+def read_pem(lines, start, where):
+    """Return (label, DER bytes, index past the END line) of the PEM block
+    (RFC 7468) whose BEGIN line is lines[start]."""
+    match = PEM_BEGIN.fullmatch(lines[start].strip())
+    label = match and match.group(1)
+    if not label:
+        raise KeyFileError(f"{where}: a PEM END or broken BEGIN line")
+    if "PRIVATE KEY" in label:
+        raise KeyFileError(f"{where}: a private key; give the public key"
+                           " (openssl pkey -in KEY -pubout)")
+    if label == "CERTIFICATE":
+        raise KeyFileError(f"{where}: a certificate; give its public key"
+                           " (openssl x509 -in CERT -pubkey -noout)")
+    if label not in ("PUBLIC KEY", "RSA PUBLIC KEY"):
+        raise KeyFileError(f"{where}: a PEM {label}, not an RSA public key")
+    end, body = f"-----END {label}-----", []
+    for index in range(start + 1, len(lines)):
+        line = lines[index].strip()
+        if line == end:
+            try:
+                der = binascii.a2b_base64("".join(body), strict_mode=True)
+            except ValueError:
+                raise KeyFileError(f"{where}: PEM of bad base64") from None
+            return label, der, index + 1
+        body.append(line)
+    raise KeyFileError(f"{where}: PEM block without its END line")
+
+
+# A DER reader just for RSA public keys: definite lengths, minimal
+# encodings (X.690 10.1, 8.3.2), every element inside its parent's bounds,
+# nothing left over.  Its errors are ValueErrors with a phrase.
+
+def der_element(data, pos, end, tag):
+    """Return (start, stop) of the content of the element at data[pos]."""
+    if pos + 2 > end or data[pos] != tag:
+        raise ValueError("unparsable public key (unexpected DER element)")
+    length, pos = data[pos + 1], pos + 2
+    if length & 0x80:   # long form; 0x80 alone is BER's indefinite length
+        count = length & 0x7F
+        if not 1 <= count <= 4 or pos + count > end or data[pos] == 0:
+            raise ValueError("unparsable public key (bad DER length)")
+        length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
+        if length < 0x80:
+            raise ValueError("unparsable public key (bad DER length)")
+    if pos + length > end:
+        raise ValueError("unparsable public key (truncated)")
+    return pos, pos + length
+
+
+def der_integer(data, pos, end):
+    """Return (value, stop) of a positive, minimally encoded INTEGER."""
+    start, stop = der_element(data, pos, end, DER_INTEGER)
+    body = data[start:stop]
+    if (not body or body[0] & 0x80
+            or (len(body) > 1 and body[0] == 0 and not body[1] & 0x80)):
+        raise ValueError("unparsable public key (bad INTEGER)")
+    return int.from_bytes(body, "big"), stop
+
+
+def rsa_public_key(data, pos, end):
+    """PKCS#1 RSAPublicKey (RFC 8017 A.1.1): SEQUENCE {n, e}."""
+    start, stop = der_element(data, pos, end, DER_SEQUENCE)
+    n, pos = der_integer(data, start, stop)
+    e, pos = der_integer(data, pos, stop)
+    if pos != stop or stop != end:
+        raise ValueError("unparsable public key (trailing bytes)")
+    return n, e
+
+
+def public_key_info(data, pos, end):
+    """SubjectPublicKeyInfo (RFC 5280 4.1, RFC 3279 2.3.1) of an RSA key:
+    SEQUENCE {SEQUENCE {OID rsaEncryption, NULL}, BIT STRING RSAPublicKey}."""
+    start, stop = der_element(data, pos, end, DER_SEQUENCE)
+    if stop != end:
+        raise ValueError("unparsable public key (trailing bytes)")
+    algorithm, rest = der_element(data, start, stop, DER_SEQUENCE)
+    oid, params = der_element(data, algorithm, rest, DER_OID)
+    if data[oid:params] != RSA_ENCRYPTION_OID:
+        raise ValueError("not an RSA public key (RS256 needs RSA)")
+    if data[params:rest] not in (b"", b"\x05\x00"):   # NULL, or absent
+        raise ValueError("unparsable public key (bad parameters)")
+    bits, bits_end = der_element(data, rest, stop, DER_BIT_STRING)
+    if bits_end != stop:
+        raise ValueError("unparsable public key (trailing bytes)")
+    if bits == bits_end or data[bits] != 0:           # no unused bits
+        raise ValueError("unparsable public key (bad BIT STRING)")
+    return rsa_public_key(data, bits + 1, bits_end)
+
+
+def check_rsa_numbers(n, e):
+    if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
+        raise ValueError(f"RSA key of {n.bit_length()} bits; {MIN_RSA_BITS}"
+                         f" to {MAX_RSA_BITS} are accepted")
+    # An even modulus is no RSA key; e = 1 would let anyone sign.
+    if not (n & 1 and e & 1 and 3 <= e < n
+            and e.bit_length() <= MAX_RSA_EXPONENT_BITS):
+        raise ValueError("not a valid RSA public key (modulus or exponent)")
+
+
+# -- claims --
+
+def valid_id(value, channel=False):
+    """The rules of an id (A2): a non-empty printable string of at most 200
+    bytes of UTF-8; a channel id also has no "|" or "/"."""
+    return (type(value) is str and value != "" and value.isprintable()
+            and len(value.encode()) <= MAX_ID_BYTES
+            and not (channel and ("|" in value or "/" in value)))
+
+
+class Patterns:
+    """The channels a `subscribe` or `publish` claim covers: exact names, a
+    prefix before a final "*" ("room:*" covers "room:" and "room:1"), or
+    "*" alone for all.  Built once per token; covers() costs a set look-up
+    and one startswith()."""
+    __slots__ = ("exact", "prefixes", "everything")
+
+    def __init__(self, patterns=()):
+        """Raise ValueError for a pattern that breaks those rules."""
+        exact, prefixes, self.everything = set(), [], False
+        for pattern in patterns:
+            if pattern == "*":
+                self.everything = True
+                continue
+            is_prefix = pattern.endswith("*")
+            body = pattern[:-1] if is_prefix else pattern
+            if "*" in body or not valid_id(body, channel=True):
+                raise ValueError("a channel pattern breaks the rules")
+            (prefixes.append if is_prefix else exact.add)(body)
+        self.exact, self.prefixes = frozenset(exact), tuple(prefixes)
+
+    def covers(self, name):
+        return (self.everything or name in self.exact
+                or name.startswith(self.prefixes))
+
+    def __repr__(self):
+        texts = sorted(self.exact) + [p + "*" for p in self.prefixes]
+        return f"Patterns({(['*'] if self.everything else []) + texts!r})"
+
+
+NO_PATTERNS = Patterns()
+
+
+class Claims:
+    """What a verified token says.  Times are floats (unix seconds) or
+    None; `aud` is a string, a tuple or None; `info_json` is the compact
+    JSON text of `info`, ready to be put into replies, or None."""
+    __slots__ = ("sub", "subscribe", "publish", "info_json", "jti", "iat",
+                 "exp", "nbf", "aud", "iss")
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.get(name))
+
+    def expiry(self, leeway=TOKEN_LEEWAY):
+        """The moment a held poll is answered "token expired", or None."""
+        return None if self.exp is None else self.exp + leeway
+
+    def __repr__(self):
+        return f"<Claims {describe_token(self) or 'anonymous'}>"
+
+
+def describe_token(item):
+    """"sub alice jti 42" for a log line, from Claims or a TokenError: only
+    ids that passed the rules of an id, never the token."""
+    return " ".join(f"{name} {value}" for name, value
+                    in (("sub", item.sub), ("jti", item.jti)) if value)
+
+
+INFINITIES = (float("inf"), float("-inf"))
+# `info` as compact JSON; allow_nan=False: 1e400 must not come out "Infinity".
+INFO_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False,
+                                separators=(",", ":"))
+
+
+def time_claim(payload, name):
+    if name not in payload:
+        return None
+    value = payload[name]
+    if type(value) not in (int, float):          # bool, null, text: no
+        raise ValueError(f"{name} is not a number")
+    try:
+        value = float(value)                     # 10**400 does not fit
+    except OverflowError:
+        raise ValueError(f"{name} is out of range") from None
+    if value in INFINITIES:                      # 1e400 parses as infinity
+        raise ValueError(f"{name} is out of range")
+    return value
+
+
+def pattern_claim(payload, name):
+    if name not in payload:
+        return NO_PATTERNS
+    value = payload[name]
+    if type(value) is not list or not all(type(p) is str for p in value):
+        raise ValueError(f"{name} is not a list of strings")
+    if len(value) > MAX_TOKEN_PATTERNS:
+        raise ValueError(f"{name} has over {MAX_TOKEN_PATTERNS} patterns")
+    return Patterns(value)
+
+
+def info_claim(payload):
+    if "info" not in payload:
+        return None
+    if type(payload["info"]) is not dict:
+        raise ValueError("info is not a JSON object")
+    try:
+        text = INFO_ENCODER.encode(payload["info"])
+        size = len(text.encode())
+    except UnicodeEncodeError:                   # a lone surrogate escape
+        raise ValueError("info is not valid Unicode") from None
+    except RecursionError:
+        raise ValueError("info is nested too deeply") from None
+    if size > MAX_INFO_BYTES:
+        raise ValueError(f"info is over {MAX_INFO_BYTES} bytes")
+    return text
+
+
+def read_claims(payload):
+    """Claims from a verified payload, or TokenError "malformed"."""
+    # Read first, so that a refusal can name them in the log.
+    sub, jti = payload.get("sub"), payload.get("jti")
+    sub = sub if valid_id(sub) else None
+    jti = jti if valid_id(jti) else None
+    try:
+        for name, value in (("sub", sub), ("jti", jti)):
+            if name in payload and value is None:
+                raise ValueError(f"{name} breaks the rules of an id")
+        aud = payload.get("aud")
+        if type(aud) is list and all(type(a) is str for a in aud):
+            aud = tuple(aud)
+        elif "aud" in payload and type(aud) is not str:
+            raise ValueError("aud is not a string or a list of strings")
+        if "iss" in payload and type(payload["iss"]) is not str:
+            raise ValueError("iss is not a string")
+        return Claims(
+            sub=sub, jti=jti, aud=aud, iss=payload.get("iss"),
+            exp=time_claim(payload, "exp"), nbf=time_claim(payload, "nbf"),
+            iat=time_claim(payload, "iat"),
+            subscribe=pattern_claim(payload, "subscribe"),
+            publish=pattern_claim(payload, "publish"),
+            info_json=info_claim(payload))
+    except ValueError as error:
+        raise TokenError("malformed", str(error), sub, jti) from None
+
+
+# -- verification --
+
+def refuse_duplicates(pairs):
+    # RFC 7515 4 and RFC 7519 4: a name twice is refused, or the last one
+    # wins; refusing leaves no room for two parsers to read two tokens.
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise ValueError("a member name twice")
+    return members
+
+
+def refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")      # NaN never expires
+
+
+JSON_DECODER = json.JSONDecoder(object_pairs_hook=refuse_duplicates,
+                                parse_constant=refuse_constant)
+BASE64URL_TO_STANDARD = bytes.maketrans(b"-_", b"+/")  # fast on bytes
+# Characters allowed last in a part whose length is 2 or 3 modulo 4: those
+# whose unused low bits are zero (RFC 4648 3.5), so each token has one form.
+BASE64URL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
+
+
+def base64url(part):
+    rest = len(part) % 4
+    if rest == 1 or (rest and part[-1] not in BASE64URL_LAST[rest]):
+        raise TokenError("malformed", "not canonical base64url")
+    return binascii.a2b_base64(part.encode().translate(BASE64URL_TO_STANDARD)
+                               + b"=" * (-len(part) % 4))
+
+
+def json_object(raw, what):
+    try:
+        value = JSON_DECODER.decode(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise TokenError("malformed", f"{what} is not JSON") from None
+    if type(value) is not dict:
+        raise TokenError("malformed", f"{what} is not a JSON object")
+    return value
+
+
+def looks_like_token(value):
+    """Whether a bearer value has a JWT's form (whatever its length: a huge
+    one is a malformed token, never a value to ignore)."""
+    return TOKEN_FORM.fullmatch(value) is not None
+
+
+def read_token(token, keys):
+    """Check a token's form, algorithm, signature and claim types, in that
+    order, and return its Claims; time, audience and issuer are judged by
+    check_claims().  Raise TokenError."""
+    if not keys:
+        raise TokenError("disabled", "no token key is configured")
+    match = len(token) <= MAX_TOKEN_BYTES and TOKEN_FORM.fullmatch(token)
+    if not match:
+        raise TokenError("malformed", "not a compact JWS of at most 4 KiB")
+    header, payload, signature = map(base64url, match.groups())
+    header = json_object(header, "header")
+    if "crit" in header:
+        raise TokenError("malformed", "crit header: no extension is known")
+    for name in ("typ", "kid"):
+        if name in header and type(header[name]) is not str:
+            raise TokenError("malformed", f"{name} header is not a string")
+    algorithm = header.get("alg")
+    if type(algorithm) is not str or algorithm not in TOKEN_ALGORITHMS:
+        raise TokenError("algorithm", "alg is not HS256/384/512 or RS256")
+    candidates = keys_for(algorithm, header, keys)
+    signed = token[:match.end(2)].encode("ascii")
+    if algorithm == "RS256":
+        digest = hashlib.sha256(signed).digest()
+        verified = any(rsa_verifies(key, digest, signature)
+                       for key in candidates)
+    else:
+        name = HMAC_HASHES[algorithm]
+        verified = any(hmac.compare_digest(
+            hmac.digest(key.secret, signed, name), signature)
+            for key in candidates)
+    if not verified:
+        raise TokenError("signature", "no key verifies the signature")
+    return read_claims(json_object(payload, "payload"))
+
+
+def keys_for(algorithm, header, keys):
+    """The keys that may have signed a token of `algorithm`: the one its
+    kid names, else all of that family.  RSA keys are never HMAC secrets,
+    so a token "HS256-signed" with a public key is never accepted."""
+    family = RsaKey if algorithm == "RS256" else HmacKey
+    if "kid" in header:
+        key = keys.named.get(header["kid"])
+        if key is None:
+            raise TokenError("signature", "kid names no key")
+        if type(key) is not family:
+            raise TokenError("algorithm", "kid names a key of another alg")
+        return (key,)
+    candidates = keys.rsa if family is RsaKey else keys.hmac
+    if not candidates:
+        raise TokenError("algorithm", f"no key for {algorithm}")
+    return candidates
+
+
+def rsa_verifies(key, digest, signature):
+    """RSASSA-PKCS1-v1_5 verification (RFC 8017 8.2.2): the signature is as
+    long as the modulus and below it, and its e-th power is byte for byte
+    the encoded message we expect.  Built and compared whole, never parsed,
+    so no lax parser can be fooled (Bleichenbacher 2006, BERserk 2014)."""
+    if len(signature) != key.size:
+        return False
+    s = int.from_bytes(signature, "big")
+    if s >= key.n:
+        return False
+    message = pow(s, key.e, key.n).to_bytes(key.size, "big")
+    return hmac.compare_digest(message, key.prefix + digest)
+
+
+def check_claims(claims, now, *, audience=None, issuer=None,
+                 leeway=TOKEN_LEEWAY):
+    """Judge time, then audience and issuer; raise TokenError.  Expired
+    from exp + leeway on (RFC 7519 4.1.4: valid only before exp); valid
+    from nbf - leeway on (4.1.5)."""
+    sub, jti = claims.sub, claims.jti
+    if claims.exp is not None and now >= claims.exp + leeway:
+        raise TokenError("expired", "past exp", sub, jti)
+    if claims.nbf is not None and now < claims.nbf - leeway:
+        raise TokenError("not_yet_valid", "before nbf", sub, jti)
+    aud = claims.aud
+    if audience is not None and aud != audience and not (
+            type(aud) is tuple and audience in aud):
+        raise TokenError("audience", "aud lacks the audience", sub, jti)
+    if issuer is not None and claims.iss != issuer:
+        raise TokenError("issuer", "iss is not the issuer", sub, jti)
+
+
+def verify_token(token, keys, now, *, audience=None, issuer=None,
+                 leeway=TOKEN_LEEWAY):
+    """The Claims of a token that is valid at `now`, or raise TokenError."""
+    claims = read_token(token, keys)
+    check_claims(claims, now, audience=audience, issuer=issuer, leeway=leeway)
+    return claims
+
+
+class TokenCache:
+    """verify_token() with memory: read_token()'s answer, Claims or
+    refusal, is kept per token, and only the cheap check_claims() runs on a
+    hit, so expiry is judged at every check and never cached.  Bounded;
+    make a new one when the keys or settings change."""
+
+    def __init__(self, keys, audience=None, issuer=None,
+                 size=TOKEN_CACHE_SIZE, leeway=TOKEN_LEEWAY):
+        self.keys, self.audience, self.issuer = keys, audience, issuer
+        self.size, self.leeway, self.entries = size, leeway, {}
+
+    def __len__(self):
+        return len(self.entries)
+
+    def check(self, token, now):
+        entry = self.entries.get(token)
+        if entry is None:
+            try:
+                entry = read_token(token, self.keys)
+            except TokenError as error:
+                entry = error
+            if len(self.entries) >= self.size:
+                # Forget the older half at once: deleting the oldest entry
+                # one at a time makes each next deletion slower (a dict
+                # scans its deleted slots until it is resized).
+                for old in list(self.entries)[:max(1, self.size // 2)]:
+                    del self.entries[old]
+            self.entries[token] = entry
+        if type(entry) is TokenError:
+            # A new one: an exception raised again keeps its old traceback
+            # and grows it.
+            raise TokenError(entry.reason, entry.detail, entry.sub, entry.jti)
+        check_claims(entry, now, audience=self.audience, issuer=self.issuer,
+                     leeway=self.leeway)
+        return entry
+
+
+# ---------------------------------------------------------------------------
 # Storage: the change core
 # ---------------------------------------------------------------------------
 #
@@ -617,6 +1203,12 @@ class Pushed(NamedTuple):
     instances: int | None = None         # instances connected (Redis only)
 
 
+# A channel's options, one bit each (kept as one number in every store; a
+# version 2 state file or Redis wrote 0 or 1, which mean the same here).
+SESSIONS = 1                             # read only with a registered client
+PRIVATE = 2                              # read only with a token's subscribe
+
+
 class Channel:
     """A channel: its options, its retained messages and who waits on it.
 
@@ -625,13 +1217,13 @@ class Channel:
     waiter map while nobody waits, no encoded name until the first reply.
     """
 
-    __slots__ = ("name", "max_messages", "use_sessions", "messages",
+    __slots__ = ("name", "max_messages", "options", "messages",
                  "dropped_id", "last_read", "waiters", "key")
 
-    def __init__(self, name, max_messages, use_sessions, now):
+    def __init__(self, name, max_messages, options, now):
         self.name = name
         self.max_messages = max_messages
-        self.use_sessions = use_sessions
+        self.options = options   # SESSIONS | PRIVATE
         self.messages = None     # deque of (id, JSON text), oldest first
         self.dropped_id = 0      # newest id the history dropped
         self.last_read = now
@@ -693,15 +1285,16 @@ class Core:
         self.last_id = min(int(time.time() * ID_UNITS_PER_SECOND), MAX_SAFE_ID)
         self.pushed = 0                  # messages pushed through here
         self.added = 0                   # channels and clients ever made
+        self.revoked = {}                # (kind, value) -> (at, until)
         self.hub = None                  # set by the Hub
 
     # -- applying a change ------------------------------------------------
 
-    def apply_channel(self, name, max_messages, use_sessions, dropped_id=0):
+    def apply_channel(self, name, max_messages, options, dropped_id=0):
         channel = self.channels.get(name)
         if channel is None:
             channel = self.channels[name] = Channel(
-                name, max_messages, use_sessions, self.loop.time())
+                name, max_messages, options, self.loop.time())
             self.added += 1
         if dropped_id > channel.dropped_id:
             channel.dropped_id = dropped_id
@@ -730,6 +1323,17 @@ class Core:
 
     def apply_forget(self, client_id):
         self.clients.pop(client_id, None)
+
+    def apply_revoke(self, kind, value, at, until):
+        """Tokens of ``kind`` "sub" (issued before ``at``) or "jti" named
+        ``value`` are refused until ``until`` (unix seconds)."""
+        key = (kind, value)
+        old = self.revoked.get(key)
+        if old is not None:
+            at, until = max(at, old[0]), max(until, old[1])
+        self.revoked[key] = (at, until)
+        if self.hub is not None and self.hub.holders:
+            self.hub.revoked(kind, value, at)
 
     def apply_counter(self, last_id):
         """Ids taken elsewhere (or before a restart) are never given out."""
@@ -782,6 +1386,31 @@ class Core:
                 return
             yield key
 
+    def is_revoked(self, claims, now):
+        revoked = self.revoked
+        if not revoked:
+            return False
+        if claims.jti is not None:
+            entry = revoked.get(("jti", claims.jti))
+            if entry is not None and entry[1] > now:
+                return True
+        if claims.sub is not None:
+            entry = revoked.get(("sub", claims.sub))
+            # No iat: it cannot be told from a token issued after.
+            if entry is not None and entry[1] > now and (
+                    claims.iat is None or claims.iat < entry[0]):
+                return True
+        return False
+
+    def revocation_room(self, now):
+        """Whether one more revocation may be kept: those that ended go
+        first (a walk only at the bound)."""
+        if len(self.revoked) >= MAX_REVOCATIONS:
+            for key in [key for key, (_, until) in self.revoked.items()
+                        if until <= now]:
+                del self.revoked[key]
+        return len(self.revoked) < MAX_REVOCATIONS
+
     def channel(self, name):
         channel = self.channels.get(name)
         if channel is None:
@@ -796,9 +1425,10 @@ class Core:
 
     # -- the store contract -----------------------------------------------
     #
-    # Writes are coroutines: add_channel(name, max_messages, use_sessions)
-    # and add_client(client_id) return None, push(name, content) a Pushed,
-    # remove_channel(name) whether it existed; refusals raise APIError (API
+    # Writes are coroutines: add_channel(name, max_messages, options),
+    # add_client(client_id) and revoke(kind, value, until) return None,
+    # push(name, content) a Pushed, remove_channel(name) whether it
+    # existed; refusals raise APIError (API
     # failures) or HTTPError (503: not stored).  catch_up() returns True
     # once this instance has applied every change stored before the call,
     # False when it cannot tell; expire(now, reading) forgets what nobody
@@ -830,11 +1460,11 @@ class MemoryStore(Core):
     state file journals it there; raising refuses the write), and is
     applied."""
 
-    async def add_channel(self, name, max_messages, use_sessions):
+    async def add_channel(self, name, max_messages, options):
         if name in self.channels:
             raise APIError(NO_CHANNEL, "Channel already exists")
-        self.keep_channel(name, max_messages, use_sessions)
-        self.apply_channel(name, max_messages, use_sessions)
+        self.keep_channel(name, max_messages, options)
+        self.apply_channel(name, max_messages, options)
 
     async def add_client(self, client_id):
         if client_id in self.clients:
@@ -858,6 +1488,13 @@ class MemoryStore(Core):
         self.apply_remove(name)
         return True
 
+    async def revoke(self, kind, value, until):
+        now = time.time()
+        if not self.revocation_room(now):
+            raise unavailable(f"{MAX_REVOCATIONS} revocations are in force")
+        self.keep_revoke(kind, value, now, until)
+        self.apply_revoke(kind, value, now, until)
+
     def expired(self, client_ids, channels, now):
         """Forget what expired; False when it cannot be yet."""
         if not self.keep_expiry(client_ids, channels):
@@ -870,7 +1507,7 @@ class MemoryStore(Core):
 
     # -- persistence hooks: nothing to keep in memory ----------------------
 
-    def keep_channel(self, name, max_messages, use_sessions):
+    def keep_channel(self, name, max_messages, options):
         pass
 
     def keep_client(self, client_id):
@@ -880,6 +1517,9 @@ class MemoryStore(Core):
         pass
 
     def keep_remove(self, channel):
+        pass
+
+    def keep_revoke(self, kind, value, at, until):
         pass
 
     def keep_expiry(self, client_ids, channels):
@@ -897,11 +1537,12 @@ class MemoryStore(Core):
 # with JSON-encoded names, so no field holds a tab or a newline:
 #
 #     i  LAST_ID                          the id counter is at least this
-#     c  NAME MAX_MESSAGES USE_SESSIONS DROPPED_ID     channel registered
+#     c  NAME MAX_MESSAGES OPTIONS DROPPED_ID          channel registered
 #     u  CLIENT                           client registered
 #     p  NAME ID MESSAGE_JSON             message pushed
 #     d  NAME                             channel deleted or expired
 #     x  CLIENT                           client expired
+#     r  KIND VALUE AT UNTIL              tokens revoked (by sub or jti)
 #
 # Each record is applied through the core when replayed, and the core's
 # idempotence is what lets compaction write a snapshot while writes go on.
@@ -916,9 +1557,9 @@ def counter_record(last_id, padding=0):
                                else ""))
 
 
-def channel_record(name, max_messages, use_sessions, dropped_id=0):
+def channel_record(name, max_messages, options, dropped_id=0):
     return record("c\t%s\t%d\t%d\t%d" % (json.dumps(name), max_messages,
-                                         use_sessions, dropped_id))
+                                         options, dropped_id))
 
 
 def message_record(channel, message_id, text):
@@ -933,6 +1574,11 @@ def client_record(client_id, kind="u"):
     return record(kind + "\t" + json.dumps(client_id))
 
 
+def revocation_record(kind, value, at, until):
+    return record("r\t%s\t%s\t%.6f\t%.6f" % (kind, json.dumps(value), at,
+                                             until))
+
+
 def replay_record(core, fields):
     """Apply one record's fields (bytes) through the core."""
     kind = fields[0]
@@ -941,7 +1587,7 @@ def replay_record(core, fields):
                         int(fields[2]), fields[3].decode())
     elif kind == b"c":
         core.apply_channel(json.loads(fields[1]), int(fields[2]),
-                           fields[3] == b"1", int(fields[4]))
+                           int(fields[3]), int(fields[4]))
     elif kind == b"u":
         core.apply_client(json.loads(fields[1]))
     elif kind == b"d":
@@ -950,6 +1596,9 @@ def replay_record(core, fields):
         core.apply_forget(json.loads(fields[1]))
     elif kind == b"i":
         core.apply_counter(int(fields[1]))
+    elif kind == b"r":
+        core.apply_revoke(fields[1].decode(), json.loads(fields[2]),
+                          float(fields[3]), float(fields[4]))
     else:
         raise ValueError("unknown record")
 
@@ -1180,12 +1829,16 @@ class Journal:
         for channel in list(core.channels.values()):
             if core.channels.get(channel.name) is channel:  # not removed since
                 yield channel_record(channel.name, channel.max_messages,
-                                     channel.use_sessions, channel.dropped_id)
+                                     channel.options, channel.dropped_id)
                 for message_id, text in tuple(channel.messages or ()):
                     yield message_record(channel, message_id, text)
         for client_id in list(core.clients):
             if client_id in core.clients:
                 yield client_record(client_id)
+        now = time.time()
+        for (kind, value), (at, until) in list(core.revoked.items()):
+            if until > now:
+                yield revocation_record(kind, value, at, until)
 
     async def snapshot(self, fd):
         """Write the live state to ``fd`` a slice at a time; its size."""
@@ -1341,8 +1994,8 @@ class StateFileStore(MemoryStore):
 
     # -- persistence hooks ------------------------------------------------
 
-    def keep_channel(self, name, max_messages, use_sessions):
-        data = channel_record(name, max_messages, use_sessions)
+    def keep_channel(self, name, max_messages, options):
+        data = channel_record(name, max_messages, options)
         self.journal.write(data, live=len(data))
 
     def keep_client(self, client_id):
@@ -1361,6 +2014,10 @@ class StateFileStore(MemoryStore):
     def keep_remove(self, channel):
         self.journal.write(removal_record(channel.name),
                            live=-channel_bytes(channel))
+
+    def keep_revoke(self, kind, value, at, until):
+        data = revocation_record(kind, value, at, until)
+        self.journal.write(data, live=len(data))
 
     def keep_expiry(self, client_ids, channels):
         # Journaled first, so what expired stays gone after a restart.
@@ -1381,7 +2038,7 @@ class StateFileStore(MemoryStore):
 # Keys, under the prefix: id (the counter), log (the shared log, a stream)
 # and log:bytes (its size), epoch, channels, clients and instances (sorted
 # sets by time of last read or sign of life), c:NAME (a channel's options),
-# h:NAME (its history, a list of message JSON).
+# h:NAME (its history, a list of message JSON), revoked (revocations).
 
 REDIS_LOG_LENGTH = 100_000           # entries kept in the shared log, at most
 REDIS_LOG_BYTES = 64 * 1024 * 1024   # ... and bytes of entries, at most
@@ -1516,6 +2173,29 @@ redis.call('DEL', KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[3], ARGV[2])
 local id, prev = next_id(KEYS[1], ARGV[1])
 append(KEYS[2], id, prev, 'd', ARGV[2])
+return id
+"""
+
+# Tokens revoked by sub or jti: one hash field each, "KIND<TAB>VALUE" ->
+# "AT<TAB>UNTIL" (unix seconds); at the bound, those that ended go first,
+# and if none did the revocation is refused (-3).
+# KEYS: counter log revoked  ARGV: floor kind value at until now bound ttl
+REDIS_REVOKE = REDIS_LUA_COMMON + r"""
+local field = ARGV[2] .. '\t' .. ARGV[3]
+if redis.call('HEXISTS', KEYS[3], field) == 0 and
+    redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[7]) then
+  local all = redis.call('HGETALL', KEYS[3])
+  for i = 1, #all, 2 do
+    if tonumber(string.match(all[i + 1], '\t(.+)$')) <= tonumber(ARGV[6]) then
+      redis.call('HDEL', KEYS[3], all[i])
+    end
+  end
+  if redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[7]) then return -3 end
+end
+local id, prev = next_id(KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[3], field, ARGV[4] .. '\t' .. ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[8])
+append(KEYS[2], id, prev, 'r', field .. '\t' .. ARGV[4] .. '\t' .. ARGV[5])
 return id
 """
 
@@ -1660,14 +2340,17 @@ class RedisReplica:
             self.apply_pushed(position, name, text)
             return
         if kind == "c":
-            name, max_messages, use_sessions = rest.split("\t")
-            store.apply_channel(name, int(max_messages), use_sessions == "1")
+            name, max_messages, options = rest.split("\t")
+            store.apply_channel(name, int(max_messages), int(options))
         elif kind == "d":
             store.apply_remove(rest)
         elif kind == "u":
             store.apply_client(rest)
         elif kind == "x":
             store.apply_forget(rest)
+        elif kind == "r":
+            kind, value, at, until = rest.split("\t")
+            store.apply_revoke(kind, value, float(at), float(until))
         store.apply_counter(position)
         self.advance(position)
 
@@ -1748,9 +2431,10 @@ class RedisReplica:
         if self.epoch is not None and epoch != self.epoch:
             log.warning("redis: Redis came back without this deployment's "
                         "data; channels and clients are gone")
-        names, clients = await asyncio.gather(
+        names, clients, revoked = await asyncio.gather(
             execute("ZRANGE", k["channels"], 0, -1),
-            execute("ZRANGE", k["clients"], 0, -1))
+            execute("ZRANGE", k["clients"], 0, -1),
+            execute("HGETALL", k["revoked"]))
         names = [n.decode() for n in names]
         metas = await asyncio.gather(*[execute(
             "HMGET", store.key("c:", n), "max", "sessions", "dropped")
@@ -1764,7 +2448,7 @@ class RedisReplica:
         for name, ((max_messages, sessions, dropped), history) in \
                 loaded.items():
             channel = store.apply_channel(name, int(max_messages),
-                                          sessions == b"1", int(dropped or 0))
+                                          int(sessions), int(dropped or 0))
             for text in history:
                 text = text.decode()
                 store.apply_push(channel, message_id_of(text), text)
@@ -1773,6 +2457,10 @@ class RedisReplica:
             store.apply_forget(client_id)
         for client_id in clients:
             store.apply_client(client_id)
+        for field, times in zip(revoked[::2], revoked[1::2]):
+            kind, value = field.decode().split("\t")
+            at, until = times.split(b"\t")
+            store.apply_revoke(kind, value, float(at), float(until))
         self.epoch = epoch
         store.apply_counter(int(tail or 0))
         self.advance(int(tail or 0))
@@ -1935,7 +2623,8 @@ class RedisStore(Core):
         super().__init__(config, loop)
         prefix = self.prefix = config.redis_prefix
         self.k = {name: prefix + name for name in (
-            "id", "log", "epoch", "channels", "clients", "instances")}
+            "id", "log", "epoch", "channels", "clients", "instances",
+            "revoked")}
         self.client = RedisClient(config.redis, on_connect=self.connected)
         self.instance = os.urandom(8).hex()
         # A safety net for a deployment that is gone for good; expiry
@@ -2041,11 +2730,11 @@ class RedisStore(Core):
 
     # -- writes -------------------------------------------------------------
 
-    async def add_channel(self, name, max_messages, use_sessions):
+    async def add_channel(self, name, max_messages, options):
         await self.change(REDIS_ADD_CHANNEL, [
             self.k["id"], self.k["log"], self.k["channels"],
             self.key("c:", name)],
-            [self.floor(), name, max_messages, int(use_sessions), self.ttl],
+            [self.floor(), name, max_messages, options, self.ttl],
             "Channel already exists")
 
     async def add_client(self, client_id):
@@ -2068,6 +2757,17 @@ class RedisStore(Core):
         self.pushed += 1
         return Pushed(message_id, replica.reached.pop(message_id, 0),
                       instances)
+
+    async def revoke(self, kind, value, until):
+        now = time.time()
+        position = await self.run(REDIS_REVOKE, [
+            self.k["id"], self.k["log"], self.k["revoked"]],
+            [self.floor(), kind, value, "%.6f" % now, "%.6f" % until,
+             "%.6f" % now, MAX_REVOCATIONS,
+             int((MAX_REVOCATION_TIME + 24 * 3600) * 1000)])
+        if position == -3:
+            raise unavailable(f"{MAX_REVOCATIONS} revocations are in force")
+        await self.replica.applied(position)
 
     async def remove_channel(self, name):
         removed = await self.run(REDIS_REMOVE_CHANNEL, [
@@ -2292,6 +2992,9 @@ class Hub:
         self.heartbeat_interval = config.sse_heartbeat / 4
         self.heartbeats = loop.call_later(self.heartbeat_interval,
                                           self.heartbeat)
+        # Waiters that read with a token -> (its claims, the timer that
+        # ends them when it expires, or None).
+        self.holders = {}
 
     @property
     def last_id(self):
@@ -2314,9 +3017,30 @@ class Hub:
         for waiter in list(channel.waiters):
             waiter.channel_gone(self, channel)
 
+    def revoked(self, kind, value, at):
+        """A revocation was stored: its tokens' polls and streams end."""
+        for waiter, (claims, _) in list(self.holders.items()):
+            if kind == "jti" and claims.jti == value or kind == "sub" and \
+                    claims.sub == value and (claims.iat is None or
+                                             claims.iat < at):
+                self.token_ended(waiter, "revoked")
+
+    def token_ended(self, waiter, reason):
+        """A waiter's token expired or was revoked: a poll is answered
+        -4, a stream told (``event: expired`` or ``revoked``) and closed.
+        The page goes on from its cursor with a new token."""
+        if waiter.conn.held is not waiter:
+            return
+        if waiter.__class__ is Poll:
+            self.answer(waiter, error_text(TOKEN_REFUSED,
+                                           f"Refused: token {reason}"))
+        else:
+            waiter.send(self, b"event: %s\ndata: {}\n\n" % reason.encode())
+            self.end_stream(waiter)
+
     # -- reads --------------------------------------------------------------
 
-    async def view(self, names, since, client_id):
+    async def view(self, names, since, client_id, claims=None):
         """(The channels a reader may read, its cursor), once this instance
         has what the reader needs.
 
@@ -2331,16 +3055,18 @@ class Hub:
         store = self.store
         if since <= store.last_id:
             try:
-                return self.readable(names, client_id), since
+                return self.readable(names, client_id, claims), since
             except APIError:
                 await store.catch_up()
-                return self.readable(names, client_id), since
+                return self.readable(names, client_id, claims), since
         caught_up = await store.catch_up()
-        return self.readable(names, client_id), \
+        return self.readable(names, client_id, claims), \
             min(since, store.last_id) if caught_up else since
 
-    def readable(self, names, client_id):
-        """The channels of ``names`` that this reader may read, touched."""
+    def readable(self, names, client_id, claims=None):
+        """The channels of ``names`` that this reader may read, touched:
+        a session channel with a registered client, a private one with a
+        token whose subscribe covers it."""
         store = self.store
         now = self.loop.time()
         if client_id is not None:
@@ -2354,7 +3080,10 @@ class Hub:
                 # Existing names were checked when registered; an unknown
                 # one is left out, unless no channel could have it.
                 check_id(name, "channel id", channel=True)
-            elif client_id is not None or not channel.use_sessions:
+            elif not channel.options or (
+                    client_id is not None or not channel.options & SESSIONS
+            ) and (not channel.options & PRIVATE or claims is not None and
+                   claims.subscribe.covers(name)):
                 store.touch_channel(channel, now)
                 channels.append(channel)
         if not channels:
@@ -2396,7 +3125,19 @@ class Hub:
 
     # -- waiters ------------------------------------------------------------
 
-    def attach(self, waiter):
+    def attach(self, waiter, claims=None):
+        if claims is not None:
+            expiry = claims.expiry()
+            timer = None
+            if expiry is not None:
+                # A poll times out first, unless its token is about to
+                # expire: only that one costs a timer.
+                when = self.loop.time() + expiry - time.time()
+                if waiter.__class__ is Stream or \
+                        when < self.loop.time() + self.config.poll_timeout:
+                    timer = self.loop.call_at(when, self.token_ended, waiter,
+                                              "expired")
+            self.holders[waiter] = (claims, timer)
         for channel in waiter.channels:
             if channel.waiters is None:
                 channel.waiters = {}
@@ -2425,6 +3166,10 @@ class Hub:
             if channel.last_read != now and \
                     store.channels.get(channel.name) is channel:
                 store.touch_channel(channel, now)
+        if self.holders:
+            held = self.holders.pop(waiter, None)
+            if held is not None and held[1] is not None:
+                held[1].cancel()
         client_id = waiter.client_id
         if client_id is not None:
             count = self.reading[client_id] - 1
@@ -2436,12 +3181,12 @@ class Hub:
                 store.touch_client(client_id, now)
         waiter.conn.held = None
 
-    def hold(self, poll):
+    def hold(self, poll, claims=None):
         # Answered by the sweep that follows the deadline, so never later
         # than --poll-timeout.
         self.polls.add(poll, self.loop.time() + self.config.poll_timeout -
                        self.sweep_interval)
-        self.attach(poll)
+        self.attach(poll, claims)
 
     def answer(self, poll, text):
         """Send a held poll its reply (a JSON text) and forget it."""
@@ -2457,7 +3202,7 @@ class Hub:
             self.time_out(poll)
         self.sweeper = self.loop.call_later(self.sweep_interval, self.sweep)
 
-    def open_stream(self, conn, channels, cursor, client_id):
+    def open_stream(self, conn, channels, cursor, client_id, claims=None):
         """Start a stream; returns the opening replay, a list of event
         bytes: ``lost`` first where history was dropped, then what is
         retained after the cursor, oldest first."""
@@ -2475,7 +3220,7 @@ class Hub:
         if events:
             stream.backlog = bytearray()
         self.streams.add(stream, self.loop.time() + self.config.sse_heartbeat)
-        self.attach(stream)
+        self.attach(stream, claims)
         return stream, events
 
     def end_stream(self, stream, abort=False, retry=None):
@@ -2543,6 +3288,7 @@ ROUTES = {
         "GET": ("stream", PUBLIC), "OPTIONS": ("preflight", PUBLIC)},
     r"/channels\.(?P<fmt>jsonp?)": {"POST": ("register_channel", ADMIN)},
     r"/clients\.(?P<fmt>jsonp?)": {"POST": ("register_client", ADMIN)},
+    r"/tokens/revoke\.(?P<fmt>jsonp?)": {"POST": ("revoke", ADMIN)},
     r"/health\.(?P<fmt>jsonp?)": {"GET": ("health", PUBLIC)},
     r"/(?:status|stats)\.(?P<fmt>jsonp?)": {"GET": ("status", ADMIN)},
     r"/metrics": {"GET": ("metrics", ADMIN)},
@@ -2575,6 +3321,9 @@ class App:
         self.store = hub.store
         self.server = server
         self.token = config.admin_token.encode() if config.admin_token else None
+        self.tokens = config.token_keys and TokenCache(
+            config.token_keys, config.token_audience, config.token_issuer)
+        self.token_refusals = dict.fromkeys(TOKEN_REASONS, 0)
         self.routes = []                 # (pattern, {method: entry})
         for path, methods in ROUTES.items():
             entries = {method: (getattr(self, name), admin, "(?P<fmt>" in path)
@@ -2605,7 +3354,10 @@ class App:
         request.match = match
         if not api or method == "OPTIONS":
             if admin:
-                self.authorize(request, conn)
+                try:
+                    self.credentials(request, conn, {}, admin)
+                except TokenError as e:
+                    raise self.unauthorized(e) from None
             return await handler(request, conn)
 
         reading = method in ("GET", "HEAD")
@@ -2622,8 +3374,13 @@ class App:
                     return 200, b"application/javascript", \
                         f"/* {refused} */".encode(), reading, b""
                 request.callback = callback
-            if admin:
-                self.authorize(request, conn)
+            try:
+                request.claims = self.credentials(request, conn, params, admin)
+            except TokenError as e:
+                if not reading:
+                    raise self.unauthorized(e) from None
+                raise APIError(TOKEN_REFUSED, f"Refused: token {e.reason}") \
+                    from None
             text = await handler(request, conn)
             if text is None:
                 return None              # held
@@ -2650,20 +3407,68 @@ class App:
         # As in the original, the query string counts too; the form wins.
         return {**params, **decode_params(form, "body")}
 
-    def authorize(self, request, conn):
-        """Writes and status need the admin token, or a local client."""
+    def credentials(self, request, conn, params, admin):
+        """Who asks: the claims of the token the request carries (the token
+        parameter, or a bearer value of a JWT's form other than the admin
+        token), judged by the token alone, from any address; else None.
+        An admin route needs the admin token or, without one, a client on
+        loopback or the unix socket."""
+        token = params.get("token")
+        bearer = None
+        if token is None:
+            scheme, _, bearer = request.headers.get(
+                "authorization", "").partition(" ")
+            bearer = bearer.strip() if scheme.lower() == "bearer" else None
+            if bearer and not self.is_admin(bearer) and \
+                    looks_like_token(bearer):
+                token = bearer
+        if token is not None:
+            claims = self.judge(token, conn)
+            if admin:
+                raise HTTPError(403, "A token gives no admin rights (send "
+                                     "the admin token)", close=False)
+            return claims
+        if not admin:
+            return None
         if self.token is not None:
-            given = request.headers.get("authorization", "")
-            scheme, _, credential = given.partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(
-                    credential.strip().encode(), self.token):
-                return
+            if bearer and self.is_admin(bearer):
+                return None
             raise HTTPError(403, "Missing or wrong admin token "
                                  "(Authorization: Bearer ...)", close=False)
         if not conn.local:
             raise HTTPError(403, "Writes are accepted only from loopback and "
                                  "the unix socket; set --admin-token to allow "
                                  "them from elsewhere", close=False)
+        return None
+
+    def is_admin(self, credential):
+        return self.token is not None and hmac.compare_digest(
+            credential.encode(), self.token)
+
+    def judge(self, token, conn):
+        """A token's claims, or TokenError (counted, and logged with its
+        reason and sub or jti, never the token)."""
+        now = time.time()
+        try:
+            if self.tokens is None:
+                raise TokenError("disabled", "no token key is configured")
+            claims = self.tokens.check(token, now)
+            if self.store.is_revoked(claims, now):
+                raise TokenError("revoked", "revoked", claims.sub, claims.jti)
+        except TokenError as e:
+            self.token_refusals[e.reason] += 1
+            who = describe_token(e)
+            self.server.client_log.mistake(
+                "%s: token refused: %s%s", conn.peer_text(), e.reason,
+                f" ({who})" if who else "")
+            raise
+        return claims
+
+    @staticmethod
+    def unauthorized(error):
+        return HTTPError(401, f"Refused: token {error.reason}", close=False,
+                         headers=[("WWW-Authenticate", "Bearer")],
+                         return_code=TOKEN_REFUSED)
 
     # -- reading parameters -------------------------------------------------
 
@@ -2690,12 +3495,24 @@ class App:
 
     # -- resources ----------------------------------------------------------
 
+    @staticmethod
+    def flag(params, name):
+        word = params.get(name, "0").lower()
+        if word not in TRUE_WORDS and word not in FALSE_WORDS:
+            raise APIError(BAD_PARAMETER, f"Invalid {name}: use 1 or 0")
+        return word in TRUE_WORDS
+
     async def register_channel(self, request, conn):
         params = request.params
         name = check_id(params.get("channel_id"), "channel_id", channel=True)
-        word = params.get("use_sessions", "0").lower()
-        if word not in TRUE_WORDS and word not in FALSE_WORDS:
-            raise APIError(BAD_PARAMETER, "Invalid use_sessions: use 1 or 0")
+        options = SESSIONS * self.flag(params, "use_sessions") | \
+            PRIVATE * self.flag(params, "private")
+        if options & PRIVATE and self.tokens is None:
+            raise APIError(BAD_PARAMETER, "private=1 needs tokens: start the "
+                                          "server with --token-key-file")
+        if options == SESSIONS | PRIVATE:
+            raise APIError(BAD_PARAMETER, "A channel cannot be both private "
+                                          "and use_sessions")
         max_messages = self.config.messages_per_channel
         if "max_messages" in params:
             max_messages = parse_count(params["max_messages"], "max_messages",
@@ -2703,7 +3520,7 @@ class App:
             if max_messages > MAX_MESSAGES_PARAM:
                 raise APIError(BAD_PARAMETER, "Invalid max_messages: above "
                                               f"{MAX_MESSAGES_PARAM}")
-        await self.store.add_channel(name, max_messages, word in TRUE_WORDS)
+        await self.store.add_channel(name, max_messages, options)
         return success_text(channel_id=name)
 
     async def register_client(self, request, conn):
@@ -2731,6 +3548,23 @@ class App:
         return success_text(2 if removed else 1, channel_id=name,
                             removed=removed)
 
+    async def revoke(self, request, conn):
+        params = request.params
+        kinds = [kind for kind in ("sub", "jti") if kind in params]
+        if len(kinds) != 1:
+            raise APIError(BAD_PARAMETER, "Give sub or jti (one of them)")
+        kind = kinds[0]
+        value = check_id(params[kind], kind)
+        longest = int(time.time() + MAX_REVOCATION_TIME)
+        until = longest
+        if "until" in params:
+            until = parse_count(params["until"], "until", 0)
+            if until <= time.time():
+                raise APIError(BAD_PARAMETER, "Invalid until: in the past")
+            until = min(until, longest)
+        await self.store.revoke(kind, value, until)
+        return success_text(**{kind: value}, until=until)
+
     async def read(self, request, conn):
         params = request.params
         since = params.get("since")
@@ -2738,14 +3572,16 @@ class App:
         hub = self.hub
         channels, since = await hub.view(
             self.channel_names(request.match),
-            0 if since is None else self.cursor(since), client_id)
+            0 if since is None else self.cursor(since), client_id,
+            request.claims)
         # No await between this check and hold(): a push cannot slip between.
         text = hub.read_text(channels, since) if since < hub.last_id else None
         if text is not None:
             return text
         if request.method == "HEAD":
             return hub.empty_text(channels, since)
-        hub.hold(Poll(conn, channels, since, client_id, request.callback))
+        hub.hold(Poll(conn, channels, since, client_id, request.callback),
+                 request.claims)
         return None
 
     async def stream(self, request, conn):
@@ -2761,7 +3597,12 @@ class App:
             else:
                 cursor = self.cursor(params.get("since", "0"))
             client_id = self.client_id(params)
-            channels, cursor = await self.hub.view(names, cursor, client_id)
+            try:
+                claims = self.credentials(request, conn, params, False)
+            except TokenError as e:
+                raise self.unauthorized(e) from None
+            channels, cursor = await self.hub.view(names, cursor, client_id,
+                                                   claims)
         except APIError as e:
             # Before the stream starts, a real HTTP status: a browser's
             # EventSource then stops reconnecting.
@@ -2772,7 +3613,7 @@ class App:
             conn.send(SSE_HEAD, 200)
             return None
         stream, replay = self.hub.open_stream(conn, channels, cursor,
-                                              client_id)
+                                              client_id, claims)
         conn.send(SSE_START, 200, keep=True)
         await conn.replay(stream, replay)
         return None
@@ -2836,6 +3677,11 @@ class App:
             ("log_records_dropped", "log_records_dropped_total",
              "Log lines dropped because the log sink was not keeping up.",
              DroppingQueueHandler.dropped),
+            ("tokens_refused", "tokens_refused_total{reason}",
+             "Requests refused for their token, by reason.",
+             self.token_refusals),
+            ("revocations", "revocations", "Token revocations kept.",
+             len(store.revoked)),
         ) + tuple(store.counters())
 
     async def status(self, request, conn):
@@ -3505,6 +4351,13 @@ def parse_args(argv):
            "the unix socket only)")
     a("--admin-token-file", metavar="PATH",
       help="read the admin token from this file (one line)")
+    a("--token-key-file", metavar="PATH",
+      help="enable signed tokens (JWT): HMAC secrets and RSA public keys, "
+           "one or more (default: the systemd credential token-key)")
+    a("--token-audience", metavar="AUD",
+      help="accept only tokens whose aud claim holds AUD")
+    a("--token-issuer", metavar="ISS",
+      help="accept only tokens whose iss claim is ISS")
     a("--max-body", type=positive, default=d.max_body, metavar="BYTES",
       help="largest request body (default %(default)s)")
     a("--max-connections", type=positive, default=d.max_connections,
@@ -3539,14 +4392,15 @@ def parse_args(argv):
     try:
         args.admin_token = admin_token(args, warnings)
         args.redis = redis_url(args, warnings)
-    except ValueError as e:
+        args.token_keys = token_keys(args.token_key_file)
+    except (ValueError, KeyFileError) as e:
         p.error(str(e))
     if args.redis and args.state_file:
         p.error("--redis and --state-file do not go together: Redis keeps "
                 "the state (use its persistence, AOF)")
     if not args.redis_prefix:
         p.error("--redis-prefix must not be empty")
-    del args.admin_token_file, args.redis_file
+    del args.admin_token_file, args.redis_file, args.token_key_file
     return Config(**vars(args)), warnings
 
 
@@ -3584,6 +4438,23 @@ def admin_token(args, warnings):
         return read_secret(os.path.join(credentials, "admin-token"),
                            "admin token")
     return None
+
+
+def token_keys(path):
+    """The keys of --token-key-file or the systemd credential token-key."""
+    if path is None:
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not credentials or not os.path.exists(
+                os.path.join(credentials, "token-key")):
+            return None
+        path = os.path.join(credentials, "token-key")
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read the token key file {path}: "
+                         f"{e.strerror}") from None
+    return parse_key_file(text, path)
 
 
 def redis_url(args, warnings):

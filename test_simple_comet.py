@@ -1072,14 +1072,15 @@ class LocalOnlyTests(unittest.TestCase):
 
     def test_refusal_names_the_switch(self):
         config = simple_comet.Config()
-        app = simple_comet.App(config, None, None)
 
         class Remote:
             local = False
+            store = None
+        app = simple_comet.App(config, Remote(), None)
         request = simple_comet.Request("POST", "/channels.json", "",
                                        "HTTP/1.1", {"host": "x"})
         with self.assertRaises(simple_comet.HTTPError) as caught:
-            app.authorize(request, Remote())
+            app.credentials(request, Remote(), {}, admin=True)
         self.assertEqual(caught.exception.status, 403)
         self.assertIn("--admin-token", caught.exception.message)
 
@@ -8441,7 +8442,7 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
         elsewhere meanwhile shows as a gap in its next push's reply, and
         it reads the log then, rather than after its idle wait of 1 s."""
         a, b = await self.store(), await self.store()
-        await a.add_channel("t", 100, False)
+        await a.add_channel("t", 100, 0)
         first = await a.push("t", "one")
         self.assertTrue(await b.catch_up())
         a.replica.writing += 1            # as if a push were under way
@@ -8463,7 +8464,7 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
         refusal for a channel that does not exist, and they are applied in
         order; after SCRIPT FLUSH they are sent again with the script."""
         a, b = await self.store(), await self.store()
-        await a.add_channel("p", 1000, False)
+        await a.add_channel("p", 1000, 0)
         count = simple_comet.REDIS_PUSH_BATCH * 2 + 7
 
         async def together(names):
@@ -8501,7 +8502,7 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
         so that one script never holds Redis long; a message larger than
         that goes alone."""
         a = await self.store()
-        await a.add_channel("big", 10, False)
+        await a.add_channel("big", 10, 0)
         third = simple_comet.REDIS_PUSH_BYTES // 3 - 100
         sizes = [third] * 6 + [simple_comet.REDIS_PUSH_BYTES + 1, 10]
         before = await self.evalsha_calls(a)
@@ -8535,7 +8536,7 @@ class RedisLogBoundTests(unittest.IsolatedAsyncioTestCase):
             self.assertTrue(await store.catch_up())
             stores.append(store)
         a, b = stores
-        await a.add_channel("big", 2, False)
+        await a.add_channel("big", 2, 0)
         size = 700 * 1024
         count = simple_comet.REDIS_LOG_BYTES // size + 30   # past the bound
         for i in range(count):
@@ -8583,7 +8584,7 @@ class FakeHub:
 
 def core_state(core):
     """What a core holds, comparable."""
-    return ({name: (c.max_messages, c.use_sessions, c.dropped_id,
+    return ({name: (c.max_messages, c.options, c.dropped_id,
                     list(c.messages or ()))
              for name, c in core.channels.items()},
             list(core.clients), core.last_id)
@@ -8599,9 +8600,9 @@ class CoreTests(unittest.TestCase):
     def test_channels_and_clients(self):
         core = self.core
         first = core.apply_channel("a", 3, False)
-        self.assertIs(core.apply_channel("a", 9, True, dropped_id=7), first)
-        self.assertEqual((first.max_messages, first.use_sessions,
-                          first.dropped_id), (3, False, 7))
+        self.assertIs(core.apply_channel("a", 9, 1, dropped_id=7), first)
+        self.assertEqual((first.max_messages, first.options,
+                          first.dropped_id), (3, 0, 7))
         core.apply_channel("a", 3, False, dropped_id=2)
         self.assertEqual(first.dropped_id, 7)          # never goes back
         core.apply_client("c")
@@ -8677,7 +8678,7 @@ class RecordTests(unittest.TestCase):
         channels, clients, last_id = core_state(core)
         self.assertEqual(list(channels), ["r\u00e9\tom"])
         max_messages, use_sessions, dropped, messages = channels["r\u00e9\tom"]
-        self.assertEqual((max_messages, use_sessions, dropped), (2, True, 600))
+        self.assertEqual((max_messages, use_sessions, dropped), (2, 1, 600))
         self.assertEqual([i for i, _ in messages], [601, 602])
         self.assertEqual(clients, ["c|1"])
         self.assertGreaterEqual(last_id, 900)
@@ -8746,9 +8747,9 @@ class StoreContractTests(unittest.IsolatedAsyncioTestCase):
 
     async def check_writes(self, store):
         sc = simple_comet
-        self.assertIsNone(await store.add_channel("a", 2, False))
+        self.assertIsNone(await store.add_channel("a", 2, 0))
         with self.assertRaises(sc.APIError) as caught:
-            await store.add_channel("a", 2, False)
+            await store.add_channel("a", 2, 0)
         self.assertEqual(caught.exception.return_code, sc.NO_CHANNEL)
         self.assertIsNone(await store.add_client("c"))
         with self.assertRaises(sc.APIError):
@@ -8760,7 +8761,7 @@ class StoreContractTests(unittest.IsolatedAsyncioTestCase):
         with self.assertRaises(sc.APIError) as caught:
             await store.push("nowhere", "x")
         self.assertEqual(caught.exception.message, "Nonexistent channel")
-        await store.add_channel("b", 5, True)
+        await store.add_channel("b", 5, simple_comet.SESSIONS)
         self.assertTrue(await store.remove_channel("b"))
         self.assertFalse(await store.remove_channel("b"))
         self.assertTrue(await store.catch_up())

@@ -5,7 +5,9 @@
  *   SimpleComet.start();
  *
  * `url` is a channel URL ending in .jsonp, for example
- * "http://example.com:4080/channels/news%7Csport.jsonp". The two calls can
+ * "http://example.com:4080/channels/news%7Csport.jsonp", or a function that
+ * returns one, called before each poll: a page whose URL carries a signed
+ * token (?token=...) hands out a fresh one there. The two calls can
  * come in either order: subscriptions made before start() wait for it, those
  * made after it begin at once. Each subscription keeps its own long poll.
  *
@@ -41,16 +43,15 @@ var SimpleComet = (function () {
       backoff: 1e3,
 
       subscribe: function (url, callback, client_id, onerror) {
-        var since = 0, delay = 0;
-
-        url += (/\?/.test(url) ? '&' : '?') +
-          (client_id ? 'client_id=' + encodeURIComponent(client_id) + '&' : '') +
-          'cb=_JSONP_SimpleComet.';
+        var since = 0, delay = 0,
+          extra = (client_id ? 'client_id=' + encodeURIComponent(client_id) +
+            '&' : '') + 'cb=_JSONP_SimpleComet.';
 
         // Sends the next poll after `wait` milliseconds.
         function poll(wait) {
           setTimeout(function () {
             var key = 'r' + seq++,
+              href = url.call ? url() : url,   // a function: asked each time
               el = document.createElement('script'),
               timer = setTimeout(done, api.timeout);
 
@@ -77,7 +78,8 @@ var SimpleComet = (function () {
             }
 
             polls[key] = el.onerror = done;
-            el.src = url + key + '&since=' + since;
+            el.src = href + (/\?/.test(href) ? '&' : '?') + extra + key +
+              '&since=' + since;
             document.documentElement.appendChild(el);
           }, wait);
         }

@@ -1,5 +1,5 @@
 """Tests for simple_comet.py: the server is started as users start it, as a
-subprocess on port 4080 (others on nearby ports and unix sockets), and
+subprocess on port 4080 (others on free ports and unix sockets), and
 driven with http.client and raw sockets. The JavaScript client is run in
 headless Chromium, and the README's nginx configuration in a real nginx;
 those tests are skipped when Chromium or nginx is not installed.
@@ -41,7 +41,6 @@ sys.path.insert(0, HERE)
 import simple_comet  # noqa: E402  (unit checks of a few pure functions)
 
 PORT = 4080
-OTHER_PORT = 4081          # servers started with other switches
 MAIN_POLL_TIMEOUT = 3.0    # long enough to push into a held poll calmly
 
 _names = itertools.count()
@@ -56,53 +55,252 @@ def fresh(prefix="ch"):
 # Helpers
 # ---------------------------------------------------------------------------
 
-class ServerProcess:
-    """simple_comet.py in a subprocess; its log goes to a temporary file."""
+def report(text):
+    """Figures for the README's Reliability section, with SIMPLE_COMET_REPORT=1."""
+    if os.environ.get("SIMPLE_COMET_REPORT"):
+        print(f"\n  figure: {text}", file=sys.stderr)
 
-    def __init__(self, *args, listeners=1, env=None, wait=True):
-        self.log = tempfile.NamedTemporaryFile(prefix="comet-log-")
+
+def wait_for(predicate, timeout=5.0, interval=0.01):
+    """predicate()'s first true value; fails once `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+class Background(threading.Thread):
+    """Runs a (blocking) call in a thread; .result() joins and returns."""
+
+    def __init__(self, fn, *args, **kw):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.kw = fn, args, kw
+        self.value = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.value = self.fn(*self.args, **self.kw)
+        except BaseException as e:       # reported by result()
+            self.error = e
+
+    def result(self, timeout=10):
+        self.join(timeout)
+        if self.is_alive():
+            raise AssertionError("background call did not finish")
+        if self.error:
+            raise self.error
+        return self.value
+
+
+def _ephemeral_ports():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
+_EPHEMERAL = _ephemeral_ports()
+
+
+def free_port():
+    """A TCP port nothing listens on (IPv4 or IPv6).  It is drawn below the
+    kernel's range of ephemeral ports, so that no outgoing connection can
+    take it before a server binds it; another process can still draw it,
+    which ServerProcess (retrying) and the callers allow for."""
+    low = _EPHEMERAL[0]
+    for _ in range(200):
+        port = random.randrange(10_000, low) if low > 11_000 else 0
+        try:
+            with socket.socket(socket.AF_INET) as s:
+                s.bind(("0.0.0.0", port))
+                port = s.getsockname()[1]
+                try:
+                    v6 = socket.socket(socket.AF_INET6)
+                except OSError:
+                    return port                 # no IPv6 here
+                with v6:
+                    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    v6.bind(("::", port))
+                return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port found")
+
+
+def stop_process(proc, sig=signal.SIGTERM, timeout=10):
+    """Send sig (then SIGCONT, in case the process was stopped) and wait:
+    the exit code, or None if it had to be killed after `timeout`."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            if sig != signal.SIGKILL:
+                proc.send_signal(signal.SIGCONT)
+        except OSError:
+            pass
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
+
+
+def file_text(path, tail=3000):
+    """A log file's text (its last `tail` characters; all with None)."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    return text[-tail:] if tail else text
+
+
+FREE = "free"
+
+
+class ServerProcess:
+    """simple_comet.py in a subprocess, as users start it, its log in a
+    temporary file; the one way the tests start a server.
+
+    port=FREE (the default) gives it a free TCP port, and another if that
+    one was taken before the server bound it; port=N that port; port=None
+    no TCP listener (args then name a unix socket).  The port goes in as
+    --http-port=N, or in place of "{port}" where an argument holds that.
+    Unless wait=False the server is waited for until each of its listeners
+    is up.  stderr=FD sends the log there instead (nothing to read then).
+    .port is the TCP port."""
+
+    def __init__(self, *args, port=FREE, env=None, wait=True, stderr=None):
+        self.free = port is FREE
+        self.port = free_port() if self.free else port
+        self.template = args
+        self.env = None if env is None else {**os.environ, **env}
+        self.stderr = stderr
+        self.log = None
+        self.signalled = False
+        self._spawn()
+        if wait:
+            self.wait_listening()
+
+    def _spawn(self):
+        args = [a.replace("{port}", str(self.port)) for a in self.template]
+        if self.port is not None and args == list(self.template):
+            args.insert(0, f"--http-port={self.port}")
+        self.args = args
+        self.unix = any(a in ("--unix-socket-path", "--unix-socket") or
+                        a.startswith(("--unix-socket-path=",
+                                      "--unix-socket="))
+                        for a in args)
+        self.quiet = any(a.lower() in ("--log-level=warning",
+                                       "--log-level=error") for a in args)
+        if self.stderr is None:
+            self.log = tempfile.NamedTemporaryFile(prefix="comet-log-")
         self.proc = subprocess.Popen(
             [sys.executable, SCRIPT, *args], stdin=subprocess.DEVNULL,
-            stdout=self.log, stderr=self.log,
-            env=None if env is None else {**os.environ, **env})
-        if wait:
-            self.wait_listening(listeners)
+            stdout=subprocess.DEVNULL if self.log is None else self.log,
+            stderr=self.stderr or self.log, env=self.env)
+        self.signalled = False
 
     def output(self):
+        if self.log is None:
+            return ""
         with open(self.log.name, encoding="utf-8", errors="replace") as f:
             return f.read()
 
-    def wait_listening(self, listeners=1, timeout=10):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.output().count("listening on") >= listeners:
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited: " + self.output())
-            time.sleep(0.02)
-        raise RuntimeError("server did not start: " + self.output())
+    def _ready(self):
+        if self.log is not None and not self.quiet:
+            output = self.output()
+            return (("listening on http://" in output or self.port is None)
+                    and ("listening on unix:" in output or not self.unix))
+        try:
+            if self.port is not None:
+                connect(self.port, timeout=1).close()
+            return True
+        except OSError:
+            return False
 
-    def stop(self, sig=signal.SIGTERM, timeout=10):
+    def wait_listening(self, timeout=15):
+        """Wait until the server listens; on a free port found taken, start
+        it again on another."""
+        for attempt in range(5):
+            deadline = time.monotonic() + timeout
+            while not self._ready():
+                if self.proc.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not start: "
+                                       + self.output())
+                time.sleep(0.01)
+            else:
+                return
+            output = self.output()
+            if not self.free or attempt == 4 or not (
+                    "in use" in output or self.log is None):
+                raise RuntimeError("server exited: " + output)
+            if self.log is not None:
+                self.log.close()
+            self.port = free_port()
+            self._spawn()
+
+    def send_signal(self, sig=signal.SIGTERM):
+        """Send sig (and SIGCONT, in case it was stopped); stop() then waits
+        without sending another."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+            self.proc.send_signal(signal.SIGCONT)
+            self.signalled = True
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Stop the server with sig (unless send_signal() was already sent) and
+        wait for it: its exit code.  One still running after `timeout` is
+        killed, and that is an error."""
+        if self.signalled and self.proc.poll() is None:
+            try:
+                code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                code = stop_process(self.proc, signal.SIGKILL)
+                raise AssertionError(f"server still running {timeout} s "
+                                     "after its signal") from None
+        else:
+            code = stop_process(self.proc, sig, timeout)
+            if code is None:
+                raise AssertionError(f"server still running {timeout} s "
+                                     f"after {signal.Signals(sig).name}")
+        self.signalled = False
+        return code
+
+    def stop_clean(self, timeout=10):
+        """SIGTERM (unless send_signal() was sent): exit 0, no traceback.  Its
+        output."""
+        code = self.stop(timeout=timeout)
+        output = self.output()
+        assert code == 0 and "Traceback" not in output, (code, output[-3000:])
+        return output
 
     def close(self):
+        """Stop (if still running) and clean up; for cleanups."""
         try:
-            self.stop()
+            if self.proc.poll() is None:
+                self.stop()
         finally:
-            self.log.close()
+            if self.log is not None:
+                self.log.close()
 
 
-def run_server(*args, timeout=10):
+def run_server(*args, timeout=10, env=None, cwd=None):
     """Run the server to completion (for switches that make it exit)."""
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          cwd=cwd,
+                          env=None if env is None else {**os.environ, **env})
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -154,6 +352,13 @@ def register(name=None, port=PORT, **params):
     return name
 
 
+def register_unix(path):
+    name = fresh()
+    reply = api("POST", "/channels.json", {"channel_id": name}, unix=path)
+    assert reply["return_code"] == 1, reply
+    return name
+
+
 def push(name, content, port=PORT):
     reply = api("POST", f"/channels/{quote(name, safe='')}.json",
                 {"content": content}, port=port)
@@ -170,64 +375,57 @@ def status(port=PORT):
     return api("GET", "/status.json", port=port)["status"]
 
 
-def wait_for(predicate, timeout=5.0, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not reached in time")
+def status_unix(path):
+    return api("GET", "/status.json", unix=path)["status"]
 
 
 def wait_held(count, port=PORT):
     wait_for(lambda: status(port)["held_connections_count"] == count)
 
 
-class Background(threading.Thread):
-    """Runs a (blocking) call in a thread; .result() joins and returns."""
-
-    def __init__(self, fn, *args, **kw):
-        super().__init__(daemon=True)
-        self.fn, self.args, self.kw = fn, args, kw
-        self.value = self.error = None
-        self.start()
-
-    def run(self):
-        try:
-            self.value = self.fn(*self.args, **self.kw)
-        except BaseException as e:       # reported by result()
-            self.error = e
-
-    def result(self, timeout=10):
-        self.join(timeout)
-        if self.is_alive():
-            raise AssertionError("background call did not finish")
-        if self.error:
-            raise self.error
-        return self.value
-
-
 def connect(port=PORT, timeout=5):
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
 
-def read_response(f):
-    """Read one response from a socket's binary file: (status, headers, body)
-    with lower-case header names; None on a closed connection."""
-    line = f.readline()
-    if not line:
-        return None
-    status = int(line.split()[1])
+def connect_unix(path, timeout=5):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    return s
+
+
+def split_head(head):
+    """A response head (bytes up to its blank line, lines ending in CRLF):
+    (status line, status, headers with lower-case names)."""
+    lines = head.decode("latin-1").split("\r\n")
     headers = {}
-    while True:
-        line = f.readline()
-        if line in (b"\r\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    body = f.read(int(headers.get("content-length", 0)))
-    return status, headers, body
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return lines[0], int(lines[0].split()[1]), headers
+
+
+def read_head(f):
+    """A response head read from a socket's binary file: (status, headers),
+    or None on a closed connection."""
+    lines = [f.readline()]
+    if not lines[0]:
+        return None
+    while lines[-1] not in (b"\r\n", b""):
+        lines.append(f.readline())
+    _, code, headers = split_head(b"".join(lines))
+    return code, headers
+
+
+def read_response(f):
+    """One response from a socket's binary file: (status, headers, body)
+    with lower-case header names; None on a closed connection."""
+    head = read_head(f)
+    if head is None:
+        return None
+    code, headers = head
+    return code, headers, f.read(int(headers.get("content-length", 0)))
 
 
 def exchange(data, port=PORT, timeout=5):
@@ -247,42 +445,363 @@ def get_request(path, extra=""):
     return (f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n").encode()
 
 
-def open_stream(port, path, last_event_id=None, timeout=5):
-    """Send a stream's GET on a raw socket and read the reply's head:
-    (socket, its binary file, status, headers with lower-case names)."""
-    sock = connect(port, timeout)
-    extra = ("" if last_event_id is None
-             else f"Last-Event-ID: {last_event_id}\r\n")
-    sock.sendall(get_request(path, extra))
-    f = sock.makefile("rb")
-    status = int(f.readline().split()[1])
-    headers = {}
-    while (line := f.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return sock, f, status, headers
+def channel_path(name, suffix=".json"):
+    return f"/channels/{quote(name, safe='')}{suffix}"
 
 
-def stream_events(f):
-    """The events of a stream's body read from f, as the EventSource
-    standard splits them: a dict of the fields of each block that has any
-    (comments left out), until the stream ends."""
-    event = {}
-    while True:
+def sse_path(names, query=""):
+    """The stream URL of a list of channels (%7C between them)."""
+    return ("/channels/" + "%7C".join(quote(n, safe="") for n in names)
+            + ".sse" + query)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class SSE:
+    """One EventSource stream on a raw socket: the tests' one client of
+    streams.
+
+    The request is sent and the response head parsed at once (status,
+    headers with lower-case names). For a 200 the opening block is read
+    into .opening; for any other status the whole body into .body (and
+    .json when it is JSON). next() then returns the body's items one by
+    one: {"comment": text, "raw": bytes} for a comment line, or, at the
+    blank line that ends an event, {"id"|"event"|"data"|"retry": str, ...,
+    "raw": bytes} with raw the exact bytes from its first line through the
+    blank line. next() returns None once the stream has ended (.reset tells
+    whether it ended with a reset rather than a clean close).  Through nginx
+    the body comes chunked; SSE decodes that too.  follow() reads on in a
+    thread instead, as a browser does."""
+
+    def __init__(self, port, path, headers=(), version="1.1", timeout=5,
+                 unix=None, rcvbuf=None, sock=None):
+        self.timeout = timeout
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX if unix else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+            if rcvbuf:     # set before connecting so the window stays small
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(timeout)
+            sock.connect(unix or ("127.0.0.1", port))
+        self.sock = sock
+        lines = [f"GET {path} HTTP/{version}"]
+        if version == "1.1":
+            lines.append("Host: localhost")
+        lines += ["Accept: text/event-stream", "Accept-Encoding: gzip"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.raw = b""            # received, not yet decoded
+        self.body = b""           # the decoded body so far
+        self.pos = 0              # how far next() has parsed the body
+        self.start = None         # where the event being parsed began
+        self.fields = {}
+        self.ended = self.reset = False
+        self.chunked = False
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in self.raw:
+            if not self._recv(deadline):
+                raise AssertionError("no response head: %r" % self.raw)
+        head, self.raw = self.raw.split(b"\r\n\r\n", 1)
+        self.status_line, self.status, self.headers = split_head(head)
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "")
+        self._decode()
+        self.opening = self.json = None
+        if self.status == 200:
+            while b"\n\n" not in self.body:
+                if not self._more(deadline):
+                    raise AssertionError("stream ended before its opening: "
+                                         "%r" % self.body)
+            end = self.body.index(b"\n\n") + 2
+            self.opening, self.pos = self.body[:end], end
+        else:
+            length = self.headers.get("content-length")
+            while (length is None or len(self.body) < int(length)) \
+                    and self._more(deadline):
+                pass
+            if length is not None:
+                self.body = self.body[:int(length)]
+            if self.headers.get("content-type", "").startswith(
+                    "application/json"):
+                self.json = json.loads(self.body)
+
+    # -- bytes in ---------------------------------------------------------
+
+    def _recv(self, deadline):
+        """Receive more bytes; False once the connection has ended."""
+        if self.ended:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("nothing from the stream in %.1f s"
+                                 % self.timeout)
+        self.sock.settimeout(left)
         try:
-            line = f.readline()
+            data = self.sock.recv(1 << 16)
+        except socket.timeout:
+            raise AssertionError("nothing from the stream in %.1f s"
+                                 % self.timeout) from None
         except ConnectionResetError:
+            self.reset, data = True, b""
+        if not data:
+            self.ended = True
+            return False
+        self.raw += data
+        return True
+
+    def _decode(self):
+        """Move what has been received into the body (undoing chunking)."""
+        if not self.chunked:
+            self.body += self.raw
+            self.raw = b""
             return
-        if not line:
-            return
-        line = line.decode().rstrip("\n")
-        if line == "":
-            if event:
-                yield event
-            event = {}
-        elif not line.startswith(":"):
-            field, _, value = line.partition(":")
-            event[field] = value[1:] if value.startswith(" ") else value
+        while b"\r\n" in self.raw:
+            size_line, rest = self.raw.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:           # the last chunk: the body has ended
+                self.ended, self.raw = True, b""
+                return
+            if len(rest) < size + 2:
+                return
+            self.body += rest[:size]
+            self.raw = rest[size + 2:]
+
+    def _more(self, deadline):
+        """More body bytes; False once the body has ended."""
+        while not self.ended:
+            before = len(self.body)
+            if not self._recv(deadline):
+                break
+            self._decode()
+            if len(self.body) > before:
+                return True
+        self._decode()
+        return False
+
+    # -- items out --------------------------------------------------------
+
+    def _parse(self):
+        while True:
+            end = self.body.find(b"\n", self.pos)
+            if end < 0:
+                return None
+            line, begin, self.pos = self.body[self.pos:end], self.pos, end + 1
+            if not line:
+                if self.start is None:
+                    continue           # a blank line after a comment
+                item = dict(self.fields, raw=self.body[self.start:self.pos])
+                self.start, self.fields = None, {}
+                return item
+            if line.startswith(b":") and self.start is None:
+                return {"comment": line[1:].decode(), "raw": line + b"\n"}
+            if self.start is None:
+                self.start = begin
+            name, _, value = line.decode().partition(":")
+            if value.startswith(" "):
+                value = value[1:]
+            if name == "data" and "data" in self.fields:
+                value = self.fields["data"] + "\n" + value
+            self.fields[name] = value
+
+    def next(self, timeout=5):
+        """The next item, or None once the stream has ended."""
+        deadline = time.monotonic() + timeout
+        while True:
+            item = self._parse()
+            if item is not None:
+                item["at"] = time.monotonic()
+                return item
+            if not self._more(deadline):
+                # An event cut short by the end (say a last "retry: R\n"
+                # without its blank line) comes out once, marked partial.
+                if self.start is not None or self.pos < len(self.body):
+                    start = self.pos if self.start is None else self.start
+                    item = dict(self.fields, raw=self.body[start:],
+                                partial=True, at=time.monotonic())
+                    tail = self.body[self.pos:]
+                    if tail:
+                        name, _, value = tail.decode(errors="replace") \
+                            .partition(":")
+                        item.setdefault(name, value.lstrip(" "))
+                    self.start, self.fields = None, {}
+                    self.pos = len(self.body)
+                    return item
+                return None
+
+    def event(self, timeout=5):
+        """The next event (comments skipped); fails if the stream ends."""
+        while True:
+            item = self.next(timeout)
+            if item is None:
+                raise AssertionError("stream ended; body so far: %r"
+                                     % self.body[-300:])
+            if "comment" not in item:
+                return item
+
+    def message(self, timeout=5):
+        """The next event, which must be a message: its decoded data."""
+        item = self.event(timeout)
+        assert "event" not in item and "id" in item, item
+        return json.loads(item["data"])
+
+    def contents_until(self, last, timeout=5):
+        """Contents of the messages up to and including `last`."""
+        got = []
+        while not got or got[-1] != last:
+            got.append(self.message(timeout)["content"])
+        return got
+
+    def within(self, seconds):
+        """Every item arriving within `seconds` (the stream may go on)."""
+        items, deadline = [], time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return items
+            try:
+                item = self.next(left)
+            except AssertionError:       # nothing more in time
+                return items
+            if item is None:
+                return items
+            items.append(item)
+
+    def rest(self, timeout=5):
+        """Every item up to the end of the stream, which must come."""
+        items, deadline = [], time.monotonic() + timeout
+        while True:
+            item = self.next(max(0.01, deadline - time.monotonic()))
+            if item is None:
+                return items
+            items.append(item)
+
+    # -- read by a thread -------------------------------------------------
+
+    def follow(self):
+        """Read on in a thread of its own (nothing else may read the stream
+        then): .events fills with the events, comments left out, each
+        {"data": decoded JSON, "at": arrival time} with its "id" or
+        "event"; .closed is set once the stream has ended.  Returns self."""
+        self.events, self.closed = [], threading.Event()
+        if self.status != 200:
+            self.closed.set()
+            return self
+
+        def run():
+            try:
+                while (item := self.next(timeout=3600)) is not None:
+                    if "data" in item and not item.get("partial"):
+                        event = {k: item[k] for k in ("id", "event")
+                                 if k in item}
+                        event["data"] = json.loads(item["data"])
+                        event["at"] = item["at"]
+                        self.events.append(event)
+            except (OSError, ValueError, AssertionError):
+                pass
+            finally:
+                self.closed.set()
+        threading.Thread(target=run, daemon=True).start()
+        return self
+
+    def arrived(self):
+        """The data of the message events follow() has seen, in order."""
+        return [e["data"] for e in list(self.events) if "event" not in e]
+
+    def wait_arrived(self, count, timeout=5):
+        """arrived() once it holds `count` messages or the stream ended."""
+        wait_for(lambda: len(self.arrived()) >= count or self.closed.is_set(),
+                 timeout)
+        return self.arrived()
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes a follow() thread
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class RedisProcess:
+    """A redis-server of the test's own: loopback only, no persistence (so
+    a restart comes back empty), files in a temporary directory. stop()
+    and start() again reuse the same port."""
+
+    def __init__(self, *args, port=None):
+        self.dir = tempfile.TemporaryDirectory(prefix="comet-redis-")
+        self.port = port or free_port()
+        self.socket_path = os.path.join(self.dir.name, "redis.sock")
+        self.args = args
+        self.proc = self.log = None
+        # A run cut short skips tearDownClass; redis-server would outlive it.
+        atexit.register(self.stop)
+        self.start()
+
+    def start(self):
+        self.log = open(os.path.join(self.dir.name, "redis.log"), "ab")
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.dir.name,
+             "--unixsocket", self.socket_path, "--unixsocketperm", "700",
+             "--enable-debug-command", "yes", *self.args],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("redis-server exited: " + self.output())
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 1) as s:
+                    s.sendall(b"PING\r\n")
+                    # +PONG, or -NOAUTH when it wants a password: up either way.
+                    if s.recv(100)[:1] in (b"+", b"-"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise RuntimeError("redis-server did not start: " + self.output())
+
+    def output(self):
+        return file_text(os.path.join(self.dir.name, "redis.log"))
+
+    def pause(self):
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)     # in case it was paused
+        stop_process(self.proc, signal.SIGTERM, 10)
+        if self.log is not None and not self.log.closed:
+            self.log.close()
+
+    def close(self):
+        self.stop()
+        atexit.unregister(self.stop)
+        self.dir.cleanup()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+
+def follow(port, names, since=None, last_event_id=None, client_id=None):
+    """A stream of these channels read by a thread (SSE.follow())."""
+    params = {}
+    if since is not None:
+        params["since"] = since
+    if client_id is not None:
+        params["client_id"] = client_id
+    headers = [] if last_event_id is None else [("Last-Event-ID",
+                                                 str(last_event_id))]
+    return SSE(port, sse_path(names, "?" + urlencode(params) if params else
+                              ""), headers=headers).follow()
 
 
 # ---------------------------------------------------------------------------
@@ -297,18 +816,17 @@ def setUpModule():
     global MAIN
     if PART == "C":
         return                   # the other process runs the main server
-    MAIN = ServerProcess(f"--http-port={PORT}", "--enable-status",
-                         f"--poll-timeout={MAIN_POLL_TIMEOUT}", listeners=2)
+    MAIN = ServerProcess("--enable-status",
+                         f"--poll-timeout={MAIN_POLL_TIMEOUT}", port=PORT)
 
 
 def tearDownModule():
     if MAIN is None:
         return
-    output = MAIN.output()
-    code = MAIN.stop()
-    MAIN.log.close()
-    assert code == 0, (code, output)
-    assert "Traceback" not in output, output
+    try:
+        MAIN.stop_clean()
+    finally:
+        MAIN.close()
 
 
 # ---------------------------------------------------------------------------
@@ -355,53 +873,53 @@ class CommandLineTests(unittest.TestCase):
         self.assertNotIn("Traceback", result.stderr)
 
     def test_both_switch_spellings_and_http_host(self):
-        server = ServerProcess("--http-port", str(OTHER_PORT), "--http-host",
+        server = ServerProcess("--http-port", "{port}", "--http-host",
                                "127.0.0.1", "--max-messages-per-channel", "2")
+        p = server.port
         try:
-            self.assertIn(f"listening on http://127.0.0.1:{OTHER_PORT}",
+            self.assertIn(f"listening on http://127.0.0.1:{p}",
                           server.output())
-            name = register(port=OTHER_PORT)
+            name = register(port=p)
             for i in range(3):
-                push(name, f"m{i}", port=OTHER_PORT)
-            got = read([name], port=OTHER_PORT)["messages"][name]
+                push(name, f"m{i}", port=p)
+            got = read([name], port=p)["messages"][name]
             self.assertEqual([m["content"] for m in got], ["m1", "m2"])
         finally:
             server.close()
 
     def test_messages_per_channel(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}",
-                               "--messages-per-channel=3")
+        server = ServerProcess("--messages-per-channel=3")
+        p = server.port
         try:
-            name = register(port=OTHER_PORT)
+            name = register(port=p)
             for i in range(5):
-                push(name, f"m{i}", port=OTHER_PORT)
-            got = read([name], port=OTHER_PORT)["messages"][name]
+                push(name, f"m{i}", port=p)
+            got = read([name], port=p)["messages"][name]
             self.assertEqual([m["content"] for m in got], ["m2", "m3", "m4"])
         finally:
             server.close()
 
     def test_quote_json(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--quote-json",
-                               "--poll-timeout=0.2")
+        server = ServerProcess("--quote-json", "--poll-timeout=0.2")
         try:
             resp, body = call("POST", "/channels.json", {"channel_id": "q"},
-                              port=OTHER_PORT)
+                              port=server.port)
             text = body.decode()
             self.assertTrue(text.startswith("/*-secure- "), text)
             self.assertTrue(text.endswith(" */"), text)
             self.assertEqual(json.loads(text[11:-3])["channel_id"], "q")
             # JSON-P is already a script and is not wrapped.
             resp, body = call("GET", "/channels/q.jsonp?since=99999999999999",
-                              port=OTHER_PORT)
+                              port=server.port)
             self.assertTrue(body.startswith(b"/**/_JSONP_comet_cb("), body)
         finally:
             server.close()
 
     def test_status_is_off_by_default(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}")
+        server = ServerProcess()
         try:
             for path in ("/status.json", "/stats.json"):
-                resp, _ = call("GET", path, port=OTHER_PORT)
+                resp, _ = call("GET", path, port=server.port)
                 self.assertEqual(resp.status, 404)
         finally:
             server.close()
@@ -410,11 +928,11 @@ class CommandLineTests(unittest.TestCase):
         # Client mistakes are logged at INFO (SPEC C4): hidden at WARNING,
         # shown at INFO.
         for level, shown in (("warning", False), ("info", True)):
-            server = ServerProcess(f"--http-port={OTHER_PORT}",
-                                   f"--log-level={level}", wait=False)
+            # At WARNING the log does not say when the server listens: it
+            # is waited for by connecting.
+            server = ServerProcess(f"--log-level={level}")
             try:
-                wait_for(lambda: self._accepts(OTHER_PORT))
-                call("GET", "/nowhere.json", port=OTHER_PORT)
+                call("GET", "/nowhere.json", port=server.port)
                 self.assertEqual(server.stop(), 0)
                 output = server.output()
                 self.assertNotIn("WARNING", output)
@@ -423,14 +941,6 @@ class CommandLineTests(unittest.TestCase):
                                  shown)
             finally:
                 server.close()
-
-    @staticmethod
-    def _accepts(port):
-        try:
-            connect(port).close()
-            return True
-        except OSError:
-            return False
 
 
 class UnixSocketTests(unittest.TestCase):
@@ -443,7 +953,7 @@ class UnixSocketTests(unittest.TestCase):
         self.dir.cleanup()
 
     def test_socket_mode_serving_and_removal(self):
-        server = ServerProcess(f"--unix-socket-path={self.path}")
+        server = ServerProcess(f"--unix-socket-path={self.path}", port=None)
         try:
             self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o666)
             self.assertNotIn("http://", server.output())   # socket only
@@ -461,11 +971,10 @@ class UnixSocketTests(unittest.TestCase):
 
     def test_prefix_switch_and_mode(self):
         server = ServerProcess("--unix-socket", self.path,
-                               "--unix-socket-mode=660",
-                               f"--http-port={OTHER_PORT}", listeners=2)
+                               "--unix-socket-mode=660")
         try:
             self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o660)
-            register(port=OTHER_PORT)             # TCP too
+            register(port=server.port)            # TCP too
         finally:
             server.close()
 
@@ -473,7 +982,7 @@ class UnixSocketTests(unittest.TestCase):
         stale = socket.socket(socket.AF_UNIX)
         stale.bind(self.path)
         stale.close()                              # file left, nobody listens
-        server = ServerProcess(f"--unix-socket-path={self.path}")
+        server = ServerProcess(f"--unix-socket-path={self.path}", port=None)
         try:
             register_unix(self.path)
             result = run_server(f"--unix-socket-path={self.path}")
@@ -499,13 +1008,6 @@ class UnixSocketTests(unittest.TestCase):
         self.assertIn("not a socket", result.stderr)
         with open(self.path) as f:
             self.assertEqual(f.read(), "data")
-
-
-def register_unix(path):
-    name = fresh()
-    reply = api("POST", "/channels.json", {"channel_id": name}, unix=path)
-    assert reply["return_code"] == 1, reply
-    return name
 
 
 # ---------------------------------------------------------------------------
@@ -741,13 +1243,12 @@ class LongPollTests(unittest.TestCase):
         self.assertEqual(seen, [str(i) for i in range(200)])
 
     def test_poll_timeout_answers_with_empty_lists(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}",
-                               "--poll-timeout=0.2")
+        server = ServerProcess("--poll-timeout=0.2")
         try:
-            a, b = register(port=OTHER_PORT), register(port=OTHER_PORT)
-            last = push(a, "x", port=OTHER_PORT)["message_id"]
+            a, b = register(port=server.port), register(port=server.port)
+            last = push(a, "x", port=server.port)["message_id"]
             start = time.monotonic()
-            reply = read([a, b], since=last, port=OTHER_PORT)
+            reply = read([a, b], since=last, port=server.port)
             elapsed = time.monotonic() - start
             self.assertGreaterEqual(elapsed, 0.15)
             self.assertLess(elapsed, 2)
@@ -756,7 +1257,7 @@ class LongPollTests(unittest.TestCase):
                                      "messages": {a: [], b: []}})
             # JSON-P too, through its callback.
             resp, body = call("GET", f"/channels/{a}.jsonp?since={last}&cb="
-                              "_JSONP_t", port=OTHER_PORT)
+                              "_JSONP_t", port=server.port)
             self.assertTrue(body.startswith(b"/**/_JSONP_t({"), body)
         finally:
             server.close()
@@ -861,11 +1362,11 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(reply["return_code"], -1)
 
     def test_expiry_of_sessions_and_inactive_channels(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status",
+        server = ServerProcess("--enable-status",
                                "--session-timeout=0.4",
                                "--inactive-channel-timeout=0.6",
                                "--poll-timeout=0.9")
-        p = OTHER_PORT
+        p = server.port
         try:
             kept, idle = fresh("kept"), fresh("idle")
             for client in (kept, idle):
@@ -1002,8 +1503,7 @@ class AdminTokenTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = ServerProcess(f"--http-port={OTHER_PORT}",
-                                   "--admin-token=s3cret", "--enable-status",
+        cls.server = ServerProcess("--admin-token=s3cret", "--enable-status",
                                    "--poll-timeout=0.2")
 
     @classmethod
@@ -1023,34 +1523,33 @@ class AdminTokenTests(unittest.TestCase):
                     ("GET", "/status.json", None)):
                 with self.subTest(headers=headers, method=method, path=path):
                     resp, body = call(method, path, params, headers=headers,
-                                      port=OTHER_PORT)
+                                      port=self.server.port)
                     self.assertEqual(resp.status, 403)
                     self.assertEqual(resp.getheader("Content-Type"),
                                      "application/json")
                     self.assertIn("token", json.loads(body)["error_message"])
         resp, body = call("POST", "/channels.json", {"channel_id": "t"},
-                          headers=good, port=OTHER_PORT)
+                          headers=good, port=self.server.port)
         self.assertEqual(json.loads(body)["return_code"], 1)
         resp, body = call("POST", "/channels/t.json", {"content": "x"},
                           headers={"Authorization": "bearer s3cret"},
-                          port=OTHER_PORT)
+                          port=self.server.port)
         self.assertEqual(json.loads(body)["return_code"], 1)
         # Reads stay open.
-        reply = read(["t"], port=OTHER_PORT)
+        reply = read(["t"], port=self.server.port)
         self.assertEqual(reply["messages"]["t"][0]["content"], "x")
-        resp, body = call("GET", "/status.json", headers=good, port=OTHER_PORT)
+        resp, body = call("GET", "/status.json", headers=good, port=self.server.port)
         self.assertEqual(resp.status, 200)
 
     def test_token_from_environment(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT + 1}",
-                               env={"SIMPLE_COMET_ADMIN_TOKEN": "envtok"})
+        server = ServerProcess(env={"SIMPLE_COMET_ADMIN_TOKEN": "envtok"})
         try:
             resp, _ = call("POST", "/channels.json", {"channel_id": "e"},
-                           port=OTHER_PORT + 1)
+                           port=server.port)
             self.assertEqual(resp.status, 403)
             resp, body = call("POST", "/channels.json", {"channel_id": "e"},
                               headers={"Authorization": "Bearer envtok"},
-                              port=OTHER_PORT + 1)
+                              port=server.port)
             self.assertEqual(json.loads(body)["return_code"], 1)
         finally:
             server.close()
@@ -1330,12 +1829,12 @@ class HTTPTests(unittest.TestCase):
                           b"X: a\r\n" * 99 + b"\r\n", 404, closed=False)
 
     def test_max_body_switch(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--max-body=20")
+        server = ServerProcess("--max-body=20")
         try:
             self.assertEqual(api("POST", "/channels.json", {"channel_id": "m"},
-                                 port=OTHER_PORT)["return_code"], 1)
+                                 port=server.port)["return_code"], 1)
             resp, body = call("POST", "/channels/m.json", {"content": "x" * 20},
-                              port=OTHER_PORT)
+                              port=server.port)
             self.assertEqual(resp.status, 413)
         finally:
             server.close()
@@ -1382,15 +1881,14 @@ class TimeoutTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = ServerProcess(f"--http-port={OTHER_PORT}",
-                                   "--http-timeout=0.4", "--poll-timeout=0.2")
+        cls.server = ServerProcess("--http-timeout=0.4", "--poll-timeout=0.2")
 
     @classmethod
     def tearDownClass(cls):
         cls.server.close()
 
     def closed_after(self, data):
-        with connect(OTHER_PORT) as s:
+        with connect(self.server.port) as s:
             start = time.monotonic()
             if data:
                 s.sendall(data)
@@ -1419,8 +1917,8 @@ class TimeoutTests(unittest.TestCase):
 
     def test_held_polls_outlive_the_http_timeout(self):
         # Polls answered by --poll-timeout keep their connection going.
-        name = register(port=OTHER_PORT)
-        with connect(OTHER_PORT) as s:
+        name = register(port=self.server.port)
+        with connect(self.server.port) as s:
             f = s.makefile("rb")
             for _ in range(4):                 # 0.8 s in all, > 0.4
                 s.sendall(get_request(f"/channels/{name}.json"))
@@ -1438,21 +1936,18 @@ class ShutdownTests(unittest.TestCase):
         for sig in (signal.SIGTERM, signal.SIGINT):
             with self.subTest(sig=sig), tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "comet.sock")
-                server = ServerProcess(f"--http-port={OTHER_PORT}",
-                                       f"--unix-socket-path={path}",
-                                       listeners=2)
+                server = ServerProcess(f"--unix-socket-path={path}")
                 try:
-                    name = register(port=OTHER_PORT)
-                    last = push(name, "x", port=OTHER_PORT)["message_id"]
+                    name = register(port=server.port)
+                    last = push(name, "x", port=server.port)["message_id"]
                     target = f"/channels/{name}.json?since={last}"
                     polls = [Background(exchange, get_request(target),
-                                        OTHER_PORT),
+                                        server.port),
                              Background(exchange, f"GET {target} HTTP/1.0\r\n"
-                                        "\r\n".encode(), OTHER_PORT)]
-                    idle = connect(OTHER_PORT)
+                                        "\r\n".encode(), server.port)]
+                    idle = connect(server.port)
                     time.sleep(0.3)
-                    server.proc.send_signal(sig)
-                    self.assertEqual(server.proc.wait(5), 0)
+                    self.assertEqual(server.stop(sig, timeout=5), 0)
                     for poll in polls:
                         replies = poll.result()
                         self.assertEqual(len(replies), 1)
@@ -1465,7 +1960,7 @@ class ShutdownTests(unittest.TestCase):
                     self.assertFalse(os.path.exists(path))
                     self.assertNotIn("Traceback", server.output())
                     with self.assertRaises(OSError):
-                        connect(OTHER_PORT).close()
+                        connect(server.port).close()
                 finally:
                     server.close()
 
@@ -1476,16 +1971,15 @@ class ConnectionCapTests(unittest.TestCase):
         # Loopback may go LOCAL_RESERVE beyond the cap (SPEC C4), so that a
         # saturated server can still be looked at; then 503.
         cap = 3 + simple_comet.LOCAL_RESERVE
-        server = ServerProcess(f"--http-port={OTHER_PORT}",
-                               "--max-connections=3", "--enable-status")
+        server = ServerProcess("--max-connections=3", "--enable-status")
         held = []
         try:
             for _ in range(cap):
-                s = connect(OTHER_PORT)
+                s = connect(server.port)
                 held.append((s, s.makefile("rb")))
                 s.sendall(get_request("/status.json"))
                 self.assertEqual(read_response(held[-1][1])[0], 200)
-            with connect(OTHER_PORT) as extra:
+            with connect(server.port) as extra:
                 start = time.monotonic()
                 f = extra.makefile("rb")
                 status_code, headers, body = read_response(f)
@@ -1503,7 +1997,7 @@ class ConnectionCapTests(unittest.TestCase):
             f.close()
             s.close()
             # A freed slot is usable again.
-            wait_for(lambda: self.accepted(OTHER_PORT, cap))
+            wait_for(lambda: self.accepted(server.port, cap))
         finally:
             for s, f in held:
                 f.close()
@@ -1576,21 +2070,21 @@ class FuzzTests(unittest.TestCase):
         return bytes(data)
 
     def test_fuzz(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status",
+        server = ServerProcess("--enable-status",
                                "--poll-timeout=0.05", "--http-timeout=0.3")
         try:
             for name in ("fz", "other", "kept"):
-                register(name, port=OTHER_PORT)
+                register(name, port=server.port)
             # On a channel the mutated requests do not name, so its short
             # history is not pushed out by their pushes.
-            pushed = [push("kept", f"keep {i} \u2028é", port=OTHER_PORT)
+            pushed = [push("kept", f"keep {i} \u2028é", port=server.port)
                       ["message_id"] for i in range(5)]
             rng = random.Random(20261121)
             statuses = {}
             for _ in range(FUZZ_REQUESTS):
                 data = self.mutate(rng, rng.choice(self.SEEDS))
                 try:
-                    with connect(OTHER_PORT, timeout=3) as s:
+                    with connect(server.port, timeout=3) as s:
                         s.sendall(data)
                         s.shutdown(socket.SHUT_WR)
                         reply = b""
@@ -1609,7 +2103,7 @@ class FuzzTests(unittest.TestCase):
                    f"status {dict(sorted(statuses.items()))}")
             self.assertGreater(statuses.get(b"200", 0), 10, statuses)
             self.assertGreater(statuses.get(b"400", 0), 10, statuses)
-            reply = read(["kept"], port=OTHER_PORT)
+            reply = read(["kept"], port=server.port)
             self.assertEqual([m["id"] for m in reply["messages"]["kept"]],
                              pushed)
             self.assertEqual([m["content"] for m in reply["messages"]["kept"]],
@@ -1633,7 +2127,6 @@ class FuzzTests(unittest.TestCase):
 
 CLIENT_JS = os.path.join(HERE, "simple-comet.js")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-BROWSER_PORT = 4091          # comet servers for these tests: 4091 and 4092
 
 
 class Chromium:
@@ -1826,15 +2319,15 @@ class BrowserPages:
 class BrowserTests(BrowserPages, unittest.TestCase):
     """simple-comet.js in a real browser, on a page of another origin."""
 
-    def start_server(self, port, poll_timeout):
-        server = ServerProcess(f"--http-port={port}", "--enable-status",
-                               f"--poll-timeout={poll_timeout}")
+    def start_server(self, poll_timeout, port=FREE):
+        server = ServerProcess("--enable-status",
+                               f"--poll-timeout={poll_timeout}", port=port)
         self.addCleanup(server.close)
         return server
 
     def setUp(self):
-        self.port = BROWSER_PORT
-        self.server = self.start_server(self.port, 0.2)
+        self.server = self.start_server(0.2)
+        self.port = self.server.port
         self.tab = self.browser.new_tab()
         self.addCleanup(self.tab.close)
 
@@ -1941,8 +2434,7 @@ class BrowserTests(BrowserPages, unittest.TestCase):
         # The server holds polls for 5 s, the client gives up after 0.3 s:
         # several abandoned polls are held when the message comes, and all
         # are answered, but the page must see it once.
-        port = BROWSER_PORT + 1
-        self.start_server(port, 5)
+        port = self.start_server(5).port
         register("S", port=port)
         self.open_page('SimpleComet.timeout = 300; SimpleComet.backoff = 50;'
                        'SimpleComet.subscribe(COMET + "S.jsonp", record("s"), null, failed);'
@@ -1964,7 +2456,7 @@ class BrowserTests(BrowserPages, unittest.TestCase):
         self.wait_got(["s Z first"])
         self.server.close()
         time.sleep(0.3)               # let the page meet the closed port
-        self.server = self.start_server(self.port, 0.2)
+        self.server = self.start_server(0.2, port=self.port)
         register("Z", port=self.port)
         push("Z", "second", port=self.port)
         self.wait_got(["s Z first", "s Z second"], timeout=10)
@@ -2120,34 +2612,6 @@ def build_nginx_conf(snippet, prefix, sock, public_port, private_port,
         '}\n' % (group, prefix, prefix, temps, snippet, minimal))
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc, sig, timeout=5):
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(sig)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    except OSError:
-        pass
-
-
-def _output(path, tail=3000):
-    try:
-        with open(path, errors='replace') as f:
-            text = f.read()
-    except OSError:
-        return ''
-    return text[-tail:] if tail else text
-
-
 FORM = {'Content-Type': 'application/x-www-form-urlencoded'}
 
 
@@ -2180,17 +2644,17 @@ class ReadmeNginx:
         os.chmod(run, 0o755)
         cls.sock = os.path.join(run, 'comet.sock')
         cls.server = ServerProcess(f'--unix-socket-path={cls.sock}',
-                                   *cls.SERVER_ARGS)
+                                   *cls.SERVER_ARGS, port=None)
 
         prefix = os.path.join(cls.tmp, 'nginx')
         os.mkdir(prefix, 0o755)
         os.chmod(prefix, 0o755)
-        cls.public_port = _free_port()
-        cls.private_port = _free_port()
-        cls.http10_port = _free_port()
+        cls.public_port = free_port()
+        cls.private_port = free_port()
+        cls.http10_port = free_port()
         while len({cls.public_port, cls.private_port, cls.http10_port}) < 3:
-            cls.http10_port = _free_port()
-            cls.private_port = _free_port()
+            cls.http10_port = free_port()
+            cls.private_port = free_port()
         snippet = readme_nginx_conf() or README_NGINX_CONF
         conf = os.path.join(prefix, 'nginx.conf')
         with open(conf, 'w') as f:
@@ -2208,20 +2672,20 @@ class ReadmeNginx:
         while pending:
             if cls.nginx.poll() is not None:
                 raise RuntimeError('nginx exited with %s:\n%s\n%s' % (
-                    cls.nginx.returncode, _output(cls.nginx_out),
-                    _output(cls.nginx_log)))
+                    cls.nginx.returncode, file_text(cls.nginx_out),
+                    file_text(cls.nginx_log)))
             try:
                 connect(pending[0], timeout=1).close()
                 pending.pop(0)
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError('nginx never listened:\n'
-                                       + _output(cls.nginx_log))
+                                       + file_text(cls.nginx_log))
                 time.sleep(0.02)
 
     @classmethod
     def tearDownClass(cls):
-        _stop(cls.nginx, signal.SIGQUIT)    # graceful shutdown
+        stop_process(cls.nginx, signal.SIGQUIT)    # graceful shutdown
         if cls.server is not None:
             cls.server.close()
         shutil.rmtree(cls.tmp, ignore_errors=True)
@@ -2592,7 +3056,7 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
         for label, port in self.ports():
             for _ in range(10):
                 self.json_via(port, '/channels/%s.json' % name)
-        lines = [line for line in _output(self.nginx_log, None).splitlines()
+        lines = [line for line in file_text(self.nginx_log, None).splitlines()
                  if re.search(r'\[(error|crit|alert|emerg)\]', line)
                  and 'access forbidden by rule' not in line]
         self.assertEqual(lines, [])
@@ -2621,252 +3085,6 @@ SSE_OPENING = re.compile(rb"retry: 3000\n:[^\r\n]*\n\n")
 # one is allowed, it dispatches nothing).
 SSE_HEARTBEATS = re.compile(rb"(?::[^\r\n]*\n\n?)+")
 BIG = 64 * 1024                      # content size for the slow-reader tests
-
-
-def start_on_free_port(*args, **kw):
-    """A ServerProcess on a free TCP port: (server, port). A port found free
-    can be taken (as a connection's ephemeral port) before the server binds
-    it; then another is tried."""
-    for attempt in range(5):
-        port = _free_port()
-        try:
-            return ServerProcess(f"--http-port={port}", *args, **kw), port
-        except RuntimeError as e:
-            if "in use" not in str(e) or attempt == 4:
-                raise
-
-
-def sse_path(names, query=""):
-    """The stream URL of a list of channels (%7C between them)."""
-    return ("/channels/" + "%7C".join(quote(n, safe="") for n in names)
-            + ".sse" + query)
-
-
-class SSE:
-    """One EventSource stream on a raw socket.
-
-    The request is sent and the response head parsed at once (status,
-    headers with lower-case names). For a 200 the opening block is read
-    into .opening; for any other status the whole body into .body (and
-    .json when it is JSON). next() then returns the body's items one by
-    one: {"comment": text, "raw": bytes} for a comment line, or, at the
-    blank line that ends an event, {"id"|"event"|"data"|"retry": str, ...,
-    "raw": bytes} with raw the exact bytes from its first line through the
-    blank line. next() returns None once the stream has ended (.reset tells
-    whether it ended with a reset rather than a clean close)."""
-
-    def __init__(self, port, path, headers=(), version="1.1", timeout=5,
-                 unix=None, rcvbuf=None, sock=None):
-        self.timeout = timeout
-        if sock is None:
-            sock = socket.socket(socket.AF_UNIX if unix else socket.AF_INET,
-                                 socket.SOCK_STREAM)
-            if rcvbuf:     # set before connecting so the window stays small
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.settimeout(timeout)
-            sock.connect(unix or ("127.0.0.1", port))
-        self.sock = sock
-        lines = [f"GET {path} HTTP/{version}"]
-        if version == "1.1":
-            lines.append("Host: localhost")
-        lines += ["Accept: text/event-stream", "Accept-Encoding: gzip"]
-        lines += [f"{name}: {value}" for name, value in headers]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        self.raw = b""            # received, not yet decoded
-        self.body = b""           # the decoded body so far
-        self.pos = 0              # how far next() has parsed the body
-        self.start = None         # where the event being parsed began
-        self.fields = {}
-        self.ended = self.reset = False
-        self.chunked = False
-        deadline = time.monotonic() + timeout
-        while b"\r\n\r\n" not in self.raw:
-            if not self._recv(deadline):
-                raise AssertionError("no response head: %r" % self.raw)
-        head, self.raw = self.raw.split(b"\r\n\r\n", 1)
-        head = head.decode("latin-1").split("\r\n")
-        self.status_line = head[0]
-        self.status = int(head[0].split()[1])
-        self.headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        self.chunked = "chunked" in self.headers.get("transfer-encoding", "")
-        self._decode()
-        self.opening = self.json = None
-        if self.status == 200:
-            while b"\n\n" not in self.body:
-                if not self._more(deadline):
-                    raise AssertionError("stream ended before its opening: "
-                                         "%r" % self.body)
-            end = self.body.index(b"\n\n") + 2
-            self.opening, self.pos = self.body[:end], end
-        else:
-            length = self.headers.get("content-length")
-            while (length is None or len(self.body) < int(length)) \
-                    and self._more(deadline):
-                pass
-            if length is not None:
-                self.body = self.body[:int(length)]
-            if self.headers.get("content-type", "").startswith(
-                    "application/json"):
-                self.json = json.loads(self.body)
-
-    # -- bytes in ---------------------------------------------------------
-
-    def _recv(self, deadline):
-        """Receive more bytes; False once the connection has ended."""
-        if self.ended:
-            return False
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError("nothing from the stream in %.1f s"
-                                 % self.timeout)
-        self.sock.settimeout(left)
-        try:
-            data = self.sock.recv(1 << 16)
-        except socket.timeout:
-            raise AssertionError("nothing from the stream in %.1f s"
-                                 % self.timeout) from None
-        except ConnectionResetError:
-            self.reset, data = True, b""
-        if not data:
-            self.ended = True
-            return False
-        self.raw += data
-        return True
-
-    def _decode(self):
-        """Move what has been received into the body (undoing chunking)."""
-        if not self.chunked:
-            self.body += self.raw
-            self.raw = b""
-            return
-        while b"\r\n" in self.raw:
-            size_line, rest = self.raw.split(b"\r\n", 1)
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:           # the last chunk: the body has ended
-                self.ended, self.raw = True, b""
-                return
-            if len(rest) < size + 2:
-                return
-            self.body += rest[:size]
-            self.raw = rest[size + 2:]
-
-    def _more(self, deadline):
-        """More body bytes; False once the body has ended."""
-        while not self.ended:
-            before = len(self.body)
-            if not self._recv(deadline):
-                break
-            self._decode()
-            if len(self.body) > before:
-                return True
-        self._decode()
-        return False
-
-    # -- items out --------------------------------------------------------
-
-    def _parse(self):
-        while True:
-            end = self.body.find(b"\n", self.pos)
-            if end < 0:
-                return None
-            line, begin, self.pos = self.body[self.pos:end], self.pos, end + 1
-            if not line:
-                if self.start is None:
-                    continue           # a blank line after a comment
-                item = dict(self.fields, raw=self.body[self.start:self.pos])
-                self.start, self.fields = None, {}
-                return item
-            if line.startswith(b":") and self.start is None:
-                return {"comment": line[1:].decode(), "raw": line + b"\n"}
-            if self.start is None:
-                self.start = begin
-            name, _, value = line.decode().partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if name == "data" and "data" in self.fields:
-                value = self.fields["data"] + "\n" + value
-            self.fields[name] = value
-
-    def next(self, timeout=3):
-        """The next item, or None once the stream has ended."""
-        deadline = time.monotonic() + timeout
-        while True:
-            item = self._parse()
-            if item is not None:
-                item["at"] = time.monotonic()
-                return item
-            if not self._more(deadline):
-                # An event cut short by the end (say a last "retry: R\n"
-                # without its blank line) comes out once, marked partial.
-                if self.start is not None or self.pos < len(self.body):
-                    start = self.pos if self.start is None else self.start
-                    item = dict(self.fields, raw=self.body[start:],
-                                partial=True, at=time.monotonic())
-                    tail = self.body[self.pos:]
-                    if tail:
-                        name, _, value = tail.decode(errors="replace") \
-                            .partition(":")
-                        item.setdefault(name, value.lstrip(" "))
-                    self.start, self.fields = None, {}
-                    self.pos = len(self.body)
-                    return item
-                return None
-
-    def event(self, timeout=3):
-        """The next event (comments skipped); fails if the stream ends."""
-        while True:
-            item = self.next(timeout)
-            if item is None:
-                raise AssertionError("stream ended; body so far: %r"
-                                     % self.body[-300:])
-            if "comment" not in item:
-                return item
-
-    def message(self, timeout=3):
-        """The next event, which must be a message: its decoded data."""
-        item = self.event(timeout)
-        assert "event" not in item and "id" in item, item
-        return json.loads(item["data"])
-
-    def messages(self, count, timeout=3):
-        return [self.message(timeout) for _ in range(count)]
-
-    def contents_until(self, last, timeout=3):
-        """Contents of the messages up to and including `last`."""
-        got = []
-        while not got or got[-1] != last:
-            got.append(self.message(timeout)["content"])
-        return got
-
-    def within(self, seconds):
-        """Every item arriving within `seconds` (the stream may go on)."""
-        items, deadline = [], time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return items
-            try:
-                item = self.next(left)
-            except AssertionError:       # nothing more in time
-                return items
-            if item is None:
-                return items
-            items.append(item)
-
-    def rest(self, timeout=5):
-        """Every item up to the end of the stream, which must come."""
-        items, deadline = [], time.monotonic() + timeout
-        while True:
-            item = self.next(max(0.01, deadline - time.monotonic()))
-            if item is None:
-                return items
-            items.append(item)
-
-    def close(self):
-        self.sock.close()
 
 
 def data_forms(obj):
@@ -2945,17 +3163,17 @@ class SSETests(SSEAssertions):
 
     @classmethod
     def setUpClass(cls):
-        cls.server, cls.port = start_on_free_port(
+        cls.server = ServerProcess(
             "--enable-status", "--poll-timeout=1",
             f"--sse-heartbeat={SSE_HEARTBEAT}")
+        cls.port = cls.server.port
 
     @classmethod
     def tearDownClass(cls):
-        output = cls.server.output()
-        code = cls.server.stop()
-        cls.server.log.close()
-        assert code == 0, (code, output)
-        assert "Traceback" not in output, output
+        try:
+            cls.server.stop_clean()
+        finally:
+            cls.server.close()
 
     def setUp(self):
         # Streams of the tests before are gone.
@@ -3366,11 +3584,12 @@ class SSETests(SSEAssertions):
 
     def test_stream_keeps_session_and_channels_alive(self):
         """An open stream keeps its channels and its client's session."""
-        server, port = start_on_free_port("--enable-status",
+        server = ServerProcess("--enable-status",
                                "--session-timeout=0.4",
                                "--inactive-channel-timeout=0.4",
                                "--http-timeout=0.6", "--poll-timeout=0.3",
                                f"--sse-heartbeat={SSE_HEARTBEAT}")
+        port = server.port
         self.addCleanup(server.close)
         kept, idle = fresh("kept"), fresh("idle")
         for client in (kept, idle):
@@ -3399,8 +3618,9 @@ class SSETests(SSEAssertions):
 
     def test_streams_count_in_max_connections(self):
         """Streams count in --max-connections."""
-        server, port = start_on_free_port("--enable-status",
+        server = ServerProcess("--enable-status",
                                           "--max-connections=2")
+        port = server.port
         self.addCleanup(server.close)
         name = register(port=port)
         streams = []
@@ -3433,8 +3653,9 @@ class SSETests(SSEAssertions):
         count = 300
         grown = {}
         for kind in ("poll", "stream"):
-            server, port = start_on_free_port("--enable-status",
+            server = ServerProcess("--enable-status",
                                               "--poll-timeout=30")
+            port = server.port
             self.addCleanup(server.close)
             name = register(port=port)
             last = push(name, "x", port=port)["message_id"]
@@ -3470,10 +3691,10 @@ class SSEShutdownTests(SSEAssertions):
         for sig in (signal.SIGTERM, signal.SIGINT):
             with self.subTest(sig=sig), tempfile.TemporaryDirectory() as d:
                 sock = os.path.join(d, "comet.sock")
-                server, port = start_on_free_port(
+                server = ServerProcess(
                     f"--unix-socket-path={sock}", "--enable-status",
-                    "--poll-timeout=5", f"--sse-heartbeat={SSE_HEARTBEAT}",
-                    listeners=2)
+                    "--poll-timeout=5", f"--sse-heartbeat={SSE_HEARTBEAT}")
+                port = server.port
                 try:
                     self.check_shutdown(server, port, sock, sig)
                 finally:
@@ -3493,8 +3714,7 @@ class SSEShutdownTests(SSEAssertions):
         wait_for(lambda: status(port)["streams_open"] == len(streams))
         # Pushed just before the signal and not read yet: flushed first.
         self.assertEqual(push(a, "last", port=port)["delivered"], 7)
-        server.proc.send_signal(sig)
-        self.assertEqual(server.proc.wait(5), 0)
+        self.assertEqual(server.stop(sig, timeout=5), 0)
         retries = []
         for stream in streams:
             items = [i for i in stream.rest() if "comment" not in i]
@@ -3518,8 +3738,9 @@ class SSEShutdownTests(SSEAssertions):
         # A client that stopped reading in the middle of an 8 MiB replay
         # cannot be flushed: the others still end at once, the server exits
         # 0 in bounded time, and nothing is logged as an error.
-        server, port = start_on_free_port("--enable-status",
+        server = ServerProcess("--enable-status",
                                     f"--sse-heartbeat={SSE_HEARTBEAT}")
+        port = server.port
         self.addCleanup(server.close)
         big = register(port=port, max_messages="200")
         small = register(port=port)
@@ -3532,12 +3753,12 @@ class SSEShutdownTests(SSEAssertions):
         self.addCleanup(normal.close)
         wait_for(lambda: status(port)["streams_open"] == 2)
         signalled = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         items = normal.rest(timeout=3)
         self.assertLess(time.monotonic() - signalled, 1)
         self.assertEqual(len(items), 1, items)
         self.assertRegex(items[0]["raw"], rb"^retry: \d+\n\n?$")
-        self.assertEqual(server.proc.wait(15), 0)
+        self.assertEqual(server.stop(timeout=15), 0)
         output = server.output()
         self.assertNotIn("Traceback", output)
         self.assertNotIn(" ERROR ", output)
@@ -3594,9 +3815,10 @@ class SSEBrowserTests(BrowserPages, unittest.TestCase):
         """A server on a free port; a restarted one on the same port."""
         args = ("--enable-status", f"--sse-heartbeat={SSE_HEARTBEAT}") + args
         if self.port is None:
-            server, self.port = start_on_free_port(*args)
+            server = ServerProcess(*args)
+            self.port = server.port
         else:
-            server = ServerProcess(f"--http-port={self.port}", *args)
+            server = ServerProcess(*args, port=self.port)
         self.addCleanup(server.close)
         return server
 
@@ -3791,7 +4013,7 @@ class SSENginxTests(ReadmeNginx, SSEAssertions):
             self.assertEqual(stream.message()['content'], 'to two')
             self.assertDeletedEvent(stream.event(), name)
             self.assertIsNone(stream.next())
-        lines = [line for line in _output(self.nginx_log, None).splitlines()
+        lines = [line for line in file_text(self.nginx_log, None).splitlines()
                  if re.search(r'\[(error|crit|alert|emerg)\]', line)]
         self.assertEqual(lines, [])
 
@@ -3807,34 +4029,15 @@ class SSENginxTests(ReadmeNginx, SSEAssertions):
         self.assertGreaterEqual(int(timeout.group(1)), 2 * 15)
 
 
-def status_unix(path):
-    return api('GET', '/status.json', unix=path)['status']
-
-
 # ---------------------------------------------------------------------------
 # C2. State that survives restarts and crashes (--state-file=PATH)
 # ---------------------------------------------------------------------------
 
-def state_server(path, port, *args, poll_timeout=0.5, env=None):
-    """A server keeping its state under path, listening on port (its .port).
-    A restart on the same port can find it blocked: the port is free while
-    the server is down, and an outgoing connection (of any process) that
-    happens to get it as its ephemeral port leaves a TIME_WAIT entry that
-    keeps the port from being bound for a minute; then a new port is used."""
-    for attempt in range(5):
-        try:
-            server = ServerProcess(f"--http-port={port}",
-                                   f"--state-file={path}", "--enable-status",
-                                   f"--poll-timeout={poll_timeout}", *args,
-                                   env=env)
-        except RuntimeError as e:
-            if "address already in use" not in str(e).lower() or \
-                    attempt == 4:
-                raise
-            port = _free_port()
-        else:
-            server.port = port
-            return server
+def state_server(path, *args, poll_timeout=0.5, env=None):
+    """A server keeping its state under path, on a free port (.port; a
+    restart takes another one)."""
+    return ServerProcess(f"--state-file={path}", "--enable-status",
+                         f"--poll-timeout={poll_timeout}", *args, env=env)
 
 
 def state_files(path):
@@ -3926,10 +4129,6 @@ def clock_env(directory, offset):
     return {"PYTHONPATH": directory}
 
 
-def channel_path(name, suffix=".json"):
-    return f"/channels/{quote(name, safe='')}{suffix}"
-
-
 def post_request(path, params):
     body = urlencode(params).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
@@ -3967,41 +4166,12 @@ def names_number(line, number):
     return re.search(rf"(?<![0-9]){number}(?![0-9])", line) is not None
 
 
-class SSEReader:
-    """An EventSource-like reader on a raw socket: .next_event() parses
-    the stream (id, event, data) until the server closes it."""
-
-    def __init__(self, port, path, last_event_id=None, timeout=5):
-        self.sock, self.f, self.status, self.headers = open_stream(
-            port, path, last_event_id, timeout)
-        self.blocks = stream_events(self.f)
-        self.retry = None
-
-    def next_event(self):
-        """The next event as a dict, or None when the stream ends."""
-        for event in self.blocks:
-            if "retry" in event:
-                self.retry = int(event.pop("retry"))
-            if "data" in event or "event" in event:
-                return event
-        return None
-
-    def message(self):
-        event = self.next_event()
-        assert event is not None and "event" not in event, event
-        return json.loads(event["data"])
-
-    def close(self):
-        self.f.close()
-        self.sock.close()
-
-
 class StateFileTests(unittest.TestCase):
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="comet-state-")
         self.path = os.path.join(self.dir, "comet.state")
-        self.port = _free_port()
+        self.port = free_port()
         self.servers = []
 
     def tearDown(self):
@@ -4010,7 +4180,7 @@ class StateFileTests(unittest.TestCase):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def start(self, *args, **kw):
-        server = state_server(self.path, self.port, *args, **kw)
+        server = state_server(self.path, *args, **kw)
         self.servers.append(server)
         self.port = server.port
         return server
@@ -4219,17 +4389,13 @@ class StateFileTests(unittest.TestCase):
         """Start the server on damaged files: it must refuse with exit 1 and
         one line, leaving every file as it was."""
         files = state_files(self.path)
-        proc = subprocess.Popen(
-            [sys.executable, SCRIPT, f"--http-port={self.port}",
-             f"--state-file={self.path}"], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            stderr = proc.communicate(timeout=5)[1]
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stderr = proc.communicate()[1]
-            self.fail("the server started instead of refusing: " + stderr)
-        self.assertEqual(proc.returncode, 1, stderr)
+            result = run_server(f"--http-port={free_port()}",
+                                f"--state-file={self.path}")
+        except subprocess.TimeoutExpired as e:
+            self.fail("the server started instead of refusing: %s" % e.stderr)
+        stderr = result.stderr
+        self.assertEqual(result.returncode, 1, stderr)
         self.assertNotIn("Traceback", stderr)
         self.assertEqual(stderr.strip().count("\n"), 0, stderr)
         after = state_files(self.path)
@@ -4348,10 +4514,8 @@ class StateFileTests(unittest.TestCase):
         # working directory.
         for cwd, path in ((None, self.path),
                           (self.dir, os.path.basename(self.path))):
-            result = subprocess.run(
-                [sys.executable, SCRIPT, f"--http-port={_free_port()}",
-                 f"--state-file={path}"], capture_output=True, text=True,
-                timeout=10, stdin=subprocess.DEVNULL, cwd=cwd)
+            result = run_server(f"--http-port={free_port()}",
+                                f"--state-file={path}", cwd=cwd)
             self.assertLess(time.monotonic() - start, 5)
             self.assertEqual(result.returncode, 1, result.stderr)
             self.assertEqual(result.stderr.strip().count("\n"), 0,
@@ -4466,7 +4630,7 @@ class StateFileTests(unittest.TestCase):
         name = register(port=p)
         m1 = push(name, "m1", port=p)["message_id"]
         m2 = push(name, "m2", port=p)["message_id"]
-        stream = SSEReader(p, channel_path(name, ".sse"))
+        stream = SSE(p, channel_path(name, ".sse"))
         try:
             self.assertEqual(stream.status, 200)
             self.assertEqual([stream.message()["id"] for _ in range(2)],
@@ -4482,14 +4646,16 @@ class StateFileTests(unittest.TestCase):
             self.assertEqual(len(replies), 1)
             reply = json.loads(replies[0][2])
             self.assertEqual(reply["messages"], {name: []})
-            self.assertIsNone(stream.next_event())
+            self.assertEqual([i for i in stream.rest()
+                              if "data" in i or "event" in i], [])
         finally:
             stream.close()
         server = self.start()
         p = self.port
         # Pushed before either client is back.
         m3 = push(name, "m3", port=p)["message_id"]
-        stream = SSEReader(p, channel_path(name, ".sse"), last_event_id=m2)
+        stream = SSE(p, channel_path(name, ".sse"),
+                     headers=[("Last-Event-ID", str(m2))])
         try:
             self.assertEqual(stream.status, 200)
             self.assertEqual(stream.message()["id"], m3)
@@ -4517,7 +4683,7 @@ class StateCrashTests(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="comet-state-")
         self.path = os.path.join(self.dir, "comet.state")
-        self.port = _free_port()
+        self.port = free_port()
         self.server = None
 
     def tearDown(self):
@@ -4531,7 +4697,7 @@ class StateCrashTests(unittest.TestCase):
         channel's window is restored, once, in id order."""
         p = self.port
         rng = random.Random(20240607)
-        self.server = state_server(self.path, p)
+        self.server = state_server(self.path)
         p = self.port = self.server.port
         windows = {register(port=p, max_messages="50"): 50 for _ in range(3)}
         windows[register(port=p, max_messages="10")] = 10   # drives compaction
@@ -4588,8 +4754,7 @@ class StateCrashTests(unittest.TestCase):
                         break
                 baseline = sizes
                 time.sleep(0.001)
-            self.server.proc.kill()
-            self.server.proc.wait()
+            self.server.stop(signal.SIGKILL)
             left = set(state_sizes(self.path))
             stop.set()
             for thread in threads:
@@ -4600,7 +4765,7 @@ class StateCrashTests(unittest.TestCase):
                 stored[name][message_id] = content
             self.assertEqual(set(state_modes(self.path).values()), {0o600})
 
-            self.server = state_server(self.path, p)
+            self.server = state_server(self.path)
             p = self.port = self.server.port
             self.assertNotIn("Traceback", self.server.output())
             # A file the restart removed (a temporary one) tells that the
@@ -4613,7 +4778,7 @@ class StateCrashTests(unittest.TestCase):
             self.assertEqual(sorted(st["channels"]),
                              sorted(names + [f"extra{round_}"]))
         self.assertEqual(self.server.stop(), 0)
-        self.server = state_server(self.path, p)
+        self.server = state_server(self.path)
         self.port = self.server.port
         self.check_restored(stored, in_flight, windows, "final")
         self.assertGreater(compactions, 0, "no compaction seen")
@@ -4662,7 +4827,7 @@ class StateDiskFullTests(unittest.TestCase):
             self.skipTest("mounting a tmpfs is not permitted here (needs "
                           "root with CAP_SYS_ADMIN): " + result.stderr)
         self.path = os.path.join(self.dir, "comet.state")
-        self.port = _free_port()
+        self.port = free_port()
         self.server = None
 
     def tearDown(self):
@@ -4679,7 +4844,7 @@ class StateDiskFullTests(unittest.TestCase):
         filler = os.path.join(self.dir, "filler")
         with open(filler, "wb") as f:
             f.write(b"\0" * 128 * 1024)
-        self.server = state_server(self.path, p, poll_timeout=5)
+        self.server = state_server(self.path, poll_timeout=5)
         p = self.server.port
         name = register(port=p, max_messages="1000")  # keeps them all
         health = call("GET", "/health.json", port=p)
@@ -4712,8 +4877,8 @@ class StateDiskFullTests(unittest.TestCase):
         self.assertEqual([(m["id"], m["content"])
                           for m in messages_of(name, p)], acked)
         last = read([name], port=p)["last_id"]
-        stream = SSEReader(p, channel_path(name, ".sse"),
-                           last_event_id=acked[-1][0])
+        stream = SSE(p, channel_path(name, ".sse"),
+                     headers=[("Last-Event-ID", str(acked[-1][0]))])
         try:
             self.assertEqual(stream.status, 200)
             poll = Background(read, [name], port=p, since=last)
@@ -4757,7 +4922,7 @@ class StateDiskFullTests(unittest.TestCase):
             acked.append((push(name, content, port=p)["message_id"], content))
         self.assertEqual(self.server.stop(), 0)
         self.assertNotIn("Traceback", self.server.output())
-        self.server = state_server(self.path, p)
+        self.server = state_server(self.path)
         p = self.server.port
         got = [(m["id"], m["content"]) for m in messages_of(name, p)]
         self.assertEqual(got, acked)
@@ -4777,7 +4942,7 @@ class StateDiskFullTests(unittest.TestCase):
         filler = os.path.join(self.dir, "filler")
         with open(filler, "wb") as f:
             f.write(b"\0" * 128 * 1024)
-        self.server = state_server(self.path, p)
+        self.server = state_server(self.path)
         p = self.server.port
         # The small window makes the journal outgrow the live data, so the
         # server compacts; the big one fills the disk.
@@ -4824,7 +4989,7 @@ class StateDiskFullTests(unittest.TestCase):
                                 content))
         self.assertEqual(self.server.stop(), 0)
         self.assertNotIn("Traceback", self.server.output())
-        self.server = state_server(self.path, p)
+        self.server = state_server(self.path)
         p = self.server.port
         for name, window in windows.items():
             got = [(m["id"], m["content"]) for m in messages_of(name, p)]
@@ -4849,10 +5014,10 @@ class StateReliabilityTests(unittest.TestCase):
         RESTART_MESSAGES messages (100: 100,000 in all) is quick and
         restores them all."""
         d = tempfile.mkdtemp(prefix="comet-state-")
-        path, p = os.path.join(d, "comet.state"), _free_port()
+        path, p = os.path.join(d, "comet.state"), free_port()
         server = None
         try:
-            server = state_server(path, p)
+            server = state_server(path)
             p = server.port
             names = [f"big{i}" for i in range(1000)]
             registrations = [post_request("/channels.json",
@@ -4882,7 +5047,7 @@ class StateReliabilityTests(unittest.TestCase):
                     self.assertEqual(code, 0)
                 server.close()
                 start = time.monotonic()
-                server = state_server(path, p)
+                server = state_server(path)
                 p = server.port
                 st = status(p)
                 times[how.name] = time.monotonic() - start
@@ -5023,21 +5188,6 @@ def fetch_metrics(port=None, unix=None, headers=None):
     return Metrics(body.decode("utf-8"))
 
 
-def serve_free(*args, **kw):
-    """ServerProcess on a port from _free_port() (in .port); another port
-    is tried when that one was taken meanwhile by other tests' sockets."""
-    for attempt in range(3):
-        port = _free_port()
-        try:
-            server = ServerProcess(f"--http-port={port}", *args, **kw)
-        except RuntimeError as e:
-            if "in use" in str(e) and attempt < 2:
-                continue
-            raise
-        server.port = port
-        return server
-
-
 def form_post(path, **params):
     """The bytes of one form POST (for pipelining)."""
     body = urlencode(params).encode()
@@ -5072,19 +5222,6 @@ def log_lines(output):
                      line)
         lines.append((m.group(1), m.group(2)) if m else (None, line))
     return lines
-
-
-def wait_accepting(port, timeout=10, proc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError("server exited")
-        try:
-            connect(port, timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError("server did not start")
 
 
 def _find_other_address(family):
@@ -5174,13 +5311,6 @@ def call_from_other(method, path, port, headers=None, body=None, timeout=5):
         return resp, resp.read()
     finally:
         conn.close()
-
-
-def connect_unix(path, timeout=5):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(path)
-    return s
 
 
 def served(sock):
@@ -5327,7 +5457,7 @@ class MetricsTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = serve_free("--enable-status", "--poll-timeout=5")
+        cls.server = ServerProcess("--enable-status", "--poll-timeout=5")
         cls.port = cls.server.port
 
     @classmethod
@@ -5441,14 +5571,14 @@ class MetricsStoreTests(unittest.TestCase):
     health gauges."""
 
     def gauges(self, *args):
-        server = serve_free("--enable-status", *args)
+        server = ServerProcess("--enable-status", *args)
         try:
             wait_for(lambda: call("GET", "/health.json", port=server.port)
                      [0].status == 200)
             m = fetch_metrics(server.port)
             return [name for name, kind in m.types.items() if kind == "gauge"]
         finally:
-            server.proc.kill()     # a clean shutdown is tested elsewhere
+            server.stop(signal.SIGKILL)   # a clean shutdown is tested elsewhere
             server.close()
 
     def test_state_file_gauges(self):
@@ -5459,18 +5589,12 @@ class MetricsStoreTests(unittest.TestCase):
     @unittest.skipUnless(shutil.which("redis-server"),
                          "redis-server is not installed")
     def test_redis_gauges(self):
-        with tempfile.TemporaryDirectory() as d:
-            port = _free_port()
-            redis = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", d],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)
-            try:
-                gauges = self.gauges(f"--redis=redis://127.0.0.1:{port}",
-                                     f"--redis-prefix={fresh()}:")
-            finally:
-                _stop(redis, signal.SIGTERM)
+        redis = RedisProcess()
+        try:
+            gauges = self.gauges(f"--redis={redis.url}",
+                                 f"--redis-prefix={fresh()}:")
+        finally:
+            redis.close()
         self.assertTrue([g for g in gauges if "redis" in g], gauges)
 
 
@@ -5529,13 +5653,13 @@ class MetricsAccessTests(unittest.TestCase):
         self.dir.cleanup()
 
     def test_not_served_without_enable_status(self):
-        self.server = serve_free()
+        self.server = ServerProcess()
         self.port = self.server.port
         resp, body = call("GET", "/metrics", port=self.port)
         self.assertEqual(resp.status, 404, body)
 
     def test_admin_token_needed(self):
-        self.server = serve_free("--enable-status", "--admin-token=m3trix")
+        self.server = ServerProcess("--enable-status", "--admin-token=m3trix")
         self.port = self.server.port
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             resp, body = call("GET", "/metrics", headers=headers,
@@ -5545,8 +5669,8 @@ class MetricsAccessTests(unittest.TestCase):
         fetch_metrics(self.port, headers={"Authorization": "Bearer m3trix"})
 
     def test_without_token_only_local_clients(self):
-        self.server = serve_free(f"--unix-socket-path={self.sock}",
-                                 "--enable-status", listeners=2)
+        self.server = ServerProcess(f"--unix-socket-path={self.sock}",
+                                 "--enable-status")
         self.port = self.server.port
         fetch_metrics(self.port)
         fetch_metrics(unix=self.sock)
@@ -5564,7 +5688,7 @@ class HealthTests(unittest.TestCase):
     def test_healthy_and_open_to_everyone(self):
         """200 {"return_code": 1, "error_message": ""} without
         --enable-status, without the admin token, from any address."""
-        server = serve_free("--admin-token=h3alth")
+        server = ServerProcess("--admin-token=h3alth")
         port = server.port
         try:
             resp, body = call("GET", "/health.json", port=port)
@@ -5608,7 +5732,7 @@ class ConnectionReserveTests(unittest.TestCase):
         self.dir.cleanup()
 
     def test_loopback_reserve(self):
-        self.server = serve_free("--max-connections=3", "--enable-status")
+        self.server = ServerProcess("--max-connections=3", "--enable-status")
         self.port = self.server.port
         for _ in range(3 + 4):
             self.open.append(served(connect(self.port)))
@@ -5628,7 +5752,7 @@ class ConnectionReserveTests(unittest.TestCase):
 
     def test_unix_socket_reserve(self):
         self.server = ServerProcess(f"--unix-socket-path={self.sock}",
-                                    "--max-connections=3")
+                                    "--max-connections=3", port=None)
         for _ in range(3 + 4):
             self.open.append(served(connect_unix(self.sock)))
         with connect_unix(self.sock, timeout=2) as extra:
@@ -5636,7 +5760,7 @@ class ConnectionReserveTests(unittest.TestCase):
 
     def test_other_addresses_never_exceed_the_cap(self):
         other_address()
-        self.server = serve_free("--max-connections=3", "--enable-status")
+        self.server = ServerProcess("--max-connections=3", "--enable-status")
         self.port = self.server.port
         for _ in range(3):
             self.open.append(served(connect_from_other(self.port)))
@@ -5665,36 +5789,29 @@ class LoggingTests(unittest.TestCase):
     def start_with_stuck_log(self, *args):
         """A server whose stderr is a pipe nobody reads, shrunk to one page
         and filled before the server starts, so its first log line already
-        finds the pipe full.  Returns (process, port, read end)."""
-        for attempt in range(3):
-            read_end, write_end = os.pipe()
-            try:
-                fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031),
-                            4096)
-            except OSError:
-                pass
-            size = fcntl.fcntl(write_end, getattr(fcntl, "F_GETPIPE_SZ", 1032))
-            os.write(write_end, b"#" * size)
-            port = _free_port()
-            proc = subprocess.Popen(
-                [sys.executable, SCRIPT, f"--http-port={port}",
-                 "--http-host=127.0.0.1", *args],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=write_end)
+        finds the pipe full.  Returns (server, read end)."""
+        read_end, write_end = os.pipe()
+        try:
+            fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+        except OSError:
+            pass
+        size = fcntl.fcntl(write_end, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+        os.write(write_end, b"#" * size)
+        try:
+            server = ServerProcess("--http-host=127.0.0.1", *args,
+                                   stderr=write_end)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
             os.close(write_end)
-            try:
-                wait_accepting(port, proc=proc)
-                return proc, port, read_end
-            except RuntimeError:
-                os.close(read_end)
-                _stop(proc, signal.SIGTERM)
-                if attempt == 2:
-                    raise
+        return server, read_end
 
     def test_stuck_log_pipe_does_not_stall_serving(self):
         """With stderr stuck, 20,000 bad requests are all answered, and
         reads during and after them take under a second."""
-        proc, port, read_end = self.start_with_stuck_log()
+        server, read_end = self.start_with_stuck_log()
+        port = server.port
         try:
             resp, body = call("POST", "/channels.json", {"channel_id": "a"},
                               port=port, timeout=2)
@@ -5725,12 +5842,13 @@ class LoggingTests(unittest.TestCase):
             self.assertEqual(answered, 20_000)
         finally:
             os.close(read_end)             # unblocks a server stuck writing
-            _stop(proc, signal.SIGTERM)
+            server.close()
 
     def test_stuck_log_does_not_stop_shutdown(self):
         """SIGTERM with stderr stuck: the held poll is answered and the
         server exits 0 within a few seconds."""
-        proc, port, read_end = self.start_with_stuck_log("--poll-timeout=30")
+        server, read_end = self.start_with_stuck_log("--poll-timeout=30")
+        port = server.port
         try:
             resp, body = call("POST", "/channels.json", {"channel_id": "a"},
                               port=port, timeout=2)
@@ -5739,22 +5857,18 @@ class LoggingTests(unittest.TestCase):
                               timeout=10)
             time.sleep(0.3)                # no status page: let it be held
             self.assertTrue(poll.is_alive(), "the poll was not held")
-            proc.send_signal(signal.SIGTERM)
+            server.send_signal(signal.SIGTERM)
             resp, body = poll.result()
             self.assertEqual(json.loads(body)["messages"], {"a": []})
-            try:
-                code = proc.wait(5)
-            except subprocess.TimeoutExpired:
-                code = "still running 5 s after SIGTERM"
-            self.assertEqual(code, 0)
+            self.assertEqual(server.stop(timeout=5), 0)
         finally:
             os.close(read_end)
-            _stop(proc, signal.SIGTERM)
+            server.close()
 
     def test_bad_request_flood_is_rate_limited(self):
         """5,000 bad requests: at most a few hundred log lines, none at
         WARNING or above, and an INFO line counts what was left out."""
-        server = serve_free()
+        server = ServerProcess()
         port = server.port
         try:
             self.assertEqual(flood(port, 4_000, 1_000), 5_000)
@@ -5790,7 +5904,7 @@ class LingerTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = serve_free("--max-body=1000")
+        cls.server = ServerProcess("--max-body=1000")
         cls.port = cls.server.port
 
     @classmethod
@@ -5858,7 +5972,7 @@ class BareLineFeedTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = serve_free("--poll-timeout=0.2")
+        cls.server = ServerProcess("--poll-timeout=0.2")
         cls.port = cls.server.port
         register("a", port=cls.port)
         push("a", "hello", port=cls.port)
@@ -5913,7 +6027,7 @@ class AdminTokenFileTests(unittest.TestCase):
 
     def setUp(self):
         self.dir = tempfile.TemporaryDirectory()
-        self.port = _free_port()         # for the servers that must not start
+        self.port = free_port()         # for the servers that must not start
         self.servers = []
 
     def tearDown(self):
@@ -5928,7 +6042,7 @@ class AdminTokenFileTests(unittest.TestCase):
         return path
 
     def start(self, *args, env=None):
-        server = serve_free("--enable-status", *args, env=env)
+        server = ServerProcess("--enable-status", *args, env=env)
         self.port = server.port
         self.servers.append(server)
         return server
@@ -6067,34 +6181,13 @@ class RedisPasswordTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.dir = tempfile.TemporaryDirectory()
-        cls.redis_port = _free_port()
-        cls.redis = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(cls.redis_port), "--bind",
-             "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", cls.dir.name, "--requirepass", cls.PASSWORD],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-
-        def up():
-            try:
-                with socket.create_connection(("127.0.0.1", cls.redis_port),
-                                              1) as s:
-                    s.sendall(b"PING\r\n")
-                    return s.recv(100)[:1] == b"-"      # -NOAUTH
-            except OSError:
-                return False
-        try:
-            wait_for(up, timeout=10)
-        except AssertionError:
-            _stop(cls.redis, signal.SIGTERM)
-            cls.dir.cleanup()
-            raise
+        cls.redis = RedisProcess("--requirepass", cls.PASSWORD)
+        cls.dir = cls.redis.dir
+        cls.redis_port = cls.redis.port
 
     @classmethod
     def tearDownClass(cls):
-        _stop(cls.redis, signal.SIGTERM)
-        cls.dir.cleanup()
+        cls.redis.close()
 
     def url(self, password):
         return f"redis://:{password}@127.0.0.1:{self.redis_port}"
@@ -6108,7 +6201,7 @@ class RedisPasswordTests(unittest.TestCase):
 
     def start(self, *args, env=None):
         # A prefix of its own: no state from another test.
-        server = serve_free("--enable-status", f"--redis-prefix={fresh()}:",
+        server = ServerProcess("--enable-status", f"--redis-prefix={fresh()}:",
                             *args, env=env)
         self.servers.append(server)
         return server
@@ -6149,11 +6242,10 @@ class RedisPasswordTests(unittest.TestCase):
                         self.assertNotIn(self.PASSWORD.encode(), f.read())
         # Stopped together: shutdown lines are checked too.
         for server in ways.values():
-            server.proc.send_signal(signal.SIGTERM)
+            server.send_signal(signal.SIGTERM)
         for way, server in ways.items():
             with self.subTest(way=way):
-                # (stop() would send a second SIGTERM.)
-                self.assertEqual(server.proc.wait(15), 0)
+                self.assertEqual(server.stop(timeout=15), 0)
                 output = server.output()
                 warned = [m for level, m in log_lines(output)
                           if level == "WARNING" and "redis" in m.lower()]
@@ -6172,7 +6264,7 @@ class RedisPasswordTests(unittest.TestCase):
         never shown either."""
         self.assertIn("--redis-file", run_server("--help").stdout)
         wrong = "bad-pw-9c2a"
-        port = _free_port()
+        port = free_port()
         server = ServerProcess(f"--http-port={port}", "--enable-status",
                                f"--redis-file={self.write_url(wrong)}",
                                wait=False)
@@ -6229,10 +6321,9 @@ class PerAddressCapTests(unittest.TestCase):
         other_address()                       # or skip
         cls.dir = tempfile.TemporaryDirectory()
         cls.sock = os.path.join(cls.dir.name, "comet.sock")
-        cls.server = serve_free(f"--max-connections-per-ip={cls.N}",
+        cls.server = ServerProcess(f"--max-connections-per-ip={cls.N}",
                                 f"--unix-socket-path={cls.sock}",
-                                "--enable-status", "--poll-timeout=5",
-                                listeners=2)
+                                "--enable-status", "--poll-timeout=5")
         cls.port = cls.server.port
         cls.name = register(port=cls.port)
         cls.last = push(cls.name, "x", port=cls.port)["message_id"]
@@ -6358,7 +6449,7 @@ class PerAddressDefaultTests(unittest.TestCase):
 
     def test_default_is_256(self):
         other_address()
-        server = serve_free()
+        server = ServerProcess()
         port = server.port
         socks = []
         try:
@@ -6405,7 +6496,7 @@ class IdleExpiryScaleTests(unittest.TestCase):
         within about a second of their timeout; an expired channel reads
         -2, an expired client -3."""
         timeout = 0.5
-        server = serve_free("--enable-status",
+        server = ServerProcess("--enable-status",
                             f"--session-timeout={timeout}",
                             f"--inactive-channel-timeout={timeout}",
                             "--poll-timeout=0.2")
@@ -6469,7 +6560,7 @@ class IdleExpiryScaleTests(unittest.TestCase):
 
     def worst_read_while_expiring(self):
         timeout = 1.0
-        server = serve_free("--enable-status",
+        server = ServerProcess("--enable-status",
                             f"--session-timeout={timeout}",
                             f"--inactive-channel-timeout={timeout}")
         port = server.port
@@ -6517,71 +6608,6 @@ class IdleExpiryScaleTests(unittest.TestCase):
 # team would run them behind a load balancer. Redis itself is inspected
 # and disturbed over raw RESP sockets (KEYS, CLIENT KILL), and stopped,
 # paused and restarted by its PID. Skipped when redis-server is missing.
-
-class RedisProcess:
-    """A redis-server of the test's own: loopback only, no persistence (so
-    a restart comes back empty), files in a temporary directory. stop()
-    and start() again reuse the same port."""
-
-    def __init__(self, *args, port=None):
-        self.dir = tempfile.TemporaryDirectory(prefix="comet-redis-")
-        self.port = port or _free_port()
-        self.socket_path = os.path.join(self.dir.name, "redis.sock")
-        self.args = args
-        self.proc = self.log = None
-        # A run cut short skips tearDownClass; redis-server would outlive it.
-        atexit.register(self.stop)
-        self.start()
-
-    def start(self):
-        self.log = open(os.path.join(self.dir.name, "redis.log"), "ab")
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", self.dir.name,
-             "--unixsocket", self.socket_path, "--unixsocketperm", "700",
-             "--enable-debug-command", "yes", *self.args],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("redis-server exited: " + self.output())
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), 1) as s:
-                    s.sendall(b"PING\r\n")
-                    # +PONG, or -NOAUTH when it wants a password: up either way.
-                    if s.recv(100)[:1] in (b"+", b"-"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.01)
-        raise RuntimeError("redis-server did not start: " + self.output())
-
-    def output(self):
-        return _output(os.path.join(self.dir.name, "redis.log"))
-
-    def pause(self):
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)     # in case it was paused
-        _stop(self.proc, signal.SIGTERM, 10)
-        if self.log is not None and not self.log.closed:
-            self.log.close()
-
-    def close(self):
-        self.stop()
-        atexit.unregister(self.stop)
-        self.dir.cleanup()
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}"
-
 
 def resp_command(*args):
     """A command as RESP: an array of bulk strings."""
@@ -6652,37 +6678,21 @@ def redis_size(port, key):
 
 def comet_servers(redis_url, count, *args, env=None):
     """count instances on free loopback ports, started together, with
-    --enable-status, --redis=redis_url (unless None) and args; each gets
-    .port. Returns once each is listening (Redis may still be connecting)."""
-    started = []
-
-    def start(port):
-        switches = [f"--http-port={port}", "--http-host=127.0.0.1",
-                    "--enable-status", *args]
-        if redis_url is not None:
-            switches.append(f"--redis={redis_url}")
-        server = ServerProcess(*switches, env=env, wait=False)
-        server.port = port
-        started.append(server)
-        return server
-
+    --enable-status, --redis=redis_url (unless None) and args. Returns once
+    each is listening (Redis may still be connecting)."""
+    switches = ["--http-host=127.0.0.1", "--enable-status", *args]
+    if redis_url is not None:
+        switches.append(f"--redis={redis_url}")
+    servers = []
     try:
-        servers = [start(_free_port()) for _ in range(count)]
-        for i, server in enumerate(servers):
-            for tries in range(5):
-                try:
-                    server.wait_listening()
-                    break
-                except RuntimeError as e:
-                    # A port found free can be taken before the server
-                    # binds it (as some connection's ephemeral port).
-                    if "in use" not in str(e) or tries == 4:
-                        raise
-                    server = servers[i] = start(_free_port())
+        for _ in range(count):
+            servers.append(ServerProcess(*switches, env=env, wait=False))
+        for server in servers:
+            server.wait_listening()
     except BaseException:
-        for server in started:
-            _stop(server.proc, signal.SIGKILL)
-            server.log.close()
+        for server in servers:
+            stop_process(server.proc, signal.SIGKILL)
+            server.close()
         raise
     return servers
 
@@ -6691,24 +6701,19 @@ def stop_servers(servers):
     """SIGTERM every instance at once: each must exit 0 with no traceback."""
     problems = []
     for server in servers:
-        _stop_paused(server)
-        if server.proc.poll() is None:
-            server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
     for server in servers:
         try:
-            code = server.proc.wait(10)     # one signal: a second may force
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            code = f"no exit within 10 s: {server.proc.wait()}"
-        output = server.output()
-        server.log.close()
-        if code != 0 or "Traceback" in output:
-            problems.append(f"instance on port {server.port} exited {code}: "
-                            f"{output[-3000:]}")
+            server.stop_clean()
+        except AssertionError as e:
+            problems.append(f"instance on port {server.port}: {e}")
+        finally:
+            server.close()
     assert not problems, "\n".join(problems)
 
 
-def _stop_paused(server):
+def resume(server):
+    """SIGCONT to a server that may have been stopped with SIGSTOP."""
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGCONT)
 
@@ -6783,64 +6788,6 @@ def timed_read(names, port, **params):
     return reply, time.monotonic()
 
 
-class EventStream:
-    """An EventSource stream on a raw socket, read by a thread of its own:
-    .events fills with dicts ({"id", "data"} for a message, data decoded
-    from JSON; {"event", "data"} for the others) each with "at", the
-    monotonic time it arrived; .ended is set when the server closes it."""
-
-    def __init__(self, port, names, since=None, last_event_id=None,
-                 client_id=None):
-        params = {}
-        if since is not None:
-            params["since"] = since
-        if client_id is not None:
-            params["client_id"] = client_id
-        path = ("/channels/" + "%7C".join(quote(n, safe="") for n in names)
-                + ".sse" + ("?" + urlencode(params) if params else ""))
-        self.sock, self.f, self.status, self.headers = open_stream(
-            port, path, last_event_id, timeout=30)
-        self.events = []
-        self.ended = threading.Event()
-        self.body = None
-        if self.status != 200:
-            self.body = json.loads(self.f.read(int(self.headers.get(
-                "content-length", 0))))
-            self.close()
-            return
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self):
-        try:
-            for event in stream_events(self.f):
-                if "data" in event:
-                    event["data"] = json.loads(event["data"])
-                    event["at"] = time.monotonic()
-                    self.events.append(event)
-        except (OSError, ValueError):
-            pass
-        finally:
-            self.ended.set()
-
-    def messages(self):
-        """The message events' data, in order of arrival."""
-        return [e["data"] for e in list(self.events) if "event" not in e]
-
-    def wait_messages(self, count, timeout=5):
-        wait_for(lambda: len(self.messages()) >= count or self.ended.is_set(),
-                 timeout)
-        return self.messages()
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.f.close()
-        self.sock.close()
-
-
 class RedisTestCase(unittest.TestCase):
     """A redis-server and `instances` simple_comet.py processes on it,
     for the class; self.ports lists the instances' ports (A, B, C)."""
@@ -6860,8 +6807,8 @@ class RedisTestCase(unittest.TestCase):
                 wait_for(lambda: can_write(port), 10)
         except BaseException:
             for server in getattr(cls, "servers", ()):
-                _stop(server.proc, signal.SIGKILL)
-                server.log.close()
+                stop_process(server.proc, signal.SIGKILL)
+                server.close()
             cls.redis.close()
             raise
 
@@ -6919,7 +6866,7 @@ class RedisSharedTests(RedisTestCase):
         name = register(fresh("rs"), port=a)
         held = self.held(b)
         poll = Background(timed_read, [name], port=b)
-        stream = EventStream(c, [name])
+        stream = follow(c, [name])
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
         wait_for(lambda: not poll.is_alive() or self.held(b) == held + 1, 3)
@@ -6927,7 +6874,7 @@ class RedisSharedTests(RedisTestCase):
         reply, _ = poll.result(3)
         self.assertEqual(reply["return_code"], 1, reply)
         self.assertEqual(contents(reply, name), ["hello"])
-        self.assertEqual([m["id"] for m in stream.wait_messages(1)],
+        self.assertEqual([m["id"] for m in stream.wait_arrived(1)],
                          [sent["message_id"]])
 
     def test_clients_shared(self):
@@ -6981,8 +6928,8 @@ class RedisSharedTests(RedisTestCase):
         streams = {port: self.streams(port) for port in self.ports}
         poll_a = Background(timed_read, [name], port=a, since=since)
         poll_b = Background(timed_read, [name], port=b, since=since)
-        stream_a = EventStream(a, [name], since=since)
-        stream_c = EventStream(c, [name], since=since)
+        stream_a = follow(a, [name], since=since)
+        stream_c = follow(c, [name], since=since)
         for stream in (stream_a, stream_c):
             self.addCleanup(stream.close)
             self.assertEqual(stream.status, 200, stream.body)
@@ -6999,7 +6946,7 @@ class RedisSharedTests(RedisTestCase):
             self.assertEqual(contents(answer, name), ["wake"])
             self.assertLess(at - pushed, 0.5)
         for stream in (stream_a, stream_c):
-            self.assertEqual([m["content"] for m in stream.wait_messages(1)],
+            self.assertEqual([m["content"] for m in stream.wait_arrived(1)],
                              ["wake"])
             self.assertLess(stream.events[0]["at"] - pushed, 0.5)
 
@@ -7014,7 +6961,7 @@ class RedisSharedTests(RedisTestCase):
         held_b, held_c = self.held(b), self.held(c)
         poll_b = Background(read, [name], port=b, since=since)
         poll_c = Background(read, [name, other], port=c, since=since)
-        stream = EventStream(c, [name], since=since)
+        stream = follow(c, [name], since=since)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
         wait_for(lambda: self.held(b) == held_b + 1
@@ -7022,7 +6969,7 @@ class RedisSharedTests(RedisTestCase):
         self.assertEqual(api("DELETE", channel_path(name), port=a)
                          ["return_code"], 2)
         self.assertEqual(poll_b.result(1)["return_code"], -2)
-        self.assertTrue(stream.ended.wait(1), "stream not closed")
+        self.assertTrue(stream.closed.wait(1), "stream not closed")
         self.assertEqual([(e.get("event"), e["data"]) for e in stream.events],
                          [("deleted", {"channel": name})])
         self.assertTrue(poll_c.is_alive())
@@ -7062,15 +7009,15 @@ class RedisAlternationTests(RedisTestCase):
             """EventSource behaviour: reconnect with Last-Event-ID."""
             got, turn, last = [], 0, None
             while not done.is_set() or len(got) < len(acked):
-                stream = EventStream(self.ports[turn % 3], [name],
+                stream = follow(self.ports[turn % 3], [name],
                                      last_event_id=last)
                 assert stream.status == 200, stream.body
-                wait_for(lambda: len(stream.messages()) >= 7
+                wait_for(lambda: len(stream.arrived()) >= 7
                          or done.is_set() and len(got) + len(
-                             stream.messages()) >= len(acked), 10)
+                             stream.arrived()) >= len(acked), 10)
                 stream.close()
-                stream.ended.wait(2)
-                got += stream.messages()
+                stream.closed.wait(2)
+                got += stream.arrived()
                 if got:
                     last = got[-1]["id"]
                 turn += 1
@@ -7117,7 +7064,7 @@ class RedisPauseTests(RedisTestCase):
     def pause_b(self):
         server = self.servers[1]
         os.kill(server.proc.pid, signal.SIGSTOP)
-        self.addCleanup(_stop_paused, server)
+        self.addCleanup(resume, server)
         filler = register(fresh("rf"), port=self.ports[0], max_messages=5)
         return filler
 
@@ -7140,14 +7087,14 @@ class RedisPauseTests(RedisTestCase):
         # The requests wait in B's socket queues; B sees them as it wakes.
         polls = [Background(read, [name], port=b),
                  Background(read, [session], port=b, client_id=client)]
-        opening = Background(EventStream, b, [name])
+        opening = Background(follow, b, [name])
         self.resume_b()
         stream = opening.result(3)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
         self.assertEqual(contents(polls[0].result(3), name), ["open"])
         self.assertEqual(contents(polls[1].result(3), session), ["closed"])
-        self.assertEqual([m["content"] for m in stream.wait_messages(1)],
+        self.assertEqual([m["content"] for m in stream.wait_arrived(1)],
                          ["open"])
 
     def test_paused_instance_no_duplicates(self):
@@ -7167,7 +7114,7 @@ class RedisPauseTests(RedisTestCase):
         push_many(filler, self.BACKLOG, a)
         later = [push(name, f"m{i}", port=a)["message_id"] for i in (6, 7)]
 
-        def follow(since):
+        def follow_polls(since):
             """Polls on B following last_id until m7 (a correct prefix of
             the history may come first): (first reply, messages)."""
             got, first_reply = [], None
@@ -7179,8 +7126,8 @@ class RedisPauseTests(RedisTestCase):
                 since = reply["last_id"]
             return first_reply, got, since
 
-        poll = Background(follow, had)
-        opening = Background(EventStream, b, [name], last_event_id=had)
+        poll = Background(follow_polls, had)
+        opening = Background(follow, b, [name], last_event_id=had)
         self.resume_b()
         stream = opening.result(3)
         self.addCleanup(stream.close)
@@ -7190,14 +7137,14 @@ class RedisPauseTests(RedisTestCase):
         self.assertEqual([(m["id"], m["content"]) for m in got],
                          list(zip(later, ["m6", "m7"])))
         self.assertEqual(stream.status, 200)
-        self.assertEqual([m["content"] for m in stream.wait_messages(2)],
+        self.assertEqual([m["content"] for m in stream.wait_arrived(2)],
                          ["m6", "m7"])
         # And from there on, B follows as usual.
         poll = Background(read, [name], port=b, since=since)
         wait_for(lambda: self.held(b) == 1, 2)
         push(name, "m8", port=a)
         self.assertEqual(contents(poll.result(2), name), ["m8"])
-        self.assertEqual([m["content"] for m in stream.wait_messages(3)],
+        self.assertEqual([m["content"] for m in stream.wait_arrived(3)],
                          ["m6", "m7", "m8"])
         self.assertEqual(len(stream.events), 3)
 
@@ -7211,15 +7158,15 @@ class RedisPauseTests(RedisTestCase):
         self.assertEqual(reply["instances"], 3)
         since = reply["message_id"]
         poll = Background(read, [name], port=c, since=since)
-        stream = EventStream(c, [name], since=since)
+        stream = follow(c, [name], since=since)
         self.addCleanup(stream.close)
         wait_for(lambda: self.held(c) == 1 and self.streams(c) == 1, 2)
         server = self.servers[2]
-        server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         started = time.monotonic()
         self.assertEqual(poll.result(3)["messages"], {name: []})
-        self.assertTrue(stream.ended.wait(3))
-        self.assertEqual(server.proc.wait(10), 0)
+        self.assertTrue(stream.closed.wait(3))
+        self.assertEqual(server.stop(timeout=10), 0)
         # Nothing was in flight: no reason to wait out a grace period.
         self.assertLess(time.monotonic() - started, 3)
         self.assertNotIn("Traceback", server.output())
@@ -7244,7 +7191,7 @@ class RedisConnectionKillTests(RedisTestCase):
         a, b = self.ports
         name = register(fresh("rk"), port=a)
         since = push(name, "start", port=a)["message_id"]
-        stream = EventStream(b, [name], since=since)
+        stream = follow(b, [name], since=since)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
         acked, refused = {}, []
@@ -7293,9 +7240,9 @@ class RedisConnectionKillTests(RedisTestCase):
             got = polls.result(10)
         finally:
             stop.set()
-        wait_for(lambda: "end" in [m["content"] for m in stream.messages()]
-                 or stream.ended.is_set(), 10)
-        streamed = stream.messages()
+        wait_for(lambda: "end" in [m["content"] for m in stream.arrived()]
+                 or stream.closed.is_set(), 10)
+        streamed = stream.arrived()
         # Each kill closed the connections of both instances.
         self.assertTrue(all(count >= 2 for count in kills), kills)
         expected = sorted(acked.items())
@@ -7310,7 +7257,7 @@ class RedisConnectionKillTests(RedisTestCase):
                 self.assertEqual(acked.get(message_id, content), content)
                 self.assertTrue(message_id in acked or content in refused,
                                 (what, message_id, content))
-        self.assertFalse(stream.ended.is_set(), "the stream was closed")
+        self.assertFalse(stream.closed.is_set(), "the stream was closed")
         self.assertGreater(len(acked), 300)
         # Each kill cost a short outage, not one of seconds.
         self.assertLess(len(refused), 200, len(refused))
@@ -7351,7 +7298,7 @@ class RedisOutageTests(RedisTestCase):
         self.assertEqual(contents(reply, name), ["m0", "m1", "m2"])
         seen = max(ids + [reply["last_id"]])
         poll = Background(read, [name], port=b, since=seen)
-        stream = EventStream(a, [name], since=seen)
+        stream = follow(a, [name], since=seen)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
         wait_for(lambda: self.held(b) == 1 and self.streams(a) == 1, 3)
@@ -7376,7 +7323,7 @@ class RedisOutageTests(RedisTestCase):
         # Held ones wait on; reads come from what was applied.
         self.assertTrue(poll.is_alive())
         self.assertEqual(self.held(b), 1)
-        self.assertFalse(stream.ended.is_set())
+        self.assertFalse(stream.closed.is_set())
         self.assertEqual(self.streams(a), 1)
         self.assertEqual(contents(read([name], port=b), name),
                          ["m0", "m1", "m2"])
@@ -7387,14 +7334,14 @@ class RedisOutageTests(RedisTestCase):
         for port in self.ports:
             wait_for(lambda: can_write(port), 8)
         self.assertEqual(poll.result(3)["return_code"], -2)
-        self.assertTrue(stream.ended.wait(3), "stream not closed")
+        self.assertTrue(stream.closed.wait(3), "stream not closed")
         self.assertEqual(self.held(b), 0)
         for port in self.ports:
             self.assertEqual(read([name], port=port)["return_code"], -2)
             self.assertNotIn(name, status(port)["channels"])
             self.assertNotIn(client, status(port)["clients"])
-        refused = EventStream(b, [name])
-        self.assertEqual((refused.status, refused.body["return_code"]),
+        refused = follow(b, [name])
+        self.assertEqual((refused.status, refused.json["return_code"]),
                          (404, -2))
         self.assertEqual(register_client(client, b)["return_code"], 1)
         register(name, port=b)
@@ -7451,9 +7398,9 @@ class RedisHistoryTests(RedisTestCase):
         reply = read([name], port=b)
         self.assertEqual([m["id"] for m in reply["messages"][name]], ids[2:])
         self.assertNotIn("lost", reply)
-        stream = EventStream(b, [name], last_event_id=ids[0])
+        stream = follow(b, [name], last_event_id=ids[0])
         self.addCleanup(stream.close)
-        stream.wait_messages(3)
+        stream.wait_arrived(3)
         self.assertEqual([(e.get("event"), e["data"]) for e in stream.events],
                          [("lost", {"channels": [name]})]
                          + [(None, {"channel": name, "id": m["id"],
@@ -7648,12 +7595,8 @@ class RedisCommandLineTests(unittest.TestCase):
     """Switches that make the server exit, and a start without Redis."""
 
     def run_comet(self, *args, env=None):
-        return subprocess.run([sys.executable, SCRIPT,
-                               f"--http-port={_free_port()}",
-                               "--http-host=127.0.0.1", *args],
-                              capture_output=True, text=True, timeout=10,
-                              stdin=subprocess.DEVNULL,
-                              env=None if env is None else {**os.environ, **env})
+        return run_server(f"--http-port={free_port()}",
+                          "--http-host=127.0.0.1", *args, env=env)
 
     def assertExit2(self, result, secret=None):
         output = result.stdout + result.stderr
@@ -7700,7 +7643,7 @@ class RedisCommandLineTests(unittest.TestCase):
         same and says so in its log (no traceback); writes and
         /health.json answer 503; once a redis-server runs on that port,
         writes succeed."""
-        redis_port = _free_port()
+        redis_port = free_port()
         server, = comet_servers(f"redis://127.0.0.1:{redis_port}", 1,
                                 "--poll-timeout=0.3")
         redis = None
@@ -8158,7 +8101,7 @@ class RedisConnectionTests(unittest.IsolatedAsyncioTestCase):
     async def test_nothing_listening(self):
         """No server: connect fails at once; an unconnected connection
         refuses commands instead of queueing them."""
-        conn = RedisConnection(f"redis://127.0.0.1:{_free_port()}")
+        conn = RedisConnection(f"redis://127.0.0.1:{free_port()}")
         start = time.monotonic()
         with self.assertRaises(RedisConnectionError) as caught:
             await conn.connect()
@@ -8518,20 +8461,6 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown
 # ---------------------------------------------------------------------------
 
-def report(text):
-    """Figures for the README's Reliability section, with SIMPLE_COMET_REPORT=1."""
-    if os.environ.get("SIMPLE_COMET_REPORT"):
-        print(f"\n  figure: {text}", file=sys.stderr)
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 class Subscriber(threading.Thread):
     """Follows last_id on a channel set until told to stop; reconnects every
     few polls, as a browser does after a network hiccup."""
@@ -8579,21 +8508,21 @@ class Subscriber(threading.Thread):
 class ReliabilityTests(unittest.TestCase):
 
     def test_stalled_clients_do_not_slow_others_and_are_closed(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status",
+        server = ServerProcess("--enable-status",
                                "--http-timeout=1")
         stalled = []
         try:
-            name = register(port=OTHER_PORT)
-            push(name, "x", port=OTHER_PORT)
+            name = register(port=server.port)
+            push(name, "x", port=server.port)
             for i in range(300):
-                s = connect(OTHER_PORT)
+                s = connect(server.port)
                 s.sendall(b"POST /channels/" + name.encode() +
                           b".json HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
                           b"\r\n\r\ncontent=half" if i % 2 else
                           b"GET /channels/" + name.encode() + b".json?sin")
                 stalled.append(s)
             times = []
-            conn = http.client.HTTPConnection("127.0.0.1", OTHER_PORT,
+            conn = http.client.HTTPConnection("127.0.0.1", server.port,
                                               timeout=5)
             for _ in range(200):
                 start = time.monotonic()
@@ -8611,7 +8540,7 @@ class ReliabilityTests(unittest.TestCase):
             for s in stalled:
                 s.settimeout(max(0.1, deadline - time.monotonic()))
                 self.assertEqual(s.recv(100), b"")
-            wait_for(lambda: status(OTHER_PORT)["connections"] == 1)
+            wait_for(lambda: status(server.port)["connections"] == 1)
             report(f"{len(stalled)} stalled clients: 200 reads beside them, "
                    f"p50 {times[100] * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms; "
                    f"all closed {time.monotonic() - closing:.2f} s later "
@@ -8622,13 +8551,13 @@ class ReliabilityTests(unittest.TestCase):
             server.close()
 
     def test_client_that_never_reads_cannot_grow_memory(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--http-timeout=3")
+        server = ServerProcess("--http-timeout=3")
         try:
-            name = register(port=OTHER_PORT)
-            push(name, "y" * 2000, port=OTHER_PORT)   # 2 KB per reply
+            name = register(port=server.port)
+            push(name, "y" * 2000, port=server.port)   # 2 KB per reply
             before = rss_kib(server.proc.pid)
             request = get_request(f"/channels/{name}.json")
-            with connect(OTHER_PORT) as s:
+            with connect(server.port) as s:
                 s.setblocking(False)
                 sent = 0
                 deadline = time.monotonic() + 1.5
@@ -8658,40 +8587,39 @@ class ReliabilityTests(unittest.TestCase):
             server.close()
 
     def test_churn_of_dropped_polls_leaves_nothing_behind(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status")
+        server = ServerProcess("--enable-status")
         try:
-            name = register(port=OTHER_PORT)
-            last = push(name, "x", port=OTHER_PORT)["message_id"]
+            name = register(port=server.port)
+            last = push(name, "x", port=server.port)["message_id"]
             request = get_request(f"/channels/{name}.json?since={last}")
             sizes = []
             for _ in range(6):
-                socks = [connect(OTHER_PORT) for _ in range(500)]
+                socks = [connect(server.port) for _ in range(500)]
                 for s in socks:
                     s.sendall(request)
-                wait_held(500, OTHER_PORT)
+                wait_held(500, server.port)
                 for s in socks:
                     s.close()
-                wait_held(0, OTHER_PORT)
+                wait_held(0, server.port)
                 sizes.append(rss_kib(server.proc.pid))
-            self.assertEqual(status(OTHER_PORT)["connections"], 1)
+            self.assertEqual(status(server.port)["connections"], 1)
             # After warm-up, the size stays flat.
             self.assertLess(sizes[-1] - sizes[1], 1024, sizes)
             report(f"churn: 6 rounds of 500 polls opened and dropped, "
                    f"RSS KiB per round {sizes}")
-            self.assertEqual(push(name, "y", port=OTHER_PORT)["delivered"], 0)
+            self.assertEqual(push(name, "y", port=server.port)["delivered"], 0)
         finally:
             server.close()
 
     def test_exactly_once_under_load(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}",
-                               "--poll-timeout=0.1",
+        server = ServerProcess("--poll-timeout=0.1",
                                "--messages-per-channel=10000")
         try:
-            names = [register(port=OTHER_PORT) for _ in range(4)]
+            names = [register(port=server.port) for _ in range(4)]
             # Overlapping channel sets: every pair, and each one alone.
             sets = [[a, b] for i, a in enumerate(names) for b in names[i + 1:]]
             sets += [[n] for n in names]
-            subscribers = [Subscriber(OTHER_PORT, sets[i % len(sets)],
+            subscribers = [Subscriber(server.port, sets[i % len(sets)],
                                       reconnect_every=(i % 3) * 4)
                            for i in range(100)]
             time.sleep(0.3)
@@ -8704,7 +8632,7 @@ class ReliabilityTests(unittest.TestCase):
                     name = rng.choice(names)
                     with lock:   # ids of one channel are recorded in order
                         message_id = push(name, f"{seed}-{i}",
-                                          port=OTHER_PORT)["message_id"]
+                                          port=server.port)["message_id"]
                         pushed[name].append(message_id)
                     time.sleep(rng.random() * 0.02)
             publishers = [Background(publish, seed) for seed in range(4)]
@@ -8736,14 +8664,13 @@ class ReliabilityTests(unittest.TestCase):
             server.close()
 
     def test_shutdown_under_load(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}",
-                               "--poll-timeout=5")
-        name = register(port=OTHER_PORT)
+        server = ServerProcess("--poll-timeout=5")
+        name = register(port=server.port)
         acked = []
         stop = threading.Event()
 
         def publish():
-            conn = http.client.HTTPConnection("127.0.0.1", OTHER_PORT,
+            conn = http.client.HTTPConnection("127.0.0.1", server.port,
                                               timeout=5)
             try:
                 while not stop.is_set():
@@ -8758,11 +8685,10 @@ class ReliabilityTests(unittest.TestCase):
             finally:
                 conn.close()
         try:
-            subscribers = [Subscriber(OTHER_PORT, [name]) for _ in range(50)]
+            subscribers = [Subscriber(server.port, [name]) for _ in range(50)]
             publisher = Background(publish)
             time.sleep(0.5)
-            server.proc.send_signal(signal.SIGTERM)
-            self.assertEqual(server.proc.wait(10), 0)
+            self.assertEqual(server.stop(timeout=10), 0)
             stop.set()
             publisher.result()
             self.assertGreater(len(acked), 20)

@@ -3108,6 +3108,8 @@ def delete(name, port):
 class SSEAssertions(unittest.TestCase):
     """Exact checks of a stream's parts (SPEC C1)."""
 
+    part = "C"                  # run by the second process, see main()
+
     def assertStreamOpened(self, stream, proxied=False):
         self.assertEqual(stream.status, 200, (stream.status_line, stream.body))
         for name, value in SSE_HEADERS.items():
@@ -3804,6 +3806,8 @@ function listen(url) {
 class SSEBrowserTests(BrowserPages, unittest.TestCase):
     """EventSource in a real browser, on a page of another origin."""
 
+    part = "C"                  # run by the second process, see main()
+
     def setUp(self):
         self.port = None
         self.state = tempfile.mkdtemp(prefix="comet-sse-state-")
@@ -4167,6 +4171,8 @@ def names_number(line, number):
 
 
 class StateFileTests(unittest.TestCase):
+
+    part = "C"                  # run by the second process, see main()
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="comet-state-")
@@ -4677,6 +4683,8 @@ class StateFileTests(unittest.TestCase):
 
 class StateCrashTests(unittest.TestCase):
 
+    part = "C"                  # run by the second process, see main()
+
     ROUNDS = 6
     PUSHERS = 4
 
@@ -4816,6 +4824,8 @@ class StateCrashTests(unittest.TestCase):
 
 @unittest.skipUnless(os.geteuid() == 0, "mounting a small tmpfs needs root")
 class StateDiskFullTests(unittest.TestCase):
+
+    part = "C"                  # run by the second process, see main()
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="comet-tmpfs-")
@@ -5008,6 +5018,8 @@ RESTART_MESSAGES = 100 if (os.environ.get("SIMPLE_COMET_LONG") or
 
 
 class StateReliabilityTests(unittest.TestCase):
+
+    part = "C"                  # run by the second process, see main()
 
     def test_restart_with_many_retained_messages(self):
         """Restart (after SIGTERM and after SIGKILL) with 1,000 channels of
@@ -6792,6 +6804,8 @@ class RedisTestCase(unittest.TestCase):
     """A redis-server and `instances` simple_comet.py processes on it,
     for the class; self.ports lists the instances' ports (A, B, C)."""
 
+    part = "C"                  # run by the second process, see main()
+
     instances = 3
     switches = ("--poll-timeout=2",)
     redis_args = ()
@@ -7527,6 +7541,8 @@ class RedisExpiryTests(RedisTestCase):
 class RedisPrefixTests(unittest.TestCase):
     """--redis-prefix: deployments sharing one Redis stay apart."""
 
+    part = "C"                  # run by the second process, see main()
+
     def test_prefixes_apart(self):
         """Two instances with prefix alpha: share channels; one with beta:
         sees none of them, has its own of the same name, and every key
@@ -7568,6 +7584,8 @@ class RedisUnixSocketTests(unittest.TestCase):
     """--redis=unix:///path.sock?db=N: Redis over its unix socket, in
     database N."""
 
+    part = "C"                  # run by the second process, see main()
+
     def test_unix_socket_and_db(self):
         """Two instances share channels over the socket; the keys are in
         database 3, none in database 0."""
@@ -7593,6 +7611,8 @@ class RedisUnixSocketTests(unittest.TestCase):
 
 class RedisCommandLineTests(unittest.TestCase):
     """Switches that make the server exit, and a start without Redis."""
+
+    part = "C"                  # run by the second process, see main()
 
     def run_comet(self, *args, env=None):
         return run_server(f"--http-port={free_port()}",
@@ -7689,6 +7709,8 @@ class RedisSecretTests(unittest.TestCase):
     """A Redis that wants a password (SPEC C5): from the command line (a
     warning), --redis-file or $SIMPLE_COMET_REDIS (no warning); the
     password never shows in logs, the status page or /metrics."""
+
+    part = "C"                  # run by the second process, see main()
 
     def test_password_sources(self):
         """Three instances, one per way of giving the URL, share one Redis;
@@ -8713,19 +8735,12 @@ class ReliabilityTests(unittest.TestCase):
 
 # The suite runs in two processes at once (the machine has two cores and
 # most tests wait on servers): this one runs parts A and B with the main
-# server, a second one (PART == "C") the part C classes, which start servers
-# of their own.
+# server, a second one (PART == "C") the classes that say part = "C":
+# streams, the state file and Redis instances, which start servers of
+# their own.
 
-def part_c(cls):
-    """True for the classes under the C1, C2 and C3 (instances) banners:
-    streams, the state file and Redis, which start servers of their own."""
-    import inspect
-    banner = ""
-    lines = open(__file__, encoding="utf-8").read().splitlines()
-    for line in lines[:inspect.getsourcelines(cls)[1]]:
-        if re.match(r"# [ABC][0-9]*\. ", line):
-            banner = line
-    return banner.startswith(("# C1. ", "# C2. ", "# C3. Several"))
+def part_of(cls):
+    return getattr(cls, "part", "AB")
 
 
 def run(classes, stream):
@@ -8749,7 +8764,8 @@ def main():
                and issubclass(c, unittest.TestCase) and c.__module__ == __name__
                and unittest.defaultTestLoader.getTestCaseNames(c)]
     if PART == "C":
-        counts = run([c for c in classes if part_c(c)], sys.stderr)
+        counts = run([c for c in classes if part_of(c) == "C"],
+                     sys.stderr)
         print("part C: %d passed, %d failed, %d skipped" % counts)
         return 0
     with tempfile.TemporaryFile("w+") as out:
@@ -8758,7 +8774,8 @@ def main():
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "SIMPLE_COMET_PART": "C"})
         try:
-            counts = run([c for c in classes if not part_c(c)], sys.stderr)
+            counts = run([c for c in classes if part_of(c) != "C"],
+                         sys.stderr)
             child.wait(timeout=600)
         finally:
             if child.poll() is None:

@@ -830,6 +830,377 @@ def tearDownModule():
 
 
 # ---------------------------------------------------------------------------
+# A0. The pure parts, in process: request heads, parameters, ids, bodies,
+# JSON-P (no server needed; the Redis URL and RESP reader are under C3)
+# ---------------------------------------------------------------------------
+
+from simple_comet import (  # noqa: E402
+    APIError, HTTPError, body_length, callback_error, check_id,
+    decode_params, frame_body, parse_head)
+
+
+def head(*lines, end=b"\r\n"):
+    """A request head of these lines (bytes), each ended by `end`."""
+    return b"".join(line + end for line in lines) + end
+
+
+class ParseHeadTests(unittest.TestCase):
+    """simple_comet.parse_head: what it makes of a request head, and the
+    status and message of each refusal."""
+
+    def refused(self, data, status, message):
+        with self.assertRaises(HTTPError) as caught:
+            parse_head(data)
+        self.assertEqual((caught.exception.status, caught.exception.message),
+                         (status, message), data[:80])
+        self.assertTrue(caught.exception.close)
+
+    def test_request_line_and_headers(self):
+        request = parse_head(head(b"GET /channels/a.json?since=1&cb=x HTTP/1.1",
+                                  b"Host: example.org",
+                                  b"X-Spaced:  \t value with  spaces \t",
+                                  b"Accept: a", b"accept: b",
+                                  b"X-Latin: caf\xe9"))
+        self.assertEqual((request.method, request.path, request.query,
+                          request.version),
+                         ("GET", "/channels/a.json", "since=1&cb=x",
+                          "HTTP/1.1"))
+        self.assertEqual(request.headers, {
+            "host": "example.org", "x-spaced": "value with  spaces",
+            "accept": "a, b", "x-latin": "caf\xe9"})
+        self.assertEqual(request.body, b"")
+        # A fragment is no part of the path; a target without ? has no query.
+        request = parse_head(head(b"DELETE /channels/b.json#top HTTP/1.1",
+                                  b"Host: x"))
+        self.assertEqual((request.method, request.path, request.query),
+                         ("DELETE", "/channels/b.json", ""))
+
+    def test_keep_alive(self):
+        cases = [(b"HTTP/1.1", None, True), (b"HTTP/1.1", b"close", False),
+                 (b"HTTP/1.1", b"Keep-Alive", True),
+                 (b"HTTP/1.1", b"foo, Close", False),
+                 (b"HTTP/1.0", None, False), (b"HTTP/1.0", b"keep-alive", True),
+                 (b"HTTP/1.0", b"Keep-Alive", True), (b"HTTP/1.0", b"close", False)]
+        for version, connection, keep in cases:
+            with self.subTest(version=version, connection=connection):
+                lines = [b"GET / " + version, b"Host: x"]
+                if connection is not None:
+                    lines.append(b"Connection: " + connection)
+                self.assertIs(parse_head(head(*lines)).keep_alive, keep)
+
+    def test_line_endings(self):
+        """CRLF, bare LF, and the two mixed; a bare CR anywhere is 400."""
+        for data in (head(b"GET /a HTTP/1.1", b"Host: x"),
+                     head(b"GET /a HTTP/1.1", b"Host: x", end=b"\n"),
+                     b"GET /a HTTP/1.1\r\nHost: x\n\r\n",
+                     b"GET /a HTTP/1.1\nHost: x\r\n\n"):
+            with self.subTest(data=data):
+                request = parse_head(data)
+                self.assertEqual((request.path, request.headers),
+                                 ("/a", {"host": "x"}))
+        for data in (b"GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n",
+                     b"GET / HTTP/1.1\nHost: x\rX: y\n\n",
+                     b"GET / HTTP/1.1\r\nHost: x\r\r\n\r\n",
+                     b"GET /\r HTTP/1.1\nHost: x\n\n"):
+            with self.subTest(data=data):
+                self.refused(data, 400, "Bare CR in request head")
+
+    def test_control_characters(self):
+        for data in (head(b"G\x00T / HTTP/1.1", b"Host: x"),
+                     head(b"GET / HTTP/1.1", b"Host: x", b"X: a\x01b"),
+                     head(b"GET / HTTP/1.1", b"Host: x", b"X: a\x7f"),
+                     head(b"GET / HTTP/1.1", b"Host: x", b"X: \x1b[0m")):
+            with self.subTest(data=data):
+                self.refused(data, 400, "Control character in request head")
+        # A tab may stand in a value, not in the target.
+        self.assertEqual(parse_head(head(b"GET / HTTP/1.1", b"Host: x",
+                                         b"X: a\tb")).headers["x"], "a\tb")
+        self.refused(head(b"GET /a\tb HTTP/1.1", b"Host: x"), 400,
+                     "Malformed request line")
+
+    def test_sizes(self):
+        """8 KiB of request line, 16 KiB of headers, 100 header lines."""
+        line = b"GET /" + b"a" * (8192 - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
+        self.assertEqual(len(line), 8192)
+        self.assertEqual(len(parse_head(head(line, b"Host: x")).path), 8192 - 13)
+        self.refused(head(line.replace(b"/", b"/a", 1), b"Host: x"), 414,
+                     "Request line over 8192 bytes")
+        hundred = [b"Host: x"] + [b"X%d: v" % i for i in range(99)]
+        self.assertEqual(len(parse_head(head(b"GET / HTTP/1.1",
+                                             *hundred)).headers), 100)
+        self.refused(head(b"GET / HTTP/1.1", *hundred, b"X: one more"), 431,
+                     "More than 100 header lines")
+        self.refused(head(b"GET / HTTP/1.1", b"Host: x", b"X: " + b"a" * 16400),
+                     431, "Headers over 16384 bytes")
+        # Repeated lines count one by one, even the same one.
+        self.refused(head(b"GET / HTTP/1.1", b"Host: x", *[b"X: a"] * 100), 431,
+                     "More than 100 header lines")
+
+    def test_malformed_request_lines(self):
+        for line in (b"GET", b"GET /", b"GET / HTTP/1.1 extra",
+                     b"GET  / HTTP/1.1", b" GET / HTTP/1.1", b"G(T / HTTP/1.1",
+                     b"GET@ / HTTP/1.1", b"GET  HTTP/1.1"):
+            with self.subTest(line=line):
+                self.refused(head(line, b"Host: x"), 400,
+                             "Malformed request line")
+        self.refused(head(b"GET /\xff HTTP/1.1", b"Host: x"), 400,
+                     "Non-ASCII byte in request line")
+        for version in (b"HTTP/2.0", b"HTTP/0.9", b"HTTP/3.0"):
+            with self.subTest(version=version):
+                self.refused(head(b"GET / " + version, b"Host: x"), 505,
+                             f"{version.decode()} is not supported; use HTTP/1.1")
+        for version in (b"HTTX/1.1", b"HTTP/1.10", b"HTTP/1", b"http/1.1",
+                        b"HTTP/a.b"):
+            with self.subTest(version=version):
+                self.refused(head(b"GET / " + version, b"Host: x"), 400,
+                             "Malformed HTTP version")
+
+    def test_targets(self):
+        """The absolute form names its path; * only for OPTIONS."""
+        cases = {b"http://localhost:4080/channels/a.json?since=2":
+                 ("/channels/a.json", "since=2"),
+                 b"HTTPS://example.org/x": ("/x", ""),
+                 b"http://example.org": ("/", ""),
+                 b"/channels/a%7Cb.json": ("/channels/a%7Cb.json", "")}
+        for target, (path, query) in cases.items():
+            with self.subTest(target=target):
+                request = parse_head(head(b"GET " + target + b" HTTP/1.1",
+                                          b"Host: x"))
+                self.assertEqual((request.path, request.query), (path, query))
+        self.assertEqual(parse_head(head(b"OPTIONS * HTTP/1.1", b"Host: x")).path,
+                         "/*")
+        for target in (b"*", b"nopath", b"ftp://h/x", b"http:/h/x",
+                       b"channels/a.json"):
+            with self.subTest(target=target):
+                self.refused(head(b"GET " + target + b" HTTP/1.1", b"Host: x"),
+                             400, "Malformed request target")
+
+    def test_header_lines(self):
+        """No colon, an empty or non-token name, space before the colon and
+        obs-fold (a line starting with space) are refused."""
+        for line in (b"No colon", b": empty name", b"Host : x", b" Host: x",
+                     b"\tX: y", b"X Y: z", b"X\": y", b"caf\xe9: x"):
+            with self.subTest(line=line):
+                self.refused(head(b"GET / HTTP/1.1", b"Host: x", line), 400,
+                             "Malformed header line")
+        self.refused(head(b"GET / HTTP/1.1", b"Host: x", b"X: a", b" folded"),
+                     400, "Malformed header line")
+
+    def test_host_and_content_length(self):
+        """One Host (HTTP/1.1 needs it); Content-Length repeated only with
+        the same value."""
+        self.refused(head(b"GET / HTTP/1.1"), 400,
+                     "HTTP/1.1 request without Host header")
+        self.assertEqual(parse_head(head(b"GET / HTTP/1.0")).headers, {})
+        for hosts in ((b"a", b"b"), (b"a", b"a")):
+            with self.subTest(hosts=hosts):
+                self.refused(head(b"GET / HTTP/1.1", b"Host: " + hosts[0],
+                                  b"Host: " + hosts[1]), 400,
+                             "Conflicting host headers")
+        request = parse_head(head(b"POST / HTTP/1.1", b"Host: x",
+                                  b"Content-Length: 5", b"content-length:  5"))
+        self.assertEqual(request.headers["content-length"], "5")
+        self.refused(head(b"POST / HTTP/1.1", b"Host: x", b"Content-Length: 1",
+                          b"Content-Length: 2"), 400,
+                     "Conflicting content-length headers")
+
+
+def request_with(*header_lines, version=b"HTTP/1.1"):
+    return parse_head(head(b"POST /channels.json " + version, b"Host: x",
+                           *header_lines))
+
+
+class BodyLengthTests(unittest.TestCase):
+    """simple_comet.body_length: how much body a request announces."""
+
+    def refused(self, request, status, message, max_body=1000):
+        with self.assertRaises(HTTPError) as caught:
+            body_length(request, max_body)
+        self.assertEqual((caught.exception.status, caught.exception.message),
+                         (status, message))
+
+    def test_lengths(self):
+        self.assertEqual(body_length(request_with(), 1000), 0)
+        for value, length in ((b"0", 0), (b"5", 5), (b"1000", 1000),
+                              (b"007", 7), (b" 12 ", 12)):
+            with self.subTest(value=value):
+                self.assertEqual(body_length(request_with(
+                    b"Content-Length: " + value), 1000), length)
+        self.assertEqual(body_length(request_with(
+            b"Content-Length: 5", b"Content-Length: 5"), 1000), 5)
+
+    def test_bad_lengths(self):
+        for value in (b"", b"-1", b"+5", b"1x", b"0x10", b"1 2", b"1.0",
+                      b"\xd9\xa3", b"1" * 19):
+            with self.subTest(value=value):
+                self.refused(request_with(b"Content-Length: " + value), 400,
+                             "Malformed Content-Length")
+        self.refused(request_with(b"Content-Length: 1001"), 413,
+                     "Body over 1000 bytes")
+        self.refused(request_with(b"Content-Length: " + b"9" * 18), 413,
+                     "Body over 1000 bytes")
+
+    def test_transfer_encoding(self):
+        for coding in (b"chunked", b"Chunked", b"CHUNKED"):
+            with self.subTest(coding=coding):
+                self.assertIsNone(body_length(request_with(
+                    b"Transfer-Encoding: " + coding), 1000))
+        self.refused(request_with(b"Transfer-Encoding: gzip"), 501,
+                     "Transfer coding not supported: gzip (only chunked)")
+        self.refused(request_with(b"Transfer-Encoding: gzip, chunked"), 501,
+                     "Transfer coding not supported: gzip, chunked (only "
+                     "chunked)")
+        self.refused(request_with(b"Transfer-Encoding: chunked",
+                                  b"Content-Length: 3"), 400,
+                     "Both Content-Length and Transfer-Encoding")
+        self.refused(request_with(b"Transfer-Encoding: chunked",
+                                  version=b"HTTP/1.0"), 400,
+                     "Transfer-Encoding in an HTTP/1.0 request")
+        long = b"x" * 100
+        with self.assertRaises(HTTPError) as caught:
+            body_length(request_with(b"Transfer-Encoding: " + long), 1000)
+        self.assertEqual(caught.exception.message,
+                         f"Transfer coding not supported: {'x' * 40} (only "
+                         "chunked)")
+
+
+class DecodeParamsTests(unittest.TestCase):
+    """simple_comet.decode_params: query strings and forms."""
+
+    def test_plain(self):
+        cases = {"": {}, "a=1": {"a": "1"}, "a=1&b=2": {"a": "1", "b": "2"},
+                 "a": {"a": ""}, "a=": {"a": ""}, "a=1&&b=2&": {"a": "1",
+                                                                 "b": "2"},
+                 "a=1=2": {"a": "1=2"}, "a=1;b=2": {"a": "1;b=2"},
+                 "cb=_JSONP_x.y": {"cb": "_JSONP_x.y"}}
+        for text, params in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(decode_params(text, "query"), params)
+
+    def test_escapes_and_plus(self):
+        cases = {"a=%41": {"a": "A"}, "a=b+c": {"a": "b c"},
+                 "a+b=c": {"a b": "c"}, "%61=1": {"a": "1"},
+                 "a=%C3%A9%e2%98%83": {"a": "\u00e9\u2603"},
+                 "a=%2B": {"a": "+"}, "a=%26&b=%3D": {"a": "&", "b": "="},
+                 "a=%7C": {"a": "|"}, "a=1=2&b=%20": {"a": "1=2", "b": " "},
+                 "a=%00": {"a": "\x00"}}
+        for text, params in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(decode_params(text, "query"), params)
+
+    def test_bad_escapes(self):
+        for text in ("a=%zz", "a=%4", "a=%", "a=%%41", "%g1=x", "a=1&b=%+1"):
+            with self.subTest(text=text):
+                with self.assertRaises(HTTPError) as caught:
+                    decode_params(text, "form")
+                self.assertEqual((caught.exception.status,
+                                  caught.exception.message),
+                                 (400, "Malformed percent-escape in form"))
+        for text in ("a=%ff", "a=%C3", "a=%ed%a0%80", "%ff=1"):
+            with self.subTest(text=text):
+                with self.assertRaises(HTTPError) as caught:
+                    decode_params(text, "query")
+                self.assertEqual((caught.exception.status,
+                                  caught.exception.message),
+                                 (400, "Invalid UTF-8 in query"))
+
+    def test_repeated_parameters(self):
+        """The same value twice is one; two values are a -1 API error."""
+        self.assertEqual(decode_params("a=1&a=1", "query"), {"a": "1"})
+        self.assertEqual(decode_params("a=%31&a=1", "query"), {"a": "1"})
+        for text in ("a=1&a=2", "a=1&a=", "a&a=x", "a=+&a=%20x"):
+            with self.subTest(text=text):
+                with self.assertRaises(APIError) as caught:
+                    decode_params(text, "query")
+                self.assertEqual((caught.exception.return_code,
+                                  caught.exception.message),
+                                 (-1, "Parameter a given twice"))
+
+    def test_field_count(self):
+        hundred = "&".join(f"f{i}=1" for i in range(100))
+        self.assertEqual(len(decode_params(hundred, "query")), 100)
+        for text in (hundred + "&x=1", hundred + "&", "&" * 100):
+            with self.subTest(text=text[-10:]):
+                with self.assertRaises(HTTPError) as caught:
+                    decode_params(text, "query")
+                self.assertEqual((caught.exception.status,
+                                  caught.exception.message),
+                                 (400, "More than 100 fields in query"))
+
+
+class CheckIdTests(unittest.TestCase):
+    """simple_comet.check_id: channel and client ids."""
+
+    def refused(self, value, message, channel=True, what="channel_id"):
+        with self.assertRaises(APIError) as caught:
+            check_id(value, what, channel)
+        self.assertEqual((caught.exception.return_code,
+                          caught.exception.message), (-1, message))
+
+    def test_accepted(self):
+        for value in ("a", "x" * 200, "\u00e9" * 100, "\U0001F600" * 50,
+                      "sp ace", "q\"uo\\te", "\u4e2d" * 66 + "ab", "a.b-c_d"):
+            with self.subTest(value=value[:20]):
+                self.assertEqual(check_id(value, "channel_id", True), value)
+        # A client id may hold | and /.
+        self.assertEqual(check_id("a|b/c", "client_id"), "a|b/c")
+
+    def test_refused(self):
+        self.refused("", "Missing channel_id")
+        self.refused("", "Missing client_id", False, "client_id")
+        for value in ("x" * 201, "\u00e9" * 101, "a" + "\u00e9" * 100,
+                      "\U0001F600" * 50 + "a", "\u4e2d" * 67):
+            with self.subTest(value=value[:20]):
+                self.assertGreater(len(value.encode()), 200)
+                self.refused(value, "channel_id longer than 200 bytes")
+        for value in ("a\x01b", "tab\there", "nl\n", "c\x7f", "\u2028",
+                      "a\x00"):
+            with self.subTest(value=value):
+                self.refused(value, "Control character in channel_id")
+        for value in ("a|b", "a/b", "/", "|"):
+            with self.subTest(value=value):
+                self.refused(value, "channel_id contains | or /")
+        # Length is checked before characters.
+        self.refused("|" * 201, "channel_id longer than 200 bytes")
+
+
+class JSONPFunctionTests(unittest.TestCase):
+    """simple_comet.callback_error and frame_body."""
+
+    def test_callback_names(self):
+        for name in ("_JSONP_comet_cb", "_JSONP_a.b_1", "_JSONP_",
+                     "_JSONP_" + "x" * 57, "_JSONP_A9._"):
+            with self.subTest(name=name):
+                self.assertIsNone(callback_error(name))
+        cases = {"alert": "JSONP callback name must start with _JSONP_",
+                 "": "JSONP callback name must start with _JSONP_",
+                 "_jsonp_x": "JSONP callback name must start with _JSONP_",
+                 "_JSONP_" + "x" * 58: "JSONP callback name longer than 64",
+                 "a" * 65: "JSONP callback name longer than 64",
+                 "_JSONP_a-b": "invalid JSONP callback name",
+                 "_JSONP_x(1);alert": "invalid JSONP callback name",
+                 "_JSONP_\u00e9": "invalid JSONP callback name",
+                 "_JSONP_x</script>": "invalid JSONP callback name",
+                 "_JSONP_x\u2028": "invalid JSONP callback name",
+                 "_JSONP_x y": "invalid JSONP callback name"}
+        for name, error in cases.items():
+            with self.subTest(name=name):
+                self.assertEqual(callback_error(name), error)
+
+    def test_frames(self):
+        text = '{"content": "\u00e9"}'
+        self.assertEqual(frame_body(text, None, False),
+                         (b"application/json", text.encode()))
+        self.assertEqual(frame_body(text, None, True),
+                         (b"application/json",
+                          b"/*-secure- " + text.encode() + b" */"))
+        for quote_json in (False, True):       # JSON-P is never quoted
+            self.assertEqual(frame_body(text, "_JSONP_x", quote_json),
+                             (b"application/javascript",
+                              b"/**/_JSONP_x(" + text.encode() + b");"))
+
+
+# ---------------------------------------------------------------------------
 # A1. Command line
 # ---------------------------------------------------------------------------
 

@@ -61,6 +61,18 @@ def report(text):
         print(f"\n  figure: {text}", file=sys.stderr)
 
 
+# Time bounds hold on a slow, shared, noisy machine: a default run bounds
+# only what must never happen (a stall of seconds) and waits on conditions,
+# not on sleeps; SIMPLE_COMET_LONG=1 checks the tight latency figures too,
+# which SIMPLE_COMET_REPORT=1 prints.
+STRICT = bool(os.environ.get("SIMPLE_COMET_LONG"))
+
+
+def bound(loose, strict):
+    """A time bound: `strict` in SIMPLE_COMET_LONG runs, else `loose`."""
+    return strict if STRICT else loose
+
+
 def wait_for(predicate, timeout=5.0, interval=0.01):
     """predicate()'s first true value; fails once `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
@@ -453,6 +465,18 @@ def sse_path(names, query=""):
     """The stream URL of a list of channels (%7C between them)."""
     return ("/channels/" + "%7C".join(quote(n, safe="") for n in names)
             + ".sse" + query)
+
+
+def traced(pid):
+    """Whether every thread of process pid is traced (strace attached)."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                if not re.search(r"^TracerPid:\s*[1-9]", f.read(), re.M):
+                    return False
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def rss_kib(pid):
@@ -1622,7 +1646,7 @@ class LongPollTests(unittest.TestCase):
             reply = read([a, b], since=last, port=server.port)
             elapsed = time.monotonic() - start
             self.assertGreaterEqual(elapsed, 0.15)
-            self.assertLess(elapsed, 2)
+            self.assertLess(elapsed, 5)
             self.assertEqual(reply, {"return_code": 1, "error_message": "",
                                      "since": last, "last_id": last,
                                      "messages": {a: [], b: []}})
@@ -1736,38 +1760,46 @@ class SessionTests(unittest.TestCase):
         server = ServerProcess("--enable-status",
                                "--session-timeout=0.4",
                                "--inactive-channel-timeout=0.6",
-                               "--poll-timeout=0.9")
+                               "--poll-timeout=10")
         p = server.port
         try:
+            # Registered in this order, kept and held_ch would expire no
+            # later than idle and push_ch, were they not kept alive.
             kept, idle = fresh("kept"), fresh("idle")
             for client in (kept, idle):
                 api("POST", "/clients.json", {"client_id": client}, port=p)
-            read_ch, push_ch, held_ch = (register(port=p) for _ in range(3))
+            held_ch, read_ch, push_ch = (register(port=p) for _ in range(3))
             push(read_ch, "r", port=p)
             last = push(held_ch, "h", port=p)["message_id"]
             # A held poll keeps its client and channel alive past both
             # timeouts; reads keep read_ch alive; pushes do not count.
             poll = Background(read, [held_ch], since=last, client_id=kept,
                               port=p)
-            deadline = time.monotonic() + 0.85
-            while time.monotonic() < deadline:
+            wait_held(1, p)
+            deadline = time.monotonic() + 5
+            while True:
                 read([read_ch], port=p)
                 api("POST", f"/channels/{push_ch}.json", {"content": "p"},
                     port=p)               # -2 once the channel has expired
+                st = status(p)
+                if idle not in st["clients"] and \
+                        push_ch not in st["channels"]:
+                    break
+                self.assertLess(time.monotonic(), deadline, st)
                 time.sleep(0.05)
-            st = status(p)
             self.assertIn(kept, st["clients"])
-            self.assertNotIn(idle, st["clients"])
             self.assertIn(read_ch, st["channels"])
             self.assertIn(held_ch, st["channels"])
-            self.assertNotIn(push_ch, st["channels"])
             self.assertEqual(read([push_ch], port=p)["return_code"], -2)
-            self.assertEqual(poll.result()["messages"], {held_ch: []})
+            self.assertTrue(poll.is_alive())
+            push(held_ch, "wake", port=p)
+            self.assertEqual([m["content"] for m in
+                              poll.result()["messages"][held_ch]], ["wake"])
             self.assertEqual(read([read_ch], client_id=idle, port=p)
                              ["return_code"], -3)
             # Once nobody reads, everything goes.
             wait_for(lambda: status(p)["channels"] == [] and
-                     status(p)["clients"] == [], timeout=3)
+                     status(p)["clients"] == [], timeout=5)
         finally:
             server.close()
 
@@ -2272,13 +2304,13 @@ class TimeoutTests(unittest.TestCase):
         elapsed, received = self.closed_after(b"")
         self.assertEqual(received, b"")
         self.assertGreaterEqual(elapsed, 0.35)
-        self.assertLess(elapsed, 2)
+        self.assertLess(elapsed, 5)
 
     def test_partial_request_closed(self):
         elapsed, received = self.closed_after(b"GET /channels/a.json HTTP/1.1"
                                               b"\r\nHost: x\r\n")
         self.assertGreaterEqual(elapsed, 0.35)
-        self.assertLess(elapsed, 2)
+        self.assertLess(elapsed, 5)
 
     def test_keep_alive_idle_after_reply(self):
         request = b"GET /nope.json HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -2307,7 +2339,8 @@ class ShutdownTests(unittest.TestCase):
         for sig in (signal.SIGTERM, signal.SIGINT):
             with self.subTest(sig=sig), tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "comet.sock")
-                server = ServerProcess(f"--unix-socket-path={path}")
+                server = ServerProcess(f"--unix-socket-path={path}",
+                                       "--enable-status")
                 try:
                     name = register(port=server.port)
                     last = push(name, "x", port=server.port)["message_id"]
@@ -2317,12 +2350,16 @@ class ShutdownTests(unittest.TestCase):
                              Background(exchange, f"GET {target} HTTP/1.0\r\n"
                                         "\r\n".encode(), server.port)]
                     idle = connect(server.port)
-                    time.sleep(0.3)
+                    # Both polls held, the idle connection taken (and the
+                    # one asking).
+                    wait_for(lambda: (lambda st: (
+                        st["held_connections_count"], st["connections"]))(
+                            status(server.port)) == (2, 4))
                     self.assertEqual(server.stop(sig, timeout=5), 0)
                     for poll in polls:
                         replies = poll.result()
                         self.assertEqual(len(replies), 1)
-                        status, headers, body = replies[0]
+                        code, headers, body = replies[0]
                         self.assertEqual(headers["connection"], "close")
                         self.assertEqual(json.loads(body)["messages"],
                                          {name: []})
@@ -2358,7 +2395,8 @@ class ConnectionCapTests(unittest.TestCase):
                 self.assertIn("too many connections",
                               json.loads(body)["error_message"])
                 self.assertIsNone(read_response(f))
-                self.assertLess(time.monotonic() - start, 1)
+                # At once: not after --http-timeout (30 s).
+                self.assertLess(time.monotonic() - start, 3)
             # The first ones are unaffected.
             for s, f in held:
                 s.sendall(get_request("/status.json"))
@@ -2455,7 +2493,7 @@ class FuzzTests(unittest.TestCase):
             for _ in range(FUZZ_REQUESTS):
                 data = self.mutate(rng, rng.choice(self.SEEDS))
                 try:
-                    with connect(server.port, timeout=3) as s:
+                    with connect(server.port, timeout=10) as s:
                         s.sendall(data)
                         s.shutdown(socket.SHUT_WR)
                         reply = b""
@@ -2596,7 +2634,7 @@ class Tab:
             raise RuntimeError("page error: %s" % result["exceptionDetails"])
         return result["result"].get("value")
 
-    def wait_for(self, expression, timeout=5):
+    def wait_for(self, expression, timeout=10):
         """Poll `expression` until it is truthy; return its last value."""
         deadline = time.monotonic() + timeout
         while True:
@@ -2715,7 +2753,7 @@ class BrowserTests(BrowserPages, unittest.TestCase):
         wait_for(lambda: status(port or self.port)["held_connections_count"]
                  >= count)
 
-    def wait_got(self, expected, timeout=5):
+    def wait_got(self, expected, timeout=10):
         """Wait until the page recorded `expected` (a list), then check it."""
         self.tab.wait_for("got.length >= %d" % len(expected), timeout)
         self.assertEqual(self.tab.js("got"), expected)
@@ -2992,7 +3030,7 @@ class ReadmeNginx:
     minimal HTTP/1.0 form on http10_port, the private server on
     private_port."""
 
-    SERVER_ARGS = (f'--poll-timeout={NGINX_POLL_TIMEOUT}',)
+    SERVER_ARGS = (f'--poll-timeout={NGINX_POLL_TIMEOUT}', '--enable-status')
 
 
     @classmethod
@@ -3110,6 +3148,15 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
         return (('keep-alive upstream', self.public_port),
                 ('HTTP/1.0 upstream', self.http10_port))
 
+    def wait_held(self, count):
+        """Wait until the server holds `count` polls; False if it did not
+        within 2 s (they may have timed out meanwhile: the caller retries)."""
+        try:
+            return wait_for(lambda: status_unix(self.sock)
+                            ['held_connections_count'] == count, timeout=2)
+        except AssertionError:
+            return False
+
     # -- checks, run through both upstream forms ------------------------
 
     def check_read(self, port):
@@ -3146,12 +3193,12 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
                          ['seed'])
         last = reply['last_id']
         for attempt in range(5):
+            self.wait_held(0)
             conn = http.client.HTTPConnection('127.0.0.1', port, timeout=5)
             try:
                 conn.request('GET', '/channels/%s.json?since=%d'
                              % (name, last))
-                # Give the poll time to reach the server and be held.
-                time.sleep(0.08 + 0.04 * attempt)
+                self.wait_held(1)           # the poll reached the server
                 content = 'wake-%d' % attempt
                 pushed = self.push(name, content)
                 resp = conn.getresponse()
@@ -3243,13 +3290,14 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
         for attempt in range(4):
             results = []
             conns = []
+            self.wait_held(0)
             for port in (self.public_port, self.http10_port) * 3:
                 conn = http.client.HTTPConnection('127.0.0.1', port,
                                                   timeout=5)
                 conn.request('GET', '/channels/%s.json?since=%d'
                              % (name, last))
                 conns.append(conn)
-            time.sleep(0.1)
+            self.wait_held(len(conns))
             content = 'all-%d' % attempt
             pushed = self.push(name, content)
             for conn in conns:
@@ -3291,14 +3339,17 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
         self.push(name, 'x')
         path = '/channels/%s.json' % name
         self.json_via(self.public_port, path)
-        time.sleep(0.05)
-        kept = self.server_side_connections()
-        self.assertGreaterEqual(kept, 1, 'no upstream connection kept alive')
+        try:
+            kept = wait_for(self.server_side_connections, timeout=2)
+        except AssertionError:
+            self.fail('no upstream connection kept alive')
         for _ in range(5):
             self.json_via(self.public_port, path)
-        time.sleep(0.05)
-        self.assertEqual(self.server_side_connections(), kept,
-                         'sequential requests did not reuse the connection')
+        try:
+            wait_for(lambda: self.server_side_connections() == kept,
+                     timeout=2)
+        except AssertionError:
+            self.fail('sequential requests did not reuse the connection')
         for _ in range(5):
             self.json_via(self.http10_port, path)
         deadline = time.monotonic() + 2
@@ -3773,30 +3824,52 @@ class SSETests(SSEAssertions):
         """A comment line after each --sse-heartbeat without an event, none
         while busy."""
         name = register(port=self.port)
+        requested = time.monotonic()
         stream = self.open([name])
         self.assertStreamOpened(stream)
         start = len(stream.body)
-        opened = time.monotonic()
-        items = stream.within(SSE_HEARTBEAT * 3.5)
-        self.assertTrue(items and all("comment" in i for i in items), items)
-        # Comment lines and nothing else, at about the set interval.
+        # With no event to send, heartbeats and nothing else.  The k-th
+        # cannot come before k intervals from the request (a reader that
+        # is late only sees them later); one that never comes is an error.
+        items = [stream.next() for _ in range(3)]
+        self.assertTrue(all(i is not None and "comment" in i for i in items),
+                        items)
         self.assertRegex(stream.body[start:], SSE_HEARTBEATS)
         self.assertEqual(SSE_HEARTBEATS.fullmatch(stream.body[start:]).group(),
                          stream.body[start:])
-        times = [opened] + [i["at"] for i in items]
+        times = [requested] + [i["at"] for i in items]
         gaps = [b - a for a, b in zip(times, times[1:])]
-        self.assertGreaterEqual(len(items), 2, gaps)
-        self.assertGreater(min(gaps), SSE_HEARTBEAT * 0.6, gaps)
-        self.assertLess(max(gaps), SSE_HEARTBEAT * 3, gaps)
+        report(f"heartbeats every {SSE_HEARTBEAT} s: gaps {gaps}")
+        for k, item in enumerate(items, 1):
+            self.assertGreater(item["at"] - requested, k * SSE_HEARTBEAT * 0.9,
+                               gaps)
+        if STRICT:
+            self.assertGreater(min(gaps[1:]), SSE_HEARTBEAT * 0.6, gaps)
+            self.assertLess(max(gaps), SSE_HEARTBEAT * 3, gaps)
         # While events keep coming, no heartbeat is needed (one may still
-        # be on its way when the first event is pushed).
-        for i in range(7):
-            push(name, f"busy{i}", port=self.port)
-            item = stream.event() if i == 0 else stream.next()
-            self.assertNotIn("comment", item)
+        # be on its way when the first event is pushed): none comes between
+        # two events the server sent less than an interval apart (as seen
+        # from here: from the start of one push to the end of the next).
+        previous = time.monotonic()
+        push(name, "busy0", port=self.port)
+        stream.event()
+        checked = 0
+        for i in range(1, 7):
             time.sleep(SSE_HEARTBEAT / 4)
+            started = time.monotonic()
+            push(name, f"busy{i}", port=self.port)
+            window = time.monotonic() - previous
+            previous = started
+            item = stream.next()
+            if window < SSE_HEARTBEAT * 0.9:
+                self.assertNotIn("comment", item, window)
+                checked += 1
+            elif "comment" in item:
+                item = stream.event()
+            self.assertEqual(json.loads(item["data"])["content"], f"busy{i}")
+        self.assertGreater(checked, 0, "every push took an interval")
         # And once they stop, heartbeats come again.
-        self.assertIn("comment", stream.next(SSE_HEARTBEAT * 3))
+        self.assertIn("comment", stream.next())
 
     def test_deleted_channel_and_close(self):
         """`event: deleted`; a stream with no channel left is closed."""
@@ -3973,15 +4046,17 @@ class SSETests(SSEAssertions):
         stream = self.open([private, public],
                            "?" + urlencode({"client_id": kept}), port=port)
         self.assertStreamOpened(stream)
-        # Past every timeout (and past --http-timeout for the connection).
+        # Past every timeout (and past --http-timeout for the connection),
+        # until the idle ones are gone: the timeouts do work, and those the
+        # stream holds (registered before them) would have gone too.
         stream.within(1.0)
-        st = status(port)
+        st = wait_for(lambda: (lambda st: idle not in st["clients"] and
+                               unread not in st["channels"] and st)(
+                                   status(port)))
         self.assertEqual(st["streams_open"], 1)
         self.assertIn(kept, st["clients"])
         self.assertIn(private, st["channels"])
         self.assertIn(public, st["channels"])
-        self.assertNotIn(idle, st["clients"])        # the timeouts do work
-        self.assertNotIn(unread, st["channels"])
         push(private, "still", port=port)
         self.assertEqual(stream.message()["content"], "still")
         # Once the stream is gone, so are they.
@@ -4002,12 +4077,18 @@ class SSETests(SSEAssertions):
             """A new stream, or None when the connection is refused."""
             s = connect(port)
             self.addCleanup(s.close)
-            # A refused connection is answered 503 at once, unasked.
+            # A refused connection is answered 503 at once, unasked (on a
+            # busy machine the answer may come after the request).
             if select.select([s], [], [], 0.2)[0]:
                 status_code, _, body = read_response(s.makefile("rb"))
                 self.assertEqual(status_code, 503, body)
                 return None
-            stream = SSE(port, sse_path([name]), sock=s)
+            try:
+                stream = SSE(port, sse_path([name]), sock=s)
+            except (ConnectionResetError, BrokenPipeError):
+                return None
+            if stream.status == 503:
+                return None
             self.assertStreamOpened(stream)
             return stream
         for _ in range(10):
@@ -4127,8 +4208,11 @@ class SSEShutdownTests(SSEAssertions):
         wait_for(lambda: status(port)["streams_open"] == 2)
         signalled = time.monotonic()
         server.send_signal(signal.SIGTERM)
-        items = normal.rest(timeout=3)
-        self.assertLess(time.monotonic() - signalled, 1)
+        # Not after the stuck one's grace period (5 s): at once.
+        items = normal.rest(timeout=3.5)
+        ended = time.monotonic() - signalled
+        report(f"a stream ended {ended:.2f} s after SIGTERM beside a stuck one")
+        self.assertLess(ended, bound(3.5, 1))
         self.assertEqual(len(items), 1, items)
         self.assertRegex(items[0]["raw"], rb"^retry: \d+\n\n?$")
         self.assertEqual(server.stop(timeout=15), 0)
@@ -4205,7 +4289,7 @@ class SSEBrowserTests(BrowserPages, unittest.TestCase):
         self.assertTrue(self.tab.wait_for("window.got !== undefined"),
                         "page did not load")
 
-    def wait_got(self, expected, timeout=5):
+    def wait_got(self, expected, timeout=10):
         self.tab.wait_for("got.length >= %d" % len(expected), timeout)
         self.assertEqual(self.tab.js("got"), expected)
 
@@ -4329,17 +4413,17 @@ class SSENginxTests(ReadmeNginx, SSEAssertions):
         # The head and the opening pass at once, before any event.
         self.assertStreamOpened(stream, proxied=True)
         self.assertEqual(stream.message()['content'], 'retained')
-        # Each event arrives as soon as it is pushed, not batched.
+        # Each event arrives as soon as it is pushed, not batched (a
+        # buffering proxy would hold these few bytes for good).
         for i in range(5):
             pushed_at = time.monotonic()
             self.push(name, 'live %d' % i)
-            item = stream.event(timeout=2)
+            item = stream.event(timeout=3)
             self.assertEqual(json.loads(item['data'])['content'],
                              'live %d' % i)
-            self.assertLess(item['at'] - pushed_at, 0.25)
+            self.assertLess(item['at'] - pushed_at, bound(2, 0.25))
         # Heartbeats pass through too.
-        items = stream.within(SSE_HEARTBEAT * 4)
-        self.assertTrue(items and all('comment' in i for i in items), items)
+        self.assertIn('comment', stream.next())
         # Last-Event-ID reaches the server.
         again = self.open(port, sse_path([name], '?since=0'),
                           headers=[('Last-Event-ID', str(first))])
@@ -4724,7 +4808,9 @@ class StateFileTests(unittest.TestCase):
     def test_restored_sessions_and_channels_get_a_fresh_timeout(self):
         """What expired before the restart stays gone; what was alive gets
         the whole timeout again from the restart."""
-        args = ("--session-timeout=1.2", "--inactive-channel-timeout=1.2")
+        timeout = 2.0                 # the server looks every timeout / 4
+        args = (f"--session-timeout={timeout}",
+                f"--inactive-channel-timeout={timeout}")
         server = self.start(*args)
         p = self.port
         gone_client, gone_channel = fresh("gonecl"), register(port=p)
@@ -4735,8 +4821,9 @@ class StateFileTests(unittest.TestCase):
         kept_client, kept_channel = fresh("keptcl"), register(port=p)
         api("POST", "/clients.json", {"client_id": kept_client}, port=p)
         push(kept_channel, "y", port=p)
+        active = time.monotonic()         # their last use was before this
         # Most of their timeout passes before the restart.
-        time.sleep(0.7)
+        time.sleep(max(0, active + timeout * 0.7 - time.monotonic()))
         self.stop(server)
         restart = time.monotonic()
         server = self.start(*args)
@@ -4744,11 +4831,15 @@ class StateFileTests(unittest.TestCase):
         st = status(p)
         self.assertEqual(st["clients"], [kept_client])
         self.assertEqual(st["channels"], [kept_channel])
-        # With the old deadlines both would be gone 0.5 s after the restart.
-        time.sleep(max(0, restart + 0.9 - time.monotonic()))
+        # With the old deadlines both would be gone (a look later) by now;
+        # with fresh ones they stay until restart + timeout, which leaves
+        # most of a second for this read.
+        time.sleep(max(0, active + timeout * 1.3 - time.monotonic()))
         st = status(p)
         self.assertEqual(st["clients"], [kept_client])
         self.assertEqual(st["channels"], [kept_channel])
+        self.assertLess(time.monotonic(), restart + timeout,
+                        "too slow to tell: the fresh timeout ran out too")
         # Nobody reads: both expire, and their expiry is kept.
         wait_for(lambda: status(p)["clients"] == [] and
                  status(p)["channels"] == [], timeout=5)
@@ -4924,7 +5015,8 @@ class StateFileTests(unittest.TestCase):
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.3)                  # strace attaches
+            wait_for(lambda: traced(server.proc.pid) or
+                     trace.poll() is not None, timeout=10)
             if trace.poll() is not None:
                 self.skipTest("strace cannot attach (ptrace needs root or "
                               "CAP_SYS_PTRACE): " + trace.stderr.read())
@@ -4942,7 +5034,8 @@ class StateFileTests(unittest.TestCase):
             if os.path.realpath(m.group(3)) == real]
         self.assertGreaterEqual(len(syncs), 2, output[-2000:])
         gaps = [b - a for a, b in zip([start] + syncs, syncs + [end])]
-        self.assertLess(max(gaps), 1.5, (gaps, output[-2000:]))
+        report(f"state file synced under strace, gaps {gaps}")
+        self.assertLess(max(gaps), bound(2.5, 1.5), (gaps, output[-2000:]))
 
     def test_files_are_0600_whatever_the_umask(self):
         """With umask 0, every file under PATH* is 0600: at start, through

@@ -467,6 +467,37 @@ def sse_path(names, query=""):
             + ".sse" + query)
 
 
+def tcp_inode(local_port, remote_port):
+    """The inode of the TCP socket between these ports on this machine (0
+    once its process has closed it and the kernel alone keeps it), or None
+    when there is none."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if (int(fields[1].rsplit(":", 1)[1], 16) == local_port and
+                        int(fields[2].rsplit(":", 1)[1], 16) == remote_port):
+                    return int(fields[9])
+    return None
+
+
+def unread_requests(port):
+    """How many connections to `port` on this machine hold bytes the
+    server has not read yet (accepted or not)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if (int(fields[1].rsplit(":", 1)[1], 16) == port and
+                        fields[3] == "01" and
+                        int(fields[4].split(":")[1], 16) > 0):
+                    count += 1
+    return count
+
+
 def traced(pid):
     """Whether every thread of process pid is traced (strace attached)."""
     try:
@@ -5802,8 +5833,9 @@ def served(sock):
 
 def refused_at_once(sock, what=""):
     """The server answers a new connection (which sends nothing) with 503
-    and closes it, within a second."""
+    and closes it, at once (not after --http-timeout, 30 s)."""
     start = time.monotonic()
+    sock.settimeout(5)
     f = sock.makefile("rb")
     try:
         reply = read_response(f)
@@ -5816,7 +5848,7 @@ def refused_at_once(sock, what=""):
         raise AssertionError(f"{what}: no 503 (the connection was taken)")
     finally:
         f.close()
-    assert time.monotonic() - start < 1, what
+    assert time.monotonic() - start < 3, what
 
 
 def takes(socks, opener):
@@ -6285,7 +6317,8 @@ class LoggingTests(unittest.TestCase):
 
     def test_stuck_log_pipe_does_not_stall_serving(self):
         """With stderr stuck, 20,000 bad requests are all answered, and
-        reads during and after them take under a second."""
+        reads during and after them are answered (a read stuck behind the
+        log would wait for ever: 5 s bounds it; 1 s in LONG runs)."""
         server, read_end = self.start_with_stuck_log()
         port = server.port
         try:
@@ -6295,7 +6328,7 @@ class LoggingTests(unittest.TestCase):
             resp, body = call("POST", "/channels/a.json", {"content": "x"},
                               port=port, timeout=2)
             self.assertEqual(json.loads(body)["return_code"], 1)
-            job = Background(flood, port, 18_000, 2_000, timeout=3)
+            job = Background(flood, port, 18_000, 2_000, timeout=5)
             worst = 0.0
             probes = 0
             while job.is_alive() or probes < 5:
@@ -6304,7 +6337,7 @@ class LoggingTests(unittest.TestCase):
                 start = time.monotonic()
                 try:
                     resp, body = call("GET", "/channels/a.json", port=port,
-                                      timeout=2)
+                                      timeout=5)
                     self.assertEqual(json.loads(body)["return_code"], 1)
                     worst = max(worst, time.monotonic() - start)
                 except OSError:
@@ -6313,7 +6346,7 @@ class LoggingTests(unittest.TestCase):
                 time.sleep(0.02)
             report(f"worst read during a 20,000 bad-request flood with a "
                    f"stuck log: {worst * 1000:.1f} ms")
-            self.assertLess(worst, 1.0, "a read waited on the stuck log")
+            self.assertLess(worst, bound(5, 1), "a read waited on the stuck log")
             answered = job.result(timeout=120)
             self.assertEqual(answered, 20_000)
         finally:
@@ -6323,7 +6356,8 @@ class LoggingTests(unittest.TestCase):
     def test_stuck_log_does_not_stop_shutdown(self):
         """SIGTERM with stderr stuck: the held poll is answered and the
         server exits 0 within a few seconds."""
-        server, read_end = self.start_with_stuck_log("--poll-timeout=30")
+        server, read_end = self.start_with_stuck_log("--poll-timeout=30",
+                                                     "--enable-status")
         port = server.port
         try:
             resp, body = call("POST", "/channels.json", {"channel_id": "a"},
@@ -6331,8 +6365,7 @@ class LoggingTests(unittest.TestCase):
             self.assertEqual(json.loads(body)["return_code"], 1)
             poll = Background(call, "GET", "/channels/a.json", port=port,
                               timeout=10)
-            time.sleep(0.3)                # no status page: let it be held
-            self.assertTrue(poll.is_alive(), "the poll was not held")
+            wait_held(1, port)
             server.send_signal(signal.SIGTERM)
             resp, body = poll.result()
             self.assertEqual(json.loads(body)["messages"], {"a": []})
@@ -6434,13 +6467,25 @@ class LingerTests(unittest.TestCase):
                       b"x" * 100_000)
             f = s.makefile("rb")
             self.assertEqual(read_response(f)[0], 413)
-            time.sleep(3)
-            # A byte to a closed socket draws a reset, and the next send
-            # fails; while the server lingers, both are taken.
-            s.sendall(b"x")
-            time.sleep(0.2)
-            with self.assertRaises((BrokenPipeError, ConnectionResetError)):
-                s.sendall(b"x")
+            answered = time.monotonic()
+            # The server closes its socket (the kernel keeps it, orphaned)
+            # once the client has been quiet for about 2 s.
+            mine = s.getsockname()[1]
+            wait_for(lambda: tcp_inode(self.port, mine) in (None, 0),
+                     timeout=15, interval=0.02)
+            quiet = time.monotonic() - answered
+            report(f"lingering ended {quiet:.2f} s after the 413")
+            self.assertGreater(quiet, bound(1, 1.5))
+            self.assertLess(quiet, bound(10, 3))     # --http-timeout is 30 s
+            # A byte to the closed socket draws a reset, and a later send
+            # fails; while the server lingered, they were taken.
+            def refused():
+                try:
+                    s.sendall(b"x")
+                except (BrokenPipeError, ConnectionResetError):
+                    return True
+                return False
+            wait_for(refused, timeout=5, interval=0.02)
 
 
 class BareLineFeedTests(unittest.TestCase):
@@ -6969,8 +7014,8 @@ class IdleExpiryScaleTests(unittest.TestCase):
     def test_unread_state_goes_read_state_stays(self):
         """2,000 channels and 2,000 clients with 0.5 s timeouts: three
         channels and clients read in a loop stay; the others are gone
-        within about a second of their timeout; an expired channel reads
-        -2, an expired client -3."""
+        within a few seconds of their timeout (one in LONG runs); an
+        expired channel reads -2, an expired client -3."""
         timeout = 0.5
         server = ServerProcess("--enable-status",
                             f"--session-timeout={timeout}",
@@ -6997,7 +7042,7 @@ class IdleExpiryScaleTests(unittest.TestCase):
                     conn.request("GET", path + client)
                     reply = json.loads(conn.getresponse().read())
                     self.assertEqual(reply["return_code"], 1, reply)
-            deadline = done + timeout + 1.0
+            deadline = done + timeout + bound(4.0, 1.0)
             while True:
                 read_kept()
                 st = status(port)
@@ -7026,13 +7071,14 @@ class IdleExpiryScaleTests(unittest.TestCase):
 
     def test_reads_stay_fast_while_state_expires(self):
         """10,000 channels and 10,000 clients expire while a tight loop of
-        reads runs: no read takes 50 ms."""
+        reads runs: no read waits for the sweep (none takes 0.5 s; 50 ms
+        in LONG runs, where a slow read is tried once more)."""
         # A stall from expiry comes every time; a slow read from another
         # process taking the CPU rarely twice: one more try before failing.
         worst = self.worst_read_while_expiring()
-        if worst >= 0.05:
+        if STRICT and worst >= 0.05:
             worst = self.worst_read_while_expiring()
-        self.assertLess(worst, 0.05)
+        self.assertLess(worst, bound(0.5, 0.05))
 
     def worst_read_while_expiring(self):
         timeout = 1.0
@@ -7419,14 +7465,17 @@ class RedisSharedTests(RedisTestCase):
         pushed = time.monotonic()
         self.assertEqual(reply["delivered"], 2, reply)
         self.assertEqual(reply["instances"], 3, reply)
+        # Within well under the poll timeout (2 s); the instances that did
+        # not take the push see it as its entry lands, well under 0.5 s
+        # on a quiet machine (LONG runs).
         for poll in (poll_a, poll_b):
             answer, at = poll.result(3)
             self.assertEqual(contents(answer, name), ["wake"])
-            self.assertLess(at - pushed, 0.5)
+            self.assertLess(at - pushed, bound(1.0, 0.5))
         for stream in (stream_a, stream_c):
             self.assertEqual([m["content"] for m in stream.wait_arrived(1)],
                              ["wake"])
-            self.assertLess(stream.events[0]["at"] - pushed, 0.5)
+            self.assertLess(stream.events[0]["at"] - pushed, bound(1.0, 0.5))
 
     def test_delete_releases_every_instance(self):
         """A delete on A answers B's held poll with -2 and ends C's stream
@@ -7546,8 +7595,9 @@ class RedisPauseTests(RedisTestCase):
         filler = register(fresh("rf"), port=self.ports[0], max_messages=5)
         return filler
 
-    def resume_b(self):
-        time.sleep(0.1)             # the requests sent to B have arrived
+    def resume_b(self, requests):
+        # The requests sent to B wait in its sockets, unread.
+        wait_for(lambda: unread_requests(self.ports[1]) >= requests)
         os.kill(self.servers[1].proc.pid, signal.SIGCONT)
 
     def test_registry_after_pause(self):
@@ -7566,7 +7616,7 @@ class RedisPauseTests(RedisTestCase):
         polls = [Background(read, [name], port=b),
                  Background(read, [session], port=b, client_id=client)]
         opening = Background(follow, b, [name])
-        self.resume_b()
+        self.resume_b(3)
         stream = opening.result(3)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
@@ -7606,7 +7656,7 @@ class RedisPauseTests(RedisTestCase):
 
         poll = Background(follow_polls, had)
         opening = Background(follow, b, [name], last_event_id=had)
-        self.resume_b()
+        self.resume_b(2)
         stream = opening.result(3)
         self.addCleanup(stream.close)
         first_reply, got, since = poll.result(5)
@@ -7645,8 +7695,8 @@ class RedisPauseTests(RedisTestCase):
         self.assertEqual(poll.result(3)["messages"], {name: []})
         self.assertTrue(stream.closed.wait(3))
         self.assertEqual(server.stop(timeout=10), 0)
-        # Nothing was in flight: no reason to wait out a grace period.
-        self.assertLess(time.monotonic() - started, 3)
+        # Nothing was in flight: no reason to wait out a grace period (5 s).
+        self.assertLess(time.monotonic() - started, 4)
         self.assertNotIn("Traceback", server.output())
         # C left cleanly: it is no longer connected, so no longer counted
         # (a crashed one could only be noticed after a while).
@@ -7753,7 +7803,7 @@ class RedisOutageTests(RedisTestCase):
         for port in self.ports:
             wait_for(lambda: can_write(port), 10)
 
-    def assertRefusedWrite(self, code, body, seconds, limit=6):
+    def assertRefusedWrite(self, code, body, seconds, limit=8):
         self.assertEqual(code, 503, body)
         self.assertEqual(body["return_code"], -1, body)
         self.assertTrue(body["error_message"].startswith("503"), body)
@@ -7912,7 +7962,7 @@ class RedisExpiryTests(RedisTestCase):
     def test_expiry_across_instances(self):
         """A client polling only B keeps its session (its reads on A stay
         valid) and the channels it reads; unread channels (even pushed to)
-        and idle clients vanish from both instances within about 2 s,
+        and idle clients vanish from both instances within seconds,
         deleted ones at once, and their Redis keys go too."""
         a, b = self.ports
         kept = register(fresh("rx"), port=a)
@@ -7967,17 +8017,16 @@ class RedisExpiryTests(RedisTestCase):
                     return False
             return True
 
-        wait_for(all_gone, 3, interval=0.05)
-        self.assertLess(time.monotonic() - started, 3)
+        wait_for(all_gone, 6, interval=0.05)
         # Kept for 2.5 s, over twice the timeouts, by reads on B only.
         time.sleep(max(0, started + 2.5 - time.monotonic()))
         for port in self.ports:
             st = status(port)
             self.assertLessEqual({kept, session}, set(st["channels"]), port)
             self.assertIn(keeper, st["clients"], port)
-        self.assertEqual(pushing.result(1)["return_code"], -2)
+        self.assertEqual(pushing.result(5)["return_code"], -2)
         stop.set()
-        reading.result(2)
+        reading.result(5)
         reply = read([session], port=a, client_id=keeper)
         self.assertEqual(contents(reply, session), ["s"])
         self.assertEqual(read([kept], port=a, client_id=idle)["return_code"],
@@ -7993,7 +8042,7 @@ class RedisExpiryTests(RedisTestCase):
             return keys if not [k for k in keys for n in gone if n in k] \
                 else None
 
-        keys = wait_for(keys_left, 3, interval=0.05)
+        keys = wait_for(keys_left, 5, interval=0.05)
         self.assertTrue(all(k.startswith("comet:") or k.startswith("{comet:")
                             for k in keys), keys)
         unnamed = [k for k in keys
@@ -8150,7 +8199,7 @@ class RedisCommandLineTests(unittest.TestCase):
                 code, body, seconds = attempt(method, path, params,
                                               server.port)
                 self.assertEqual((code, body["return_code"]), (503, -1), body)
-                self.assertLess(seconds, 6)
+                self.assertLess(seconds, 8)
             redis = RedisProcess(port=redis_port)
             wait_for(lambda: can_write(server.port), 8)
             register(name, port=server.port)
@@ -8555,14 +8604,16 @@ class RedisConnectionTests(unittest.IsolatedAsyncioTestCase):
         conn = RedisConnection(self.redis.url, command_timeout=0.3)
         await conn.connect()
         start = time.monotonic()
-        sleeping = conn.execute("DEBUG", "SLEEP", "0.8")
+        # Long enough that waiting it out is told from the 0.3 s timeout
+        # on a busy machine.
+        sleeping = conn.execute("DEBUG", "SLEEP", "2")
         behind = conn.execute("PING", timeout=10)
         with self.assertRaises(RedisTimeout):
             await sleeping
         with self.assertRaises(RedisConnectionError) as caught:
             await behind
         self.assertNotIsInstance(caught.exception, RedisTimeout)
-        self.assertLess(time.monotonic() - start, 0.6)
+        self.assertLess(time.monotonic() - start, bound(1.5, 0.6))
         self.assertTrue(conn.closed)
         self.assertIn("no reply within 0.3 s", conn.close_reason)
         with self.assertRaises(RedisConnectionError):
@@ -8592,7 +8643,7 @@ class RedisConnectionTests(unittest.IsolatedAsyncioTestCase):
         with self.assertRaises(RedisConnectionError) as caught:
             await conn.connect()
         self.assertIn("refused", str(caught.exception))
-        self.assertLess(time.monotonic() - start, 1)
+        self.assertLess(time.monotonic() - start, 3)     # not the 5 s timeout
         with self.assertRaises(RedisConnectionError):
             conn.execute("PING")
         with self.assertRaises(RedisConnectionError):
@@ -8704,6 +8755,12 @@ class RedisClientTests(unittest.IsolatedAsyncioTestCase):
         self.assertTrue(await client.wait_connected(5))
         return client
 
+    async def until(self, condition, timeout=5):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, "condition not reached")
+            await asyncio.sleep(0.01)
+
     def assertQuietLog(self, records):
         for record in records:
             self.assertNotIn("topsecret", record.getMessage())
@@ -8720,16 +8777,19 @@ class RedisClientTests(unittest.IsolatedAsyncioTestCase):
             waiting = client.execute("BLPOP", "restart:none", 5)
             await asyncio.to_thread(self.redis.stop)
             with self.assertRaises(RedisConnectionError):
-                await asyncio.wait_for(waiting, 2)
-            await asyncio.sleep(0.01)
-            self.assertFalse(client.connected)
+                await asyncio.wait_for(waiting, 5)
+            await self.until(lambda: not client.connected)
             with self.assertRaises(RedisConnectionError):
                 client.execute("PING")
-            await asyncio.sleep(0.6)                 # a few failed attempts
+            # A failed attempt or two (the first says so in the log).
+            await self.until(lambda: any("cannot connect" in r.getMessage()
+                                         for r in logs.records))
             await asyncio.to_thread(self.redis.start)
             start = time.monotonic()
             self.assertTrue(await client.wait_connected(5))
-            self.assertLess(time.monotonic() - start, 1.5)
+            # At the next attempt: the back-off is still short (0.8 s at
+            # most by now), not at its 5 s cap.
+            self.assertLess(time.monotonic() - start, bound(3, 1.5))
             self.assertEqual(self.hooks, 2)
             self.assertEqual(await client.execute("GET", "hook:ran"), b"2")
         text = "\n".join(logs.output)
@@ -8804,7 +8864,8 @@ class RedisClientTests(unittest.IsolatedAsyncioTestCase):
         await asyncio.sleep(0.05)
         start = time.monotonic()
         self.assertEqual(await client.execute("PING"), "PONG")
-        self.assertLess(time.monotonic() - start, 0.1)
+        # Not behind the 2 s block.
+        self.assertLess(time.monotonic() - start, bound(1, 0.1))
         first = await client.execute("XADD", "blk:s", "*", "f", "v")
         self.assertEqual(await asyncio.wait_for(reading, 1),
                          [[b"blk:s", [[first, [b"f", b"v"]]]]])
@@ -8834,11 +8895,12 @@ class RedisClientTests(unittest.IsolatedAsyncioTestCase):
             await asyncio.wait_for(reading, 1)
         self.assertNotEqual(await client.execute_blocking("CLIENT", "ID", block=0.1),
                             blocking_id)
-        # Not answered within block + command timeout (0.1 + 0.3 s).
+        # Not answered within block + command timeout (0.1 + 0.3 s); the
+        # sleep is long enough to tell on a busy machine.
         start = time.monotonic()
         with self.assertRaises(RedisTimeout):
-            await client.execute_blocking("DEBUG", "SLEEP", "0.7", block=0.1)
-        self.assertLess(time.monotonic() - start, 0.6)
+            await client.execute_blocking("DEBUG", "SLEEP", "2", block=0.1)
+        self.assertLess(time.monotonic() - start, bound(1.5, 0.6))
 
 
 @needs_redis
@@ -8881,7 +8943,8 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(len(self.ids(a, "t")), 2)    # not read yet
         start = time.monotonic()
         mine = await a.push("t", "four")
-        self.assertLess(time.monotonic() - start, 0.25)
+        report(f"a gap in a push reply read in {time.monotonic() - start:.3f} s")
+        self.assertLess(time.monotonic() - start, bound(0.5, 0.25))
         self.assertEqual(self.ids(a, "t"), [first[0], second[0],
                                             elsewhere[0], mine[0]])
         a.writing -= 1
@@ -9018,7 +9081,9 @@ class ReliabilityTests(unittest.TestCase):
             conn.close()
             times.sort()
             p99 = times[int(len(times) * 0.99)]
-            self.assertLess(p99, 0.05, f"p99 {p99 * 1000:.1f} ms")
+            # Reads wait for no stalled client (that would be until
+            # --http-timeout, 1 s): 50 ms for 99 % in LONG runs.
+            self.assertLess(p99, bound(0.5, 0.05), f"p99 {p99 * 1000:.1f} ms")
             closing = time.monotonic()
             # --http-timeout closes every stalled one (and nothing answered
             # them: there was no whole request).
@@ -9062,13 +9127,13 @@ class ReliabilityTests(unittest.TestCase):
                        f"owed), server RSS grew {grown} KiB")
                 # And the stuck connection is dropped after --http-timeout.
                 s.setblocking(True)
-                s.settimeout(5)
+                s.settimeout(10)
                 start = time.monotonic()
                 with self.assertRaises((ConnectionResetError, AssertionError)):
                     while s.recv(1 << 20):
                         pass
                     raise AssertionError("closed cleanly")
-                self.assertLess(time.monotonic() - start, 5)
+                self.assertLess(time.monotonic() - start, 8)
         finally:
             server.close()
 
@@ -9108,7 +9173,9 @@ class ReliabilityTests(unittest.TestCase):
             subscribers = [Subscriber(server.port, sets[i % len(sets)],
                                       reconnect_every=(i % 3) * 4)
                            for i in range(100)]
-            time.sleep(0.3)
+            # Every subscriber polling (each had a reply, empty at least).
+            wait_for(lambda: all(sub.polls or sub.error
+                                 for sub in subscribers), timeout=10)
             pushed = {n: [] for n in names}
             lock = threading.Lock()
 
@@ -9124,7 +9191,6 @@ class ReliabilityTests(unittest.TestCase):
             publishers = [Background(publish, seed) for seed in range(4)]
             for p in publishers:
                 p.result(timeout=60)
-            time.sleep(0.3)      # past a poll timeout: all caught up
             for sub in subscribers:
                 wait_for(lambda: all(sub.got[n] == pushed[n]
                                      for n in sub.channels) or sub.error,
@@ -9173,7 +9239,10 @@ class ReliabilityTests(unittest.TestCase):
         try:
             subscribers = [Subscriber(server.port, [name]) for _ in range(50)]
             publisher = Background(publish)
-            time.sleep(0.5)
+            # Under load: pushes going on, every subscriber answered once.
+            wait_for(lambda: len(acked) > 20 and
+                     all(sub.polls or sub.error for sub in subscribers),
+                     timeout=10)
             self.assertEqual(server.stop(timeout=10), 0)
             stop.set()
             publisher.result()

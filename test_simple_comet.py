@@ -205,6 +205,8 @@ class ServerProcess:
     def _spawn(self):
         args = [a.replace("{port}", str(self.port)) for a in self.template]
         if self.port is not None and args == list(self.template):
+            assert not any(a.startswith("--http-port") for a in args), \
+                "the port is ServerProcess's port=, or {port} in an argument"
             args.insert(0, f"--http-port={self.port}")
         self.args = args
         self.unix = any(a in ("--unix-socket-path", "--unix-socket") or
@@ -467,6 +469,55 @@ def get_request(path, extra=""):
 
 def channel_path(name, suffix=".json"):
     return f"/channels/{quote(name, safe='')}{suffix}"
+
+
+def post_request(path, params):
+    """The bytes of one form POST (for pipelining)."""
+    body = urlencode(params).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+            f"application/x-www-form-urlencoded\r\nContent-Length: "
+            f"{len(body)}\r\n\r\n").encode() + body
+
+
+def pipeline(requests, port, timeout=30):
+    """Write the requests back to back on one keep-alive connection and
+    read every reply: [(status, headers, body)].  A thread writes while this
+    one reads, so full socket buffers cannot stall the two sides."""
+    with connect(port, timeout) as s:
+        writer = Background(s.sendall, b"".join(requests))
+        f = s.makefile("rb")
+        replies = []
+        for _ in requests:
+            reply = read_response(f)
+            if reply is None:
+                break
+            replies.append(reply)
+        writer.result(timeout)
+        return replies
+
+
+def pipelined_replies(port, requests, batch=200):
+    """Send requests pipelined on one connection, batch by batch: the
+    decoded JSON replies, in order (HTTP status 200 required)."""
+    replies = []
+    with connect(port, timeout=30) as s:
+        f = s.makefile("rb")
+        for i in range(0, len(requests), batch):
+            chunk = requests[i:i + batch]
+            s.sendall(b"".join(chunk))
+            for _ in chunk:
+                code, headers, body = read_response(f)
+                assert code == 200, (code, body)
+                replies.append(json.loads(body))
+    return replies
+
+
+def push_many(name, count, port):
+    """count pushes pipelined on one connection (fast): their ids."""
+    request = post_request(channel_path(name), {"content": "filler"})
+    replies = pipelined_replies(port, [request] * count)
+    assert all(reply["return_code"] == 1 for reply in replies), replies[-1]
+    return [reply["message_id"] for reply in replies]
 
 
 def sse_path(names, query=""):
@@ -4628,29 +4679,6 @@ def clock_env(directory, offset):
     return {"PYTHONPATH": directory}
 
 
-def post_request(path, params):
-    body = urlencode(params).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-            f"application/x-www-form-urlencoded\r\nContent-Length: "
-            f"{len(body)}\r\n\r\n").encode() + body
-
-
-def pipelined_replies(port, requests, batch=200):
-    """Send requests pipelined on one connection, batch by batch: the
-    decoded JSON replies, in order (HTTP status 200 required)."""
-    replies = []
-    with connect(port, timeout=30) as s:
-        f = s.makefile("rb")
-        for i in range(0, len(requests), batch):
-            chunk = requests[i:i + batch]
-            s.sendall(b"".join(chunk))
-            for _ in chunk:
-                code, headers, body = read_response(f)
-                assert code == 200, (code, body)
-                replies.append(json.loads(body))
-    return replies
-
-
 def messages_of(name, port, **params):
     reply = read([name], port=port, **params)
     assert reply["return_code"] == 1, reply
@@ -5702,31 +5730,6 @@ def fetch_metrics(port=None, unix=None, headers=None):
     assert parts[0] == "text/plain" and "version=0.0.4" in parts[1:] and \
         set(parts[1:]) <= {"version=0.0.4", "charset=utf-8"}, content_type
     return Metrics(body.decode("utf-8"))
-
-
-def form_post(path, **params):
-    """The bytes of one form POST (for pipelining)."""
-    body = urlencode(params).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
-            "Content-Type: application/x-www-form-urlencoded\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-def pipeline(requests, port, timeout=30):
-    """Write the requests back to back on one keep-alive connection and
-    read every reply: [(status, headers, body)].  A thread writes while this
-    one reads, so full socket buffers cannot stall the two sides."""
-    with connect(port, timeout) as s:
-        writer = Background(s.sendall, b"".join(requests))
-        f = s.makefile("rb")
-        replies = []
-        for _ in requests:
-            reply = read_response(f)
-            if reply is None:
-                break
-            replies.append(reply)
-        writer.result(timeout)
-        return replies
 
 
 def log_lines(output):
@@ -6796,10 +6799,10 @@ class RedisPasswordTests(unittest.TestCase):
         never shown either."""
         self.assertIn("--redis-file", run_server("--help").stdout)
         wrong = "bad-pw-9c2a"
-        port = free_port()
-        server = ServerProcess(f"--http-port={port}", "--enable-status",
+        server = ServerProcess("--enable-status",
                                f"--redis-file={self.write_url(wrong)}",
                                wait=False)
+        port = server.port
         self.servers.append(server)
         wait_for(lambda: server.proc.poll() is not None
                  or "listening on" in server.output(), timeout=10)
@@ -6818,7 +6821,8 @@ class RedisPasswordTests(unittest.TestCase):
             seen.append(body)
         for path_ in ("/status.json", "/metrics"):
             seen.append(call("GET", path_, port=port)[1])
-        time.sleep(1)                           # a few reconnect attempts
+        # Its attempts to connect are told in the log.
+        wait_for(lambda: "cannot connect" in server.output(), timeout=10)
         server.stop()
         output = server.output()
         seen.append(output.encode())
@@ -7013,8 +7017,10 @@ class IdleExpiryScaleTests(unittest.TestCase):
         time the last reply came."""
         requests = []
         for i in range(count):
-            requests.append(form_post("/channels.json", channel_id=f"c{i}"))
-            requests.append(form_post("/clients.json", client_id=f"k{i}"))
+            requests.append(post_request("/channels.json",
+                                         {"channel_id": f"c{i}"}))
+            requests.append(post_request("/clients.json",
+                                         {"client_id": f"k{i}"}))
         replies = pipeline(requests, port)
         done = time.monotonic()
         self.assertEqual(len(replies), len(requests))
@@ -7293,26 +7299,6 @@ def register_client(client_id, port):
 
 def contents(reply, name):
     return [m["content"] for m in reply["messages"][name]]
-
-
-def push_many(name, count, port):
-    """count pushes pipelined on one connection (fast): their ids."""
-    body = b"content=filler"
-    request = (f"POST {channel_path(name)} HTTP/1.1\r\nHost: localhost\r\n"
-               "Content-Type: application/x-www-form-urlencoded\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    ids = []
-    with connect(port, timeout=30) as s:
-        f = s.makefile("rb")
-        for start in range(0, count, 200):
-            batch = min(200, count - start)
-            s.sendall(request * batch)
-            for _ in range(batch):
-                code, headers, data = read_response(f)
-                reply = json.loads(data)
-                assert code == 200 and reply["return_code"] == 1, reply
-                ids.append(reply["message_id"])
-    return ids
 
 
 def timed_read(names, port, **params):

@@ -7389,9 +7389,9 @@ class RedisSharedTests(RedisTestCase):
         stream = follow(c, [name])
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
-        wait_for(lambda: not poll.is_alive() or self.held(b) == held + 1, 3)
+        wait_for(lambda: not poll.is_alive() or self.held(b) == held + 1, 5)
         sent = push(name, "hello", port=a)
-        reply, _ = poll.result(3)
+        reply, _ = poll.result(5)
         self.assertEqual(reply["return_code"], 1, reply)
         self.assertEqual(contents(reply, name), ["hello"])
         self.assertEqual([m["id"] for m in stream.wait_arrived(1)],
@@ -7431,7 +7431,7 @@ class RedisSharedTests(RedisTestCase):
         for port in self.ports:
             # Applying the delete may take a moment (a read meanwhile is
             # answered from a correct prefix of the history).
-            wait_for(lambda: read([name], port=port)["return_code"] == -2, 1)
+            wait_for(lambda: read([name], port=port)["return_code"] == -2, 5)
         register(name, port=c)
         push(name, "new", port=c)
         for port in self.ports:
@@ -7456,7 +7456,7 @@ class RedisSharedTests(RedisTestCase):
         wait_for(lambda: self.held(a) == held[a] + 1
                  and self.held(b) == held[b] + 1
                  and self.streams(a) == streams[a] + 1
-                 and self.streams(c) == streams[c] + 1, 3)
+                 and self.streams(c) == streams[c] + 1, 5)
         reply = push(name, "wake", port=a)
         pushed = time.monotonic()
         self.assertEqual(reply["delivered"], 2, reply)
@@ -7465,7 +7465,7 @@ class RedisSharedTests(RedisTestCase):
         # not take the push see it as its entry lands, well under 0.5 s
         # on a quiet machine (LONG runs).
         for poll in (poll_a, poll_b):
-            answer, at = poll.result(3)
+            answer, at = poll.result(5)
             self.assertEqual(contents(answer, name), ["wake"])
             self.assertLess(at - pushed, bound(1.0, 0.5))
         for stream in (stream_a, stream_c):
@@ -7488,16 +7488,16 @@ class RedisSharedTests(RedisTestCase):
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
         wait_for(lambda: self.held(b) == held_b + 1
-                 and self.held(c) == held_c + 1, 3)
+                 and self.held(c) == held_c + 1, 5)
         self.assertEqual(api("DELETE", channel_path(name), port=a)
                          ["return_code"], 2)
-        self.assertEqual(poll_b.result(1)["return_code"], -2)
-        self.assertTrue(stream.closed.wait(1), "stream not closed")
+        self.assertEqual(poll_b.result(5)["return_code"], -2)
+        self.assertTrue(stream.closed.wait(5), "stream not closed")
         self.assertEqual([(e.get("event"), e["data"]) for e in stream.events],
                          [("deleted", {"channel": name})])
         self.assertTrue(poll_c.is_alive())
         push(other, "still here", port=b)
-        reply = poll_c.result(1)
+        reply = poll_c.result(5)
         self.assertEqual(list(reply["messages"]), [other])
         self.assertEqual(contents(reply, other), ["still here"])
 
@@ -7539,7 +7539,7 @@ class RedisAlternationTests(RedisTestCase):
                          or done.is_set() and len(got) + len(
                              stream.arrived()) >= len(acked), 10)
                 stream.close()
-                stream.closed.wait(2)
+                stream.closed.wait(5)
                 got += stream.arrived()
                 if got:
                     last = got[-1]["id"]
@@ -7613,11 +7613,11 @@ class RedisPauseTests(RedisTestCase):
                  Background(read, [session], port=b, client_id=client)]
         opening = Background(follow, b, [name])
         self.resume_b(3)
-        stream = opening.result(3)
+        stream = opening.result(5)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
-        self.assertEqual(contents(polls[0].result(3), name), ["open"])
-        self.assertEqual(contents(polls[1].result(3), session), ["closed"])
+        self.assertEqual(contents(polls[0].result(5), name), ["open"])
+        self.assertEqual(contents(polls[1].result(5), session), ["closed"])
         self.assertEqual([m["content"] for m in stream.wait_arrived(1)],
                          ["open"])
 
@@ -7628,7 +7628,7 @@ class RedisPauseTests(RedisTestCase):
         a, b, c = self.ports
         name = register(fresh("rp"), port=a)
         first = push(name, "m0", port=a)["message_id"]
-        wait_for(lambda: contents(read([name], port=b), name) == ["m0"], 2)
+        wait_for(lambda: contents(read([name], port=b), name) == ["m0"], 5)
         filler = self.pause_b()
         for i in range(1, 6):
             push(name, f"m{i}", port=a)
@@ -7653,7 +7653,7 @@ class RedisPauseTests(RedisTestCase):
         poll = Background(follow_polls, had)
         opening = Background(follow, b, [name], last_event_id=had)
         self.resume_b(2)
-        stream = opening.result(3)
+        stream = opening.result(5)
         self.addCleanup(stream.close)
         first_reply, got, since = poll.result(5)
         # B did not clamp the reader's since to its own stale counter.
@@ -7665,9 +7665,9 @@ class RedisPauseTests(RedisTestCase):
                          ["m6", "m7"])
         # And from there on, B follows as usual.
         poll = Background(read, [name], port=b, since=since)
-        wait_for(lambda: self.held(b) == 1, 2)
+        wait_for(lambda: self.held(b) == 1, 5)
         push(name, "m8", port=a)
-        self.assertEqual(contents(poll.result(2), name), ["m8"])
+        self.assertEqual(contents(poll.result(5), name), ["m8"])
         self.assertEqual([m["content"] for m in stream.wait_arrived(3)],
                          ["m6", "m7", "m8"])
         self.assertEqual(len(stream.events), 3)
@@ -7684,12 +7684,12 @@ class RedisPauseTests(RedisTestCase):
         poll = Background(read, [name], port=c, since=since)
         stream = follow(c, [name], since=since)
         self.addCleanup(stream.close)
-        wait_for(lambda: self.held(c) == 1 and self.streams(c) == 1, 2)
+        wait_for(lambda: self.held(c) == 1 and self.streams(c) == 1, 5)
         server = self.servers[2]
         server.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        self.assertEqual(poll.result(3)["messages"], {name: []})
-        self.assertTrue(stream.closed.wait(3))
+        self.assertEqual(poll.result(5)["messages"], {name: []})
+        self.assertTrue(stream.closed.wait(5))
         self.assertEqual(server.stop(timeout=10), 0)
         # Nothing was in flight: no reason to wait out a grace period (5 s).
         self.assertLess(time.monotonic() - started, 4)
@@ -7825,7 +7825,7 @@ class RedisOutageTests(RedisTestCase):
         stream = follow(a, [name], since=seen)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
-        wait_for(lambda: self.held(b) == 1 and self.streams(a) == 1, 3)
+        wait_for(lambda: self.held(b) == 1 and self.streams(a) == 1, 5)
 
         self.redis.stop()
         writes = [
@@ -7857,8 +7857,8 @@ class RedisOutageTests(RedisTestCase):
         self.redis.start()             # same port, no data
         for port in self.ports:
             wait_for(lambda: can_write(port), 8)
-        self.assertEqual(poll.result(3)["return_code"], -2)
-        self.assertTrue(stream.closed.wait(3), "stream not closed")
+        self.assertEqual(poll.result(5)["return_code"], -2)
+        self.assertTrue(stream.closed.wait(5), "stream not closed")
         self.assertEqual(self.held(b), 0)
         for port in self.ports:
             self.assertEqual(read([name], port=port)["return_code"], -2)
@@ -8183,7 +8183,7 @@ class RedisCommandLineTests(unittest.TestCase):
                                 "--poll-timeout=0.3")
         redis = None
         try:
-            wait_for(lambda: str(redis_port) in server.output(), 3)
+            wait_for(lambda: str(redis_port) in server.output(), 5)
             lines = [line for line in server.output().splitlines()
                      if str(redis_port) in line]
             self.assertTrue(any("WARNING" in line or "ERROR" in line
@@ -8631,8 +8631,8 @@ class RedisConnectionTests(unittest.IsolatedAsyncioTestCase):
         waiting = victim.execute("BLPOP", "kill:none", 5)
         self.assertEqual(await self.conn.execute("CLIENT", "KILL", "ID", victim_id), 1)
         with self.assertRaises(RedisConnectionError):
-            await asyncio.wait_for(waiting, 2)
-        await asyncio.wait_for(victim.wait_closed(), 1)
+            await asyncio.wait_for(waiting, 5)
+        await asyncio.wait_for(victim.wait_closed(), 5)
         self.assertEqual(victim.close_reason, "connection closed by the server")
         with self.assertRaises(RedisConnectionError):
             victim.execute("PING")

@@ -1,5 +1,5 @@
 """Tests for simple_comet.py: the server is started as users start it, as a
-subprocess on port 4080 (others on nearby ports and unix sockets), and
+subprocess on port 4080 (others on free ports and unix sockets), and
 driven with http.client and raw sockets. The JavaScript client is run in
 headless Chromium, and the README's nginx configuration in a real nginx;
 those tests are skipped when Chromium or nginx is not installed.
@@ -45,7 +45,6 @@ sys.path.insert(0, HERE)
 import simple_comet  # noqa: E402  (unit checks of a few pure functions)
 
 PORT = 4080
-OTHER_PORT = 4081          # servers started with other switches
 MAIN_POLL_TIMEOUT = 3.0    # long enough to push into a held poll calmly
 
 _names = itertools.count()
@@ -60,53 +59,274 @@ def fresh(prefix="ch"):
 # Helpers
 # ---------------------------------------------------------------------------
 
-class ServerProcess:
-    """simple_comet.py in a subprocess; its log goes to a temporary file."""
+def report(text):
+    """Figures for the README's Reliability section, with SIMPLE_COMET_REPORT=1."""
+    if os.environ.get("SIMPLE_COMET_REPORT"):
+        print(f"\n  figure: {text}", file=sys.stderr)
 
-    def __init__(self, *args, listeners=1, env=None, wait=True):
-        self.log = tempfile.NamedTemporaryFile(prefix="comet-log-")
+
+# Time bounds hold on a slow, shared, noisy machine: a default run bounds
+# only what must never happen (a stall of seconds) and waits on conditions,
+# not on sleeps; SIMPLE_COMET_LONG=1 checks the tight latency figures too,
+# which SIMPLE_COMET_REPORT=1 prints.
+STRICT = bool(os.environ.get("SIMPLE_COMET_LONG"))
+
+
+def bound(loose, strict):
+    """A time bound: `strict` in SIMPLE_COMET_LONG runs, else `loose`."""
+    return strict if STRICT else loose
+
+
+def wait_for(predicate, timeout=5.0, interval=0.01):
+    """predicate()'s first true value; fails once `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+class Background(threading.Thread):
+    """Runs a (blocking) call in a thread; .result() joins and returns."""
+
+    def __init__(self, fn, *args, **kw):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.kw = fn, args, kw
+        self.value = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.value = self.fn(*self.args, **self.kw)
+        except BaseException as e:       # reported by result()
+            self.error = e
+
+    def result(self, timeout=10):
+        self.join(timeout)
+        if self.is_alive():
+            raise AssertionError("background call did not finish")
+        if self.error:
+            raise self.error
+        return self.value
+
+
+def _ephemeral_ports():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
+_EPHEMERAL = _ephemeral_ports()
+
+
+def free_port():
+    """A TCP port nothing listens on (IPv4 or IPv6).  It is drawn below the
+    kernel's range of ephemeral ports, so that no outgoing connection can
+    take it before a server binds it; another process can still draw it,
+    which ServerProcess (retrying) and the callers allow for."""
+    low = _EPHEMERAL[0]
+    for _ in range(200):
+        port = random.randrange(10_000, low) if low > 11_000 else 0
+        try:
+            with socket.socket(socket.AF_INET) as s:
+                s.bind(("0.0.0.0", port))
+                port = s.getsockname()[1]
+                try:
+                    v6 = socket.socket(socket.AF_INET6)
+                except OSError:
+                    return port                 # no IPv6 here
+                with v6:
+                    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    v6.bind(("::", port))
+                return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port found")
+
+
+def stop_process(proc, sig=signal.SIGTERM, timeout=10):
+    """Send sig (then SIGCONT, in case the process was stopped) and wait:
+    the exit code, or None if it had to be killed after `timeout`."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            if sig != signal.SIGKILL:
+                proc.send_signal(signal.SIGCONT)
+        except OSError:
+            pass
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
+
+
+def file_text(path, tail=3000):
+    """A log file's text (its last `tail` characters; all with None)."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    return text[-tail:] if tail else text
+
+
+FREE = "free"
+
+
+class ServerProcess:
+    """simple_comet.py in a subprocess, as users start it, its log in a
+    temporary file; the one way the tests start a server.
+
+    port=FREE (the default) gives it a free TCP port, and another if that
+    one was taken before the server bound it; port=N that port; port=None
+    no TCP listener (args then name a unix socket).  The port goes in as
+    --http-port=N, or in place of "{port}" where an argument holds that.
+    Unless wait=False the server is waited for until each of its listeners
+    is up.  stderr=FD sends the log there instead (nothing to read then).
+    .port is the TCP port."""
+
+    def __init__(self, *args, port=FREE, env=None, wait=True, stderr=None):
+        self.free = port is FREE
+        self.port = free_port() if self.free else port
+        self.template = args
+        self.env = None if env is None else {**os.environ, **env}
+        self.stderr = stderr
+        self.log = None
+        self.signalled = False
+        self._spawn()
+        if wait:
+            self.wait_listening()
+
+    def _spawn(self):
+        args = [a.replace("{port}", str(self.port)) for a in self.template]
+        if self.port is not None and args == list(self.template):
+            assert not any(a.startswith("--http-port") for a in args), \
+                "the port is ServerProcess's port=, or {port} in an argument"
+            args.insert(0, f"--http-port={self.port}")
+        self.args = args
+        self.unix = any(a in ("--unix-socket-path", "--unix-socket") or
+                        a.startswith(("--unix-socket-path=",
+                                      "--unix-socket="))
+                        for a in args)
+        self.quiet = any(a.lower() in ("--log-level=warning",
+                                       "--log-level=error") for a in args)
+        if self.stderr is None:
+            self.log = tempfile.NamedTemporaryFile(prefix="comet-log-")
         self.proc = subprocess.Popen(
             [sys.executable, SCRIPT, *args], stdin=subprocess.DEVNULL,
-            stdout=self.log, stderr=self.log,
-            env=None if env is None else {**os.environ, **env})
-        if wait:
-            self.wait_listening(listeners)
+            stdout=subprocess.DEVNULL if self.log is None else self.log,
+            stderr=self.stderr or self.log, env=self.env)
+        self.signalled = False
 
     def output(self):
+        if self.log is None:
+            return ""
         with open(self.log.name, encoding="utf-8", errors="replace") as f:
             return f.read()
 
-    def wait_listening(self, listeners=1, timeout=10):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.output().count("listening on") >= listeners:
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited: " + self.output())
-            time.sleep(0.02)
-        raise RuntimeError("server did not start: " + self.output())
+    def _ready(self):
+        if self.log is not None and not self.quiet:
+            output = self.output()
+            return (("listening on http://" in output or self.port is None)
+                    and ("listening on unix:" in output or not self.unix))
+        try:
+            if self.port is not None:
+                connect(self.port, timeout=1).close()
+            return True
+        except OSError:
+            return False
 
-    def stop(self, sig=signal.SIGTERM, timeout=10):
+    def wait_listening(self, timeout=15):
+        """Wait until the server listens; on a free port found taken, start
+        it again on another."""
+        for attempt in range(5):
+            deadline = time.monotonic() + timeout
+            while not self._ready():
+                if self.proc.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not start: "
+                                       + self.output())
+                time.sleep(0.01)
+            else:
+                return
+            output = self.output()
+            if not self.free or attempt == 4 or not (
+                    "in use" in output or self.log is None):
+                raise RuntimeError("server exited: " + output)
+            if self.log is not None:
+                self.log.close()
+            self.port = free_port()
+            self._spawn()
+
+    def send_signal(self, sig=signal.SIGTERM):
+        """Send sig (and SIGCONT, in case it was stopped); stop() then waits
+        without sending another."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+            self.proc.send_signal(signal.SIGCONT)
+            self.signalled = True
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Stop the server with sig (unless send_signal() was already sent) and
+        wait for it: its exit code.  One still running after `timeout` is
+        killed, and that is an error."""
+        if self.signalled and self.proc.poll() is None:
+            try:
+                code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                code = stop_process(self.proc, signal.SIGKILL)
+                raise AssertionError(f"server still running {timeout} s "
+                                     "after its signal") from None
+        else:
+            code = stop_process(self.proc, sig, timeout)
+            if code is None:
+                raise AssertionError(f"server still running {timeout} s "
+                                     f"after {signal.Signals(sig).name}")
+        self.signalled = False
+        return code
+
+    def stop_clean(self, timeout=10):
+        """SIGTERM (unless send_signal() was sent): exit 0, no traceback.  Its
+        output."""
+        code = self.stop(timeout=timeout)
+        output = self.output()
+        assert code == 0 and "Traceback" not in output, (code, output[-3000:])
+        return output
 
     def close(self):
+        """Stop (if still running) and clean up; for cleanups."""
         try:
-            self.stop()
+            if self.proc.poll() is None:
+                self.stop()
         finally:
-            self.log.close()
+            if self.log is not None:
+                self.log.close()
 
 
-def run_server(*args, timeout=10):
+def run_server(*args, timeout=10, env=None, cwd=None):
     """Run the server to completion (for switches that make it exit)."""
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          cwd=cwd,
+                          env=None if env is None else {**os.environ, **env})
+
+
+def run_servers(cases, timeout=30):
+    """run_server(*args, env=env) for each (args, env) of cases, all at
+    once (they are short and mostly start up): their results, in order."""
+    jobs = [Background(run_server, *args, env=env, timeout=timeout)
+            for args, env in cases]
+    return [job.result(timeout + 5) for job in jobs]
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -158,6 +378,13 @@ def register(name=None, port=PORT, **params):
     return name
 
 
+def register_unix(path):
+    name = fresh()
+    reply = api("POST", "/channels.json", {"channel_id": name}, unix=path)
+    assert reply["return_code"] == 1, reply
+    return name
+
+
 def push(name, content, port=PORT):
     reply = api("POST", f"/channels/{quote(name, safe='')}.json",
                 {"content": content}, port=port)
@@ -174,64 +401,57 @@ def status(port=PORT):
     return api("GET", "/status.json", port=port)["status"]
 
 
-def wait_for(predicate, timeout=5.0, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not reached in time")
+def status_unix(path):
+    return api("GET", "/status.json", unix=path)["status"]
 
 
 def wait_held(count, port=PORT):
     wait_for(lambda: status(port)["held_connections_count"] == count)
 
 
-class Background(threading.Thread):
-    """Runs a (blocking) call in a thread; .result() joins and returns."""
-
-    def __init__(self, fn, *args, **kw):
-        super().__init__(daemon=True)
-        self.fn, self.args, self.kw = fn, args, kw
-        self.value = self.error = None
-        self.start()
-
-    def run(self):
-        try:
-            self.value = self.fn(*self.args, **self.kw)
-        except BaseException as e:       # reported by result()
-            self.error = e
-
-    def result(self, timeout=10):
-        self.join(timeout)
-        if self.is_alive():
-            raise AssertionError("background call did not finish")
-        if self.error:
-            raise self.error
-        return self.value
-
-
 def connect(port=PORT, timeout=5):
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
 
-def read_response(f):
-    """Read one response from a socket's binary file: (status, headers, body)
-    with lower-case header names; None on a closed connection."""
-    line = f.readline()
-    if not line:
-        return None
-    status = int(line.split()[1])
+def connect_unix(path, timeout=5):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    return s
+
+
+def split_head(head):
+    """A response head (bytes up to its blank line, lines ending in CRLF):
+    (status line, status, headers with lower-case names)."""
+    lines = head.decode("latin-1").split("\r\n")
     headers = {}
-    while True:
-        line = f.readline()
-        if line in (b"\r\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    body = f.read(int(headers.get("content-length", 0)))
-    return status, headers, body
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return lines[0], int(lines[0].split()[1]), headers
+
+
+def read_head(f):
+    """A response head read from a socket's binary file: (status, headers),
+    or None on a closed connection."""
+    lines = [f.readline()]
+    if not lines[0]:
+        return None
+    while lines[-1] not in (b"\r\n", b""):
+        lines.append(f.readline())
+    _, code, headers = split_head(b"".join(lines))
+    return code, headers
+
+
+def read_response(f):
+    """One response from a socket's binary file: (status, headers, body)
+    with lower-case header names; None on a closed connection."""
+    head = read_head(f)
+    if head is None:
+        return None
+    code, headers = head
+    return code, headers, f.read(int(headers.get("content-length", 0)))
 
 
 def exchange(data, port=PORT, timeout=5):
@@ -251,42 +471,455 @@ def get_request(path, extra=""):
     return (f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n").encode()
 
 
-def open_stream(port, path, last_event_id=None, timeout=5):
-    """Send a stream's GET on a raw socket and read the reply's head:
-    (socket, its binary file, status, headers with lower-case names)."""
-    sock = connect(port, timeout)
-    extra = ("" if last_event_id is None
-             else f"Last-Event-ID: {last_event_id}\r\n")
-    sock.sendall(get_request(path, extra))
-    f = sock.makefile("rb")
-    status = int(f.readline().split()[1])
-    headers = {}
-    while (line := f.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return sock, f, status, headers
+def channel_path(name, suffix=".json"):
+    return f"/channels/{quote(name, safe='')}{suffix}"
 
 
-def stream_events(f):
-    """The events of a stream's body read from f, as the EventSource
-    standard splits them: a dict of the fields of each block that has any
-    (comments left out), until the stream ends."""
-    event = {}
-    while True:
+def post_request(path, params):
+    """The bytes of one form POST (for pipelining)."""
+    body = urlencode(params).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+            f"application/x-www-form-urlencoded\r\nContent-Length: "
+            f"{len(body)}\r\n\r\n").encode() + body
+
+
+def pipeline(requests, port, timeout=30):
+    """Write the requests back to back on one keep-alive connection and
+    read every reply: [(status, headers, body)].  A thread writes while this
+    one reads, so full socket buffers cannot stall the two sides."""
+    with connect(port, timeout) as s:
+        writer = Background(s.sendall, b"".join(requests))
+        f = s.makefile("rb")
+        replies = []
+        for _ in requests:
+            reply = read_response(f)
+            if reply is None:
+                break
+            replies.append(reply)
+        writer.result(timeout)
+        return replies
+
+
+def pipelined_replies(port, requests, batch=200):
+    """Send requests pipelined on one connection, batch by batch: the
+    decoded JSON replies, in order (HTTP status 200 required)."""
+    replies = []
+    with connect(port, timeout=30) as s:
+        f = s.makefile("rb")
+        for i in range(0, len(requests), batch):
+            chunk = requests[i:i + batch]
+            s.sendall(b"".join(chunk))
+            for _ in chunk:
+                code, headers, body = read_response(f)
+                assert code == 200, (code, body)
+                replies.append(json.loads(body))
+    return replies
+
+
+def push_many(name, count, port):
+    """count pushes pipelined on one connection (fast): their ids."""
+    request = post_request(channel_path(name), {"content": "filler"})
+    replies = pipelined_replies(port, [request] * count)
+    assert all(reply["return_code"] == 1 for reply in replies), replies[-1]
+    return [reply["message_id"] for reply in replies]
+
+
+def sse_path(names, query=""):
+    """The stream URL of a list of channels (%7C between them)."""
+    return ("/channels/" + "%7C".join(quote(n, safe="") for n in names)
+            + ".sse" + query)
+
+
+def tcp_inode(local_port, remote_port):
+    """The inode of the TCP socket between these ports on this machine (0
+    once its process has closed it and the kernel alone keeps it), or None
+    when there is none."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if (int(fields[1].rsplit(":", 1)[1], 16) == local_port and
+                        int(fields[2].rsplit(":", 1)[1], 16) == remote_port):
+                    return int(fields[9])
+    return None
+
+
+def unread_requests(port):
+    """How many connections to `port` on this machine hold bytes the
+    server has not read yet (accepted or not)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if (int(fields[1].rsplit(":", 1)[1], 16) == port and
+                        fields[3] == "01" and
+                        int(fields[4].split(":")[1], 16) > 0):
+                    count += 1
+    return count
+
+
+def traced(pid):
+    """Whether every thread of process pid is traced (strace attached)."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                if not re.search(r"^TracerPid:\s*[1-9]", f.read(), re.M):
+                    return False
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class SSE:
+    """One EventSource stream on a raw socket: the tests' one client of
+    streams.
+
+    The request is sent and the response head parsed at once (status,
+    headers with lower-case names). For a 200 the opening block is read
+    into .opening; for any other status the whole body into .body (and
+    .json when it is JSON). next() then returns the body's items one by
+    one: {"comment": text, "raw": bytes} for a comment line, or, at the
+    blank line that ends an event, {"id"|"event"|"data"|"retry": str, ...,
+    "raw": bytes} with raw the exact bytes from its first line through the
+    blank line. next() returns None once the stream has ended (.reset tells
+    whether it ended with a reset rather than a clean close).  Through nginx
+    the body comes chunked; SSE decodes that too.  follow() reads on in a
+    thread instead, as a browser does."""
+
+    def __init__(self, port, path, headers=(), version="1.1", timeout=5,
+                 unix=None, rcvbuf=None, sock=None):
+        self.timeout = timeout
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX if unix else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+            if rcvbuf:     # set before connecting so the window stays small
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(timeout)
+            sock.connect(unix or ("127.0.0.1", port))
+        self.sock = sock
+        lines = [f"GET {path} HTTP/{version}"]
+        if version == "1.1":
+            lines.append("Host: localhost")
+        lines += ["Accept: text/event-stream", "Accept-Encoding: gzip"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.raw = b""            # received, not yet decoded
+        self.body = b""           # the decoded body so far
+        self.pos = 0              # how far next() has parsed the body
+        self.start = None         # where the event being parsed began
+        self.fields = {}
+        self.ended = self.reset = False
+        self.chunked = False
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in self.raw:
+            if not self._recv(deadline):
+                raise AssertionError("no response head: %r" % self.raw)
+        head, self.raw = self.raw.split(b"\r\n\r\n", 1)
+        self.status_line, self.status, self.headers = split_head(head)
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "")
+        self._decode()
+        self.opening = self.json = None
+        if self.status == 200:
+            while b"\n\n" not in self.body:
+                if not self._more(deadline):
+                    raise AssertionError("stream ended before its opening: "
+                                         "%r" % self.body)
+            end = self.body.index(b"\n\n") + 2
+            self.opening, self.pos = self.body[:end], end
+        else:
+            length = self.headers.get("content-length")
+            while (length is None or len(self.body) < int(length)) \
+                    and self._more(deadline):
+                pass
+            if length is not None:
+                self.body = self.body[:int(length)]
+            if self.headers.get("content-type", "").startswith(
+                    "application/json"):
+                self.json = json.loads(self.body)
+
+    # -- bytes in ---------------------------------------------------------
+
+    def _recv(self, deadline):
+        """Receive more bytes; False once the connection has ended."""
+        if self.ended:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("nothing from the stream in %.1f s"
+                                 % self.timeout)
+        self.sock.settimeout(left)
         try:
-            line = f.readline()
+            data = self.sock.recv(1 << 16)
+        except socket.timeout:
+            raise AssertionError("nothing from the stream in %.1f s"
+                                 % self.timeout) from None
         except ConnectionResetError:
+            self.reset, data = True, b""
+        if not data:
+            self.ended = True
+            return False
+        self.raw += data
+        return True
+
+    def _decode(self):
+        """Move what has been received into the body (undoing chunking)."""
+        if not self.chunked:
+            self.body += self.raw
+            self.raw = b""
             return
-        if not line:
-            return
-        line = line.decode().rstrip("\n")
-        if line == "":
-            if event:
-                yield event
-            event = {}
-        elif not line.startswith(":"):
-            field, _, value = line.partition(":")
-            event[field] = value[1:] if value.startswith(" ") else value
+        while b"\r\n" in self.raw:
+            size_line, rest = self.raw.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:           # the last chunk: the body has ended
+                self.ended, self.raw = True, b""
+                return
+            if len(rest) < size + 2:
+                return
+            self.body += rest[:size]
+            self.raw = rest[size + 2:]
+
+    def _more(self, deadline):
+        """More body bytes; False once the body has ended."""
+        while not self.ended:
+            before = len(self.body)
+            if not self._recv(deadline):
+                break
+            self._decode()
+            if len(self.body) > before:
+                return True
+        self._decode()
+        return False
+
+    # -- items out --------------------------------------------------------
+
+    def _parse(self):
+        while True:
+            end = self.body.find(b"\n", self.pos)
+            if end < 0:
+                return None
+            line, begin, self.pos = self.body[self.pos:end], self.pos, end + 1
+            if not line:
+                if self.start is None:
+                    continue           # a blank line after a comment
+                item = dict(self.fields, raw=self.body[self.start:self.pos])
+                self.start, self.fields = None, {}
+                return item
+            if line.startswith(b":") and self.start is None:
+                return {"comment": line[1:].decode(), "raw": line + b"\n"}
+            if self.start is None:
+                self.start = begin
+            name, _, value = line.decode().partition(":")
+            if value.startswith(" "):
+                value = value[1:]
+            if name == "data" and "data" in self.fields:
+                value = self.fields["data"] + "\n" + value
+            self.fields[name] = value
+
+    def next(self, timeout=5):
+        """The next item, or None once the stream has ended."""
+        deadline = time.monotonic() + timeout
+        while True:
+            item = self._parse()
+            if item is not None:
+                item["at"] = time.monotonic()
+                return item
+            if not self._more(deadline):
+                # An event cut short by the end (say a last "retry: R\n"
+                # without its blank line) comes out once, marked partial.
+                if self.start is not None or self.pos < len(self.body):
+                    start = self.pos if self.start is None else self.start
+                    item = dict(self.fields, raw=self.body[start:],
+                                partial=True, at=time.monotonic())
+                    tail = self.body[self.pos:]
+                    if tail:
+                        name, _, value = tail.decode(errors="replace") \
+                            .partition(":")
+                        item.setdefault(name, value.lstrip(" "))
+                    self.start, self.fields = None, {}
+                    self.pos = len(self.body)
+                    return item
+                return None
+
+    def event(self, timeout=5):
+        """The next event (comments skipped); fails if the stream ends."""
+        while True:
+            item = self.next(timeout)
+            if item is None:
+                raise AssertionError("stream ended; body so far: %r"
+                                     % self.body[-300:])
+            if "comment" not in item:
+                return item
+
+    def message(self, timeout=5):
+        """The next event, which must be a message: its decoded data."""
+        item = self.event(timeout)
+        assert "event" not in item and "id" in item, item
+        return json.loads(item["data"])
+
+    def contents_until(self, last, timeout=5):
+        """Contents of the messages up to and including `last`."""
+        got = []
+        while not got or got[-1] != last:
+            got.append(self.message(timeout)["content"])
+        return got
+
+    def within(self, seconds):
+        """Every item arriving within `seconds` (the stream may go on)."""
+        items, deadline = [], time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return items
+            try:
+                item = self.next(left)
+            except AssertionError:       # nothing more in time
+                return items
+            if item is None:
+                return items
+            items.append(item)
+
+    def rest(self, timeout=5):
+        """Every item up to the end of the stream, which must come."""
+        items, deadline = [], time.monotonic() + timeout
+        while True:
+            item = self.next(max(0.01, deadline - time.monotonic()))
+            if item is None:
+                return items
+            items.append(item)
+
+    # -- read by a thread -------------------------------------------------
+
+    def follow(self):
+        """Read on in a thread of its own (nothing else may read the stream
+        then): .events fills with the events, comments left out, each
+        {"data": decoded JSON, "at": arrival time} with its "id" or
+        "event"; .closed is set once the stream has ended.  Returns self."""
+        self.events, self.closed = [], threading.Event()
+        if self.status != 200:
+            self.closed.set()
+            return self
+
+        def run():
+            try:
+                while (item := self.next(timeout=3600)) is not None:
+                    if "data" in item and not item.get("partial"):
+                        event = {k: item[k] for k in ("id", "event")
+                                 if k in item}
+                        event["data"] = json.loads(item["data"])
+                        event["at"] = item["at"]
+                        self.events.append(event)
+            except (OSError, ValueError, AssertionError):
+                pass
+            finally:
+                self.closed.set()
+        threading.Thread(target=run, daemon=True).start()
+        return self
+
+    def arrived(self):
+        """The data of the message events follow() has seen, in order."""
+        return [e["data"] for e in list(self.events) if "event" not in e]
+
+    def wait_arrived(self, count, timeout=5):
+        """arrived() once it holds `count` messages or the stream ended."""
+        wait_for(lambda: len(self.arrived()) >= count or self.closed.is_set(),
+                 timeout)
+        return self.arrived()
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes a follow() thread
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class RedisProcess:
+    """A redis-server of the test's own: loopback only, no persistence (so
+    a restart comes back empty), files in a temporary directory. stop()
+    and start() again reuse the same port."""
+
+    def __init__(self, *args, port=None):
+        self.dir = tempfile.TemporaryDirectory(prefix="comet-redis-")
+        self.port = port or free_port()
+        self.socket_path = os.path.join(self.dir.name, "redis.sock")
+        self.args = args
+        self.proc = self.log = None
+        # A run cut short skips tearDownClass; redis-server would outlive it.
+        atexit.register(self.stop)
+        self.start()
+
+    def start(self):
+        self.log = open(os.path.join(self.dir.name, "redis.log"), "ab")
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.dir.name,
+             "--unixsocket", self.socket_path, "--unixsocketperm", "700",
+             "--enable-debug-command", "yes", *self.args],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("redis-server exited: " + self.output())
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 1) as s:
+                    s.sendall(b"PING\r\n")
+                    # +PONG, or -NOAUTH when it wants a password: up either way.
+                    if s.recv(100)[:1] in (b"+", b"-"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise RuntimeError("redis-server did not start: " + self.output())
+
+    def output(self):
+        return file_text(os.path.join(self.dir.name, "redis.log"))
+
+    def pause(self):
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)     # in case it was paused
+        stop_process(self.proc, signal.SIGTERM, 10)
+        if self.log is not None and not self.log.closed:
+            self.log.close()
+
+    def close(self):
+        self.stop()
+        atexit.unregister(self.stop)
+        self.dir.cleanup()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+
+def follow(port, names, since=None, last_event_id=None, client_id=None):
+    """A stream of these channels read by a thread (SSE.follow())."""
+    params = {}
+    if since is not None:
+        params["since"] = since
+    if client_id is not None:
+        params["client_id"] = client_id
+    headers = [] if last_event_id is None else [("Last-Event-ID",
+                                                 str(last_event_id))]
+    return SSE(port, sse_path(names, "?" + urlencode(params) if params else
+                              ""), headers=headers).follow()
 
 
 # ---------------------------------------------------------------------------
@@ -301,18 +934,388 @@ def setUpModule():
     global MAIN
     if PART == "C":
         return                   # the other process runs the main server
-    MAIN = ServerProcess(f"--http-port={PORT}", "--enable-status",
-                         f"--poll-timeout={MAIN_POLL_TIMEOUT}", listeners=2)
+    MAIN = ServerProcess("--enable-status",
+                         f"--poll-timeout={MAIN_POLL_TIMEOUT}", port=PORT)
 
 
 def tearDownModule():
     if MAIN is None:
         return
-    output = MAIN.output()
-    code = MAIN.stop()
-    MAIN.log.close()
-    assert code == 0, (code, output)
-    assert "Traceback" not in output, output
+    try:
+        MAIN.stop_clean()
+    finally:
+        MAIN.close()
+
+
+# ---------------------------------------------------------------------------
+# A0. The pure parts, in process: request heads, parameters, ids, bodies,
+# JSON-P (no server needed; the Redis URL and RESP reader are under C3)
+# ---------------------------------------------------------------------------
+
+from simple_comet import (  # noqa: E402
+    APIError, HTTPError, body_length, callback_error, check_id,
+    decode_params, frame_body, parse_head)
+
+
+def head(*lines, end=b"\r\n"):
+    """A request head of these lines (bytes), each ended by `end`."""
+    return b"".join(line + end for line in lines) + end
+
+
+class ParseHeadTests(unittest.TestCase):
+    """simple_comet.parse_head: what it makes of a request head, and the
+    status and message of each refusal."""
+
+    def refused(self, data, status, message):
+        with self.assertRaises(HTTPError) as caught:
+            parse_head(data)
+        self.assertEqual((caught.exception.status, caught.exception.message),
+                         (status, message), data[:80])
+        self.assertTrue(caught.exception.close)
+
+    def test_request_line_and_headers(self):
+        request = parse_head(head(b"GET /channels/a.json?since=1&cb=x HTTP/1.1",
+                                  b"Host: example.org",
+                                  b"X-Spaced:  \t value with  spaces \t",
+                                  b"Accept: a", b"accept: b",
+                                  b"X-Latin: caf\xe9"))
+        self.assertEqual((request.method, request.path, request.query,
+                          request.version),
+                         ("GET", "/channels/a.json", "since=1&cb=x",
+                          "HTTP/1.1"))
+        self.assertEqual(request.headers, {
+            "host": "example.org", "x-spaced": "value with  spaces",
+            "accept": "a, b", "x-latin": "caf\xe9"})
+        self.assertEqual(request.body, b"")
+        # A fragment is no part of the path; a target without ? has no query.
+        request = parse_head(head(b"DELETE /channels/b.json#top HTTP/1.1",
+                                  b"Host: x"))
+        self.assertEqual((request.method, request.path, request.query),
+                         ("DELETE", "/channels/b.json", ""))
+
+    def test_keep_alive(self):
+        cases = [(b"HTTP/1.1", None, True), (b"HTTP/1.1", b"close", False),
+                 (b"HTTP/1.1", b"Keep-Alive", True),
+                 (b"HTTP/1.1", b"foo, Close", False),
+                 (b"HTTP/1.0", None, False), (b"HTTP/1.0", b"keep-alive", True),
+                 (b"HTTP/1.0", b"Keep-Alive", True), (b"HTTP/1.0", b"close", False)]
+        for version, connection, keep in cases:
+            with self.subTest(version=version, connection=connection):
+                lines = [b"GET / " + version, b"Host: x"]
+                if connection is not None:
+                    lines.append(b"Connection: " + connection)
+                self.assertIs(parse_head(head(*lines)).keep_alive, keep)
+
+    def test_line_endings(self):
+        """CRLF, bare LF, and the two mixed; a bare CR anywhere is 400."""
+        for data in (head(b"GET /a HTTP/1.1", b"Host: x"),
+                     head(b"GET /a HTTP/1.1", b"Host: x", end=b"\n"),
+                     b"GET /a HTTP/1.1\r\nHost: x\n\r\n",
+                     b"GET /a HTTP/1.1\nHost: x\r\n\n"):
+            with self.subTest(data=data):
+                request = parse_head(data)
+                self.assertEqual((request.path, request.headers),
+                                 ("/a", {"host": "x"}))
+        for data in (b"GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n",
+                     b"GET / HTTP/1.1\nHost: x\rX: y\n\n",
+                     b"GET / HTTP/1.1\r\nHost: x\r\r\n\r\n",
+                     b"GET /\r HTTP/1.1\nHost: x\n\n"):
+            with self.subTest(data=data):
+                self.refused(data, 400, "Bare CR in request head")
+
+    def test_control_characters(self):
+        for data in (head(b"G\x00T / HTTP/1.1", b"Host: x"),
+                     head(b"GET / HTTP/1.1", b"Host: x", b"X: a\x01b"),
+                     head(b"GET / HTTP/1.1", b"Host: x", b"X: a\x7f"),
+                     head(b"GET / HTTP/1.1", b"Host: x", b"X: \x1b[0m")):
+            with self.subTest(data=data):
+                self.refused(data, 400, "Control character in request head")
+        # A tab may stand in a value, not in the target.
+        self.assertEqual(parse_head(head(b"GET / HTTP/1.1", b"Host: x",
+                                         b"X: a\tb")).headers["x"], "a\tb")
+        self.refused(head(b"GET /a\tb HTTP/1.1", b"Host: x"), 400,
+                     "Malformed request line")
+
+    def test_sizes(self):
+        """8 KiB of request line, 16 KiB of headers, 100 header lines."""
+        line = b"GET /" + b"a" * (8192 - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
+        self.assertEqual(len(line), 8192)
+        self.assertEqual(len(parse_head(head(line, b"Host: x")).path), 8192 - 13)
+        self.refused(head(line.replace(b"/", b"/a", 1), b"Host: x"), 414,
+                     "Request line over 8192 bytes")
+        hundred = [b"Host: x"] + [b"X%d: v" % i for i in range(99)]
+        self.assertEqual(len(parse_head(head(b"GET / HTTP/1.1",
+                                             *hundred)).headers), 100)
+        self.refused(head(b"GET / HTTP/1.1", *hundred, b"X: one more"), 431,
+                     "More than 100 header lines")
+        self.refused(head(b"GET / HTTP/1.1", b"Host: x", b"X: " + b"a" * 16400),
+                     431, "Headers over 16384 bytes")
+        # Repeated lines count one by one, even the same one.
+        self.refused(head(b"GET / HTTP/1.1", b"Host: x", *[b"X: a"] * 100), 431,
+                     "More than 100 header lines")
+
+    def test_malformed_request_lines(self):
+        for line in (b"GET", b"GET /", b"GET / HTTP/1.1 extra",
+                     b"GET  / HTTP/1.1", b" GET / HTTP/1.1", b"G(T / HTTP/1.1",
+                     b"GET@ / HTTP/1.1", b"GET  HTTP/1.1"):
+            with self.subTest(line=line):
+                self.refused(head(line, b"Host: x"), 400,
+                             "Malformed request line")
+        self.refused(head(b"GET /\xff HTTP/1.1", b"Host: x"), 400,
+                     "Non-ASCII byte in request line")
+        for version in (b"HTTP/2.0", b"HTTP/0.9", b"HTTP/3.0"):
+            with self.subTest(version=version):
+                self.refused(head(b"GET / " + version, b"Host: x"), 505,
+                             f"{version.decode()} is not supported; use HTTP/1.1")
+        for version in (b"HTTX/1.1", b"HTTP/1.10", b"HTTP/1", b"http/1.1",
+                        b"HTTP/a.b"):
+            with self.subTest(version=version):
+                self.refused(head(b"GET / " + version, b"Host: x"), 400,
+                             "Malformed HTTP version")
+
+    def test_targets(self):
+        """The absolute form names its path; * only for OPTIONS."""
+        cases = {b"http://localhost:4080/channels/a.json?since=2":
+                 ("/channels/a.json", "since=2"),
+                 b"HTTPS://example.org/x": ("/x", ""),
+                 b"http://example.org": ("/", ""),
+                 b"/channels/a%7Cb.json": ("/channels/a%7Cb.json", "")}
+        for target, (path, query) in cases.items():
+            with self.subTest(target=target):
+                request = parse_head(head(b"GET " + target + b" HTTP/1.1",
+                                          b"Host: x"))
+                self.assertEqual((request.path, request.query), (path, query))
+        self.assertEqual(parse_head(head(b"OPTIONS * HTTP/1.1", b"Host: x")).path,
+                         "/*")
+        for target in (b"*", b"nopath", b"ftp://h/x", b"http:/h/x",
+                       b"channels/a.json"):
+            with self.subTest(target=target):
+                self.refused(head(b"GET " + target + b" HTTP/1.1", b"Host: x"),
+                             400, "Malformed request target")
+
+    def test_header_lines(self):
+        """No colon, an empty or non-token name, space before the colon and
+        obs-fold (a line starting with space) are refused."""
+        for line in (b"No colon", b": empty name", b"Host : x", b" Host: x",
+                     b"\tX: y", b"X Y: z", b"X\": y", b"caf\xe9: x"):
+            with self.subTest(line=line):
+                self.refused(head(b"GET / HTTP/1.1", b"Host: x", line), 400,
+                             "Malformed header line")
+        self.refused(head(b"GET / HTTP/1.1", b"Host: x", b"X: a", b" folded"),
+                     400, "Malformed header line")
+
+    def test_host_and_content_length(self):
+        """One Host (HTTP/1.1 needs it); Content-Length repeated only with
+        the same value."""
+        self.refused(head(b"GET / HTTP/1.1"), 400,
+                     "HTTP/1.1 request without Host header")
+        self.assertEqual(parse_head(head(b"GET / HTTP/1.0")).headers, {})
+        for hosts in ((b"a", b"b"), (b"a", b"a")):
+            with self.subTest(hosts=hosts):
+                self.refused(head(b"GET / HTTP/1.1", b"Host: " + hosts[0],
+                                  b"Host: " + hosts[1]), 400,
+                             "Conflicting host headers")
+        request = parse_head(head(b"POST / HTTP/1.1", b"Host: x",
+                                  b"Content-Length: 5", b"content-length:  5"))
+        self.assertEqual(request.headers["content-length"], "5")
+        self.refused(head(b"POST / HTTP/1.1", b"Host: x", b"Content-Length: 1",
+                          b"Content-Length: 2"), 400,
+                     "Conflicting content-length headers")
+
+
+def request_with(*header_lines, version=b"HTTP/1.1"):
+    return parse_head(head(b"POST /channels.json " + version, b"Host: x",
+                           *header_lines))
+
+
+class BodyLengthTests(unittest.TestCase):
+    """simple_comet.body_length: how much body a request announces."""
+
+    def refused(self, request, status, message, max_body=1000):
+        with self.assertRaises(HTTPError) as caught:
+            body_length(request, max_body)
+        self.assertEqual((caught.exception.status, caught.exception.message),
+                         (status, message))
+
+    def test_lengths(self):
+        self.assertEqual(body_length(request_with(), 1000), 0)
+        for value, length in ((b"0", 0), (b"5", 5), (b"1000", 1000),
+                              (b"007", 7), (b" 12 ", 12)):
+            with self.subTest(value=value):
+                self.assertEqual(body_length(request_with(
+                    b"Content-Length: " + value), 1000), length)
+        self.assertEqual(body_length(request_with(
+            b"Content-Length: 5", b"Content-Length: 5"), 1000), 5)
+
+    def test_bad_lengths(self):
+        for value in (b"", b"-1", b"+5", b"1x", b"0x10", b"1 2", b"1.0",
+                      b"\xd9\xa3", b"1" * 19):
+            with self.subTest(value=value):
+                self.refused(request_with(b"Content-Length: " + value), 400,
+                             "Malformed Content-Length")
+        self.refused(request_with(b"Content-Length: 1001"), 413,
+                     "Body over 1000 bytes")
+        self.refused(request_with(b"Content-Length: " + b"9" * 18), 413,
+                     "Body over 1000 bytes")
+
+    def test_transfer_encoding(self):
+        for coding in (b"chunked", b"Chunked", b"CHUNKED"):
+            with self.subTest(coding=coding):
+                self.assertIsNone(body_length(request_with(
+                    b"Transfer-Encoding: " + coding), 1000))
+        self.refused(request_with(b"Transfer-Encoding: gzip"), 501,
+                     "Transfer coding not supported: gzip (only chunked)")
+        self.refused(request_with(b"Transfer-Encoding: gzip, chunked"), 501,
+                     "Transfer coding not supported: gzip, chunked (only "
+                     "chunked)")
+        self.refused(request_with(b"Transfer-Encoding: chunked",
+                                  b"Content-Length: 3"), 400,
+                     "Both Content-Length and Transfer-Encoding")
+        self.refused(request_with(b"Transfer-Encoding: chunked",
+                                  version=b"HTTP/1.0"), 400,
+                     "Transfer-Encoding in an HTTP/1.0 request")
+        long = b"x" * 100
+        with self.assertRaises(HTTPError) as caught:
+            body_length(request_with(b"Transfer-Encoding: " + long), 1000)
+        self.assertEqual(caught.exception.message,
+                         f"Transfer coding not supported: {'x' * 40} (only "
+                         "chunked)")
+
+
+class DecodeParamsTests(unittest.TestCase):
+    """simple_comet.decode_params: query strings and forms."""
+
+    def test_plain(self):
+        cases = {"": {}, "a=1": {"a": "1"}, "a=1&b=2": {"a": "1", "b": "2"},
+                 "a": {"a": ""}, "a=": {"a": ""}, "a=1&&b=2&": {"a": "1",
+                                                                 "b": "2"},
+                 "a=1=2": {"a": "1=2"}, "a=1;b=2": {"a": "1;b=2"},
+                 "cb=_JSONP_x.y": {"cb": "_JSONP_x.y"}}
+        for text, params in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(decode_params(text, "query"), params)
+
+    def test_escapes_and_plus(self):
+        cases = {"a=%41": {"a": "A"}, "a=b+c": {"a": "b c"},
+                 "a+b=c": {"a b": "c"}, "%61=1": {"a": "1"},
+                 "a=%C3%A9%e2%98%83": {"a": "\u00e9\u2603"},
+                 "a=%2B": {"a": "+"}, "a=%26&b=%3D": {"a": "&", "b": "="},
+                 "a=%7C": {"a": "|"}, "a=1=2&b=%20": {"a": "1=2", "b": " "},
+                 "a=%00": {"a": "\x00"}}
+        for text, params in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(decode_params(text, "query"), params)
+
+    def test_bad_escapes(self):
+        for text in ("a=%zz", "a=%4", "a=%", "a=%%41", "%g1=x", "a=1&b=%+1"):
+            with self.subTest(text=text):
+                with self.assertRaises(HTTPError) as caught:
+                    decode_params(text, "form")
+                self.assertEqual((caught.exception.status,
+                                  caught.exception.message),
+                                 (400, "Malformed percent-escape in form"))
+        for text in ("a=%ff", "a=%C3", "a=%ed%a0%80", "%ff=1"):
+            with self.subTest(text=text):
+                with self.assertRaises(HTTPError) as caught:
+                    decode_params(text, "query")
+                self.assertEqual((caught.exception.status,
+                                  caught.exception.message),
+                                 (400, "Invalid UTF-8 in query"))
+
+    def test_repeated_parameters(self):
+        """The same value twice is one; two values are a -1 API error."""
+        self.assertEqual(decode_params("a=1&a=1", "query"), {"a": "1"})
+        self.assertEqual(decode_params("a=%31&a=1", "query"), {"a": "1"})
+        for text in ("a=1&a=2", "a=1&a=", "a&a=x", "a=+&a=%20x"):
+            with self.subTest(text=text):
+                with self.assertRaises(APIError) as caught:
+                    decode_params(text, "query")
+                self.assertEqual((caught.exception.return_code,
+                                  caught.exception.message),
+                                 (-1, "Parameter a given twice"))
+
+    def test_field_count(self):
+        hundred = "&".join(f"f{i}=1" for i in range(100))
+        self.assertEqual(len(decode_params(hundred, "query")), 100)
+        for text in (hundred + "&x=1", hundred + "&", "&" * 100):
+            with self.subTest(text=text[-10:]):
+                with self.assertRaises(HTTPError) as caught:
+                    decode_params(text, "query")
+                self.assertEqual((caught.exception.status,
+                                  caught.exception.message),
+                                 (400, "More than 100 fields in query"))
+
+
+class CheckIdTests(unittest.TestCase):
+    """simple_comet.check_id: channel and client ids."""
+
+    def refused(self, value, message, channel=True, what="channel_id"):
+        with self.assertRaises(APIError) as caught:
+            check_id(value, what, channel)
+        self.assertEqual((caught.exception.return_code,
+                          caught.exception.message), (-1, message))
+
+    def test_accepted(self):
+        for value in ("a", "x" * 200, "\u00e9" * 100, "\U0001F600" * 50,
+                      "sp ace", "q\"uo\\te", "\u4e2d" * 66 + "ab", "a.b-c_d"):
+            with self.subTest(value=value[:20]):
+                self.assertEqual(check_id(value, "channel_id", True), value)
+        # A client id may hold | and /.
+        self.assertEqual(check_id("a|b/c", "client_id"), "a|b/c")
+
+    def test_refused(self):
+        self.refused("", "Missing channel_id")
+        self.refused("", "Missing client_id", False, "client_id")
+        for value in ("x" * 201, "\u00e9" * 101, "a" + "\u00e9" * 100,
+                      "\U0001F600" * 50 + "a", "\u4e2d" * 67):
+            with self.subTest(value=value[:20]):
+                self.assertGreater(len(value.encode()), 200)
+                self.refused(value, "channel_id longer than 200 bytes")
+        for value in ("a\x01b", "tab\there", "nl\n", "c\x7f", "\u2028",
+                      "a\x00"):
+            with self.subTest(value=value):
+                self.refused(value, "Control character in channel_id")
+        for value in ("a|b", "a/b", "/", "|"):
+            with self.subTest(value=value):
+                self.refused(value, "channel_id contains | or /")
+        # Length is checked before characters.
+        self.refused("|" * 201, "channel_id longer than 200 bytes")
+
+
+class JSONPFunctionTests(unittest.TestCase):
+    """simple_comet.callback_error and frame_body."""
+
+    def test_callback_names(self):
+        for name in ("_JSONP_comet_cb", "_JSONP_a.b_1", "_JSONP_",
+                     "_JSONP_" + "x" * 57, "_JSONP_A9._"):
+            with self.subTest(name=name):
+                self.assertIsNone(callback_error(name))
+        cases = {"alert": "JSONP callback name must start with _JSONP_",
+                 "": "JSONP callback name must start with _JSONP_",
+                 "_jsonp_x": "JSONP callback name must start with _JSONP_",
+                 "_JSONP_" + "x" * 58: "JSONP callback name longer than 64",
+                 "a" * 65: "JSONP callback name longer than 64",
+                 "_JSONP_a-b": "invalid JSONP callback name",
+                 "_JSONP_x(1);alert": "invalid JSONP callback name",
+                 "_JSONP_\u00e9": "invalid JSONP callback name",
+                 "_JSONP_x</script>": "invalid JSONP callback name",
+                 "_JSONP_x\u2028": "invalid JSONP callback name",
+                 "_JSONP_x y": "invalid JSONP callback name"}
+        for name, error in cases.items():
+            with self.subTest(name=name):
+                self.assertEqual(callback_error(name), error)
+
+    def test_frames(self):
+        text = '{"content": "\u00e9"}'
+        self.assertEqual(frame_body(text, None, False),
+                         (b"application/json", text.encode()))
+        self.assertEqual(frame_body(text, None, True),
+                         (b"application/json",
+                          b"/*-secure- " + text.encode() + b" */"))
+        for quote_json in (False, True):       # JSON-P is never quoted
+            self.assertEqual(frame_body(text, "_JSONP_x", quote_json),
+                             (b"application/javascript",
+                              b"/**/_JSONP_x(" + text.encode() + b");"))
 
 
 # ---------------------------------------------------------------------------
@@ -336,14 +1339,15 @@ class CommandLineTests(unittest.TestCase):
         self.assertRegex(result.stdout, r"^simple_comet\.py \d+\.\d+\.\d+\n$")
 
     def test_bad_values_exit_2_with_one_line(self):
-        for args in (["--http-port=70000"], ["--http-port=0"],
-                     ["--http-timeout=0"], ["--poll-timeout=-1"],
-                     ["--session-timeout=nan"], ["--messages-per-channel=0"],
-                     ["--max-messages-per-channel", "x"],
-                     ["--max-connections=0"], ["--unix-socket-mode=999"],
-                     ["--inactive-channel-timeout=inf"], ["--no-such-switch"]):
+        cases = (["--http-port=70000"], ["--http-port=0"],
+                 ["--http-timeout=0"], ["--poll-timeout=-1"],
+                 ["--session-timeout=nan"], ["--messages-per-channel=0"],
+                 ["--max-messages-per-channel", "x"],
+                 ["--max-connections=0"], ["--unix-socket-mode=999"],
+                 ["--inactive-channel-timeout=inf"], ["--no-such-switch"])
+        results = run_servers([(args, None) for args in cases])
+        for args, result in zip(cases, results):
             with self.subTest(args=args):
-                result = run_server(*args)
                 self.assertEqual(result.returncode, 2)
                 self.assertEqual(result.stdout, "")
                 self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
@@ -359,53 +1363,53 @@ class CommandLineTests(unittest.TestCase):
         self.assertNotIn("Traceback", result.stderr)
 
     def test_both_switch_spellings_and_http_host(self):
-        server = ServerProcess("--http-port", str(OTHER_PORT), "--http-host",
+        server = ServerProcess("--http-port", "{port}", "--http-host",
                                "127.0.0.1", "--max-messages-per-channel", "2")
+        p = server.port
         try:
-            self.assertIn(f"listening on http://127.0.0.1:{OTHER_PORT}",
+            self.assertIn(f"listening on http://127.0.0.1:{p}",
                           server.output())
-            name = register(port=OTHER_PORT)
+            name = register(port=p)
             for i in range(3):
-                push(name, f"m{i}", port=OTHER_PORT)
-            got = read([name], port=OTHER_PORT)["messages"][name]
+                push(name, f"m{i}", port=p)
+            got = read([name], port=p)["messages"][name]
             self.assertEqual([m["content"] for m in got], ["m1", "m2"])
         finally:
             server.close()
 
     def test_messages_per_channel(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}",
-                               "--messages-per-channel=3")
+        server = ServerProcess("--messages-per-channel=3")
+        p = server.port
         try:
-            name = register(port=OTHER_PORT)
+            name = register(port=p)
             for i in range(5):
-                push(name, f"m{i}", port=OTHER_PORT)
-            got = read([name], port=OTHER_PORT)["messages"][name]
+                push(name, f"m{i}", port=p)
+            got = read([name], port=p)["messages"][name]
             self.assertEqual([m["content"] for m in got], ["m2", "m3", "m4"])
         finally:
             server.close()
 
     def test_quote_json(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--quote-json",
-                               "--poll-timeout=0.2")
+        server = ServerProcess("--quote-json", "--poll-timeout=0.2")
         try:
             resp, body = call("POST", "/channels.json", {"channel_id": "q"},
-                              port=OTHER_PORT)
+                              port=server.port)
             text = body.decode()
             self.assertTrue(text.startswith("/*-secure- "), text)
             self.assertTrue(text.endswith(" */"), text)
             self.assertEqual(json.loads(text[11:-3])["channel_id"], "q")
             # JSON-P is already a script and is not wrapped.
             resp, body = call("GET", "/channels/q.jsonp?since=99999999999999",
-                              port=OTHER_PORT)
+                              port=server.port)
             self.assertTrue(body.startswith(b"/**/_JSONP_comet_cb("), body)
         finally:
             server.close()
 
     def test_status_is_off_by_default(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}")
+        server = ServerProcess()
         try:
             for path in ("/status.json", "/stats.json"):
-                resp, _ = call("GET", path, port=OTHER_PORT)
+                resp, _ = call("GET", path, port=server.port)
                 self.assertEqual(resp.status, 404)
         finally:
             server.close()
@@ -414,11 +1418,11 @@ class CommandLineTests(unittest.TestCase):
         # Client mistakes are logged at INFO (SPEC C4): hidden at WARNING,
         # shown at INFO.
         for level, shown in (("warning", False), ("info", True)):
-            server = ServerProcess(f"--http-port={OTHER_PORT}",
-                                   f"--log-level={level}", wait=False)
+            # At WARNING the log does not say when the server listens: it
+            # is waited for by connecting.
+            server = ServerProcess(f"--log-level={level}")
             try:
-                wait_for(lambda: self._accepts(OTHER_PORT))
-                call("GET", "/nowhere.json", port=OTHER_PORT)
+                call("GET", "/nowhere.json", port=server.port)
                 self.assertEqual(server.stop(), 0)
                 output = server.output()
                 self.assertNotIn("WARNING", output)
@@ -427,14 +1431,6 @@ class CommandLineTests(unittest.TestCase):
                                  shown)
             finally:
                 server.close()
-
-    @staticmethod
-    def _accepts(port):
-        try:
-            connect(port).close()
-            return True
-        except OSError:
-            return False
 
 
 class UnixSocketTests(unittest.TestCase):
@@ -447,7 +1443,7 @@ class UnixSocketTests(unittest.TestCase):
         self.dir.cleanup()
 
     def test_socket_mode_serving_and_removal(self):
-        server = ServerProcess(f"--unix-socket-path={self.path}")
+        server = ServerProcess(f"--unix-socket-path={self.path}", port=None)
         try:
             self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o666)
             self.assertNotIn("http://", server.output())   # socket only
@@ -465,11 +1461,10 @@ class UnixSocketTests(unittest.TestCase):
 
     def test_prefix_switch_and_mode(self):
         server = ServerProcess("--unix-socket", self.path,
-                               "--unix-socket-mode=660",
-                               f"--http-port={OTHER_PORT}", listeners=2)
+                               "--unix-socket-mode=660")
         try:
             self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o660)
-            register(port=OTHER_PORT)             # TCP too
+            register(port=server.port)            # TCP too
         finally:
             server.close()
 
@@ -477,7 +1472,7 @@ class UnixSocketTests(unittest.TestCase):
         stale = socket.socket(socket.AF_UNIX)
         stale.bind(self.path)
         stale.close()                              # file left, nobody listens
-        server = ServerProcess(f"--unix-socket-path={self.path}")
+        server = ServerProcess(f"--unix-socket-path={self.path}", port=None)
         try:
             register_unix(self.path)
             result = run_server(f"--unix-socket-path={self.path}")
@@ -503,13 +1498,6 @@ class UnixSocketTests(unittest.TestCase):
         self.assertIn("not a socket", result.stderr)
         with open(self.path) as f:
             self.assertEqual(f.read(), "data")
-
-
-def register_unix(path):
-    name = fresh()
-    reply = api("POST", "/channels.json", {"channel_id": name}, unix=path)
-    assert reply["return_code"] == 1, reply
-    return name
 
 
 # ---------------------------------------------------------------------------
@@ -745,22 +1733,21 @@ class LongPollTests(unittest.TestCase):
         self.assertEqual(seen, [str(i) for i in range(200)])
 
     def test_poll_timeout_answers_with_empty_lists(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}",
-                               "--poll-timeout=0.2")
+        server = ServerProcess("--poll-timeout=0.2")
         try:
-            a, b = register(port=OTHER_PORT), register(port=OTHER_PORT)
-            last = push(a, "x", port=OTHER_PORT)["message_id"]
+            a, b = register(port=server.port), register(port=server.port)
+            last = push(a, "x", port=server.port)["message_id"]
             start = time.monotonic()
-            reply = read([a, b], since=last, port=OTHER_PORT)
+            reply = read([a, b], since=last, port=server.port)
             elapsed = time.monotonic() - start
             self.assertGreaterEqual(elapsed, 0.15)
-            self.assertLess(elapsed, 2)
+            self.assertLess(elapsed, 5)
             self.assertEqual(reply, {"return_code": 1, "error_message": "",
                                      "since": last, "last_id": last,
                                      "messages": {a: [], b: []}})
             # JSON-P too, through its callback.
             resp, body = call("GET", f"/channels/{a}.jsonp?since={last}&cb="
-                              "_JSONP_t", port=OTHER_PORT)
+                              "_JSONP_t", port=server.port)
             self.assertTrue(body.startswith(b"/**/_JSONP_t({"), body)
         finally:
             server.close()
@@ -865,41 +1852,49 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(reply["return_code"], -1)
 
     def test_expiry_of_sessions_and_inactive_channels(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status",
+        server = ServerProcess("--enable-status",
                                "--session-timeout=0.4",
                                "--inactive-channel-timeout=0.6",
-                               "--poll-timeout=0.9")
-        p = OTHER_PORT
+                               "--poll-timeout=10")
+        p = server.port
         try:
+            # Registered in this order, kept and held_ch would expire no
+            # later than idle and push_ch, were they not kept alive.
             kept, idle = fresh("kept"), fresh("idle")
             for client in (kept, idle):
                 api("POST", "/clients.json", {"client_id": client}, port=p)
-            read_ch, push_ch, held_ch = (register(port=p) for _ in range(3))
+            held_ch, read_ch, push_ch = (register(port=p) for _ in range(3))
             push(read_ch, "r", port=p)
             last = push(held_ch, "h", port=p)["message_id"]
             # A held poll keeps its client and channel alive past both
             # timeouts; reads keep read_ch alive; pushes do not count.
             poll = Background(read, [held_ch], since=last, client_id=kept,
                               port=p)
-            deadline = time.monotonic() + 0.85
-            while time.monotonic() < deadline:
+            wait_held(1, p)
+            deadline = time.monotonic() + 5
+            while True:
                 read([read_ch], port=p)
                 api("POST", f"/channels/{push_ch}.json", {"content": "p"},
                     port=p)               # -2 once the channel has expired
+                st = status(p)
+                if idle not in st["clients"] and \
+                        push_ch not in st["channels"]:
+                    break
+                self.assertLess(time.monotonic(), deadline, st)
                 time.sleep(0.05)
-            st = status(p)
             self.assertIn(kept, st["clients"])
-            self.assertNotIn(idle, st["clients"])
             self.assertIn(read_ch, st["channels"])
             self.assertIn(held_ch, st["channels"])
-            self.assertNotIn(push_ch, st["channels"])
             self.assertEqual(read([push_ch], port=p)["return_code"], -2)
-            self.assertEqual(poll.result()["messages"], {held_ch: []})
+            self.assertTrue(poll.is_alive())
+            push(held_ch, "wake", port=p)
+            self.assertEqual([m["content"] for m in
+                              poll.result()["messages"][held_ch]], ["wake"])
             self.assertEqual(read([read_ch], client_id=idle, port=p)
                              ["return_code"], -3)
             # Once nobody reads, everything goes.
             wait_for(lambda: status(p)["channels"] == [] and
-                     status(p)["clients"] == [], timeout=3)
+                     status(p)["clients"] == [], timeout=5)
         finally:
             server.close()
 
@@ -957,6 +1952,7 @@ class JSONPTests(unittest.TestCase):
 
     def test_bad_callbacks_get_a_comment_never_the_callers_text(self):
         name = register()
+        push(name, "x")                # so that the good read is not held
         for cb in ("alert", "_JSONP_x(1);alert", "_JSONP_" + "x" * 58,
                    "_JSONP_a-b", "_JSONP_é", "", "_JSONP_x</script>",
                    "_JSONP_x\u2028"):
@@ -1006,8 +2002,7 @@ class AdminTokenTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = ServerProcess(f"--http-port={OTHER_PORT}",
-                                   "--admin-token=s3cret", "--enable-status",
+        cls.server = ServerProcess("--admin-token=s3cret", "--enable-status",
                                    "--poll-timeout=0.2")
 
     @classmethod
@@ -1027,34 +2022,33 @@ class AdminTokenTests(unittest.TestCase):
                     ("GET", "/status.json", None)):
                 with self.subTest(headers=headers, method=method, path=path):
                     resp, body = call(method, path, params, headers=headers,
-                                      port=OTHER_PORT)
+                                      port=self.server.port)
                     self.assertEqual(resp.status, 403)
                     self.assertEqual(resp.getheader("Content-Type"),
                                      "application/json")
                     self.assertIn("token", json.loads(body)["error_message"])
         resp, body = call("POST", "/channels.json", {"channel_id": "t"},
-                          headers=good, port=OTHER_PORT)
+                          headers=good, port=self.server.port)
         self.assertEqual(json.loads(body)["return_code"], 1)
         resp, body = call("POST", "/channels/t.json", {"content": "x"},
                           headers={"Authorization": "bearer s3cret"},
-                          port=OTHER_PORT)
+                          port=self.server.port)
         self.assertEqual(json.loads(body)["return_code"], 1)
         # Reads stay open.
-        reply = read(["t"], port=OTHER_PORT)
+        reply = read(["t"], port=self.server.port)
         self.assertEqual(reply["messages"]["t"][0]["content"], "x")
-        resp, body = call("GET", "/status.json", headers=good, port=OTHER_PORT)
+        resp, body = call("GET", "/status.json", headers=good, port=self.server.port)
         self.assertEqual(resp.status, 200)
 
     def test_token_from_environment(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT + 1}",
-                               env={"SIMPLE_COMET_ADMIN_TOKEN": "envtok"})
+        server = ServerProcess(env={"SIMPLE_COMET_ADMIN_TOKEN": "envtok"})
         try:
             resp, _ = call("POST", "/channels.json", {"channel_id": "e"},
-                           port=OTHER_PORT + 1)
+                           port=server.port)
             self.assertEqual(resp.status, 403)
             resp, body = call("POST", "/channels.json", {"channel_id": "e"},
                               headers={"Authorization": "Bearer envtok"},
-                              port=OTHER_PORT + 1)
+                              port=server.port)
             self.assertEqual(json.loads(body)["return_code"], 1)
         finally:
             server.close()
@@ -1335,12 +2329,12 @@ class HTTPTests(unittest.TestCase):
                           b"X: a\r\n" * 99 + b"\r\n", 404, closed=False)
 
     def test_max_body_switch(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--max-body=20")
+        server = ServerProcess("--max-body=20")
         try:
             self.assertEqual(api("POST", "/channels.json", {"channel_id": "m"},
-                                 port=OTHER_PORT)["return_code"], 1)
+                                 port=server.port)["return_code"], 1)
             resp, body = call("POST", "/channels/m.json", {"content": "x" * 20},
-                              port=OTHER_PORT)
+                              port=server.port)
             self.assertEqual(resp.status, 413)
         finally:
             server.close()
@@ -1387,15 +2381,14 @@ class TimeoutTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = ServerProcess(f"--http-port={OTHER_PORT}",
-                                   "--http-timeout=0.4", "--poll-timeout=0.2")
+        cls.server = ServerProcess("--http-timeout=0.4", "--poll-timeout=0.2")
 
     @classmethod
     def tearDownClass(cls):
         cls.server.close()
 
     def closed_after(self, data):
-        with connect(OTHER_PORT) as s:
+        with connect(self.server.port) as s:
             start = time.monotonic()
             if data:
                 s.sendall(data)
@@ -1408,13 +2401,13 @@ class TimeoutTests(unittest.TestCase):
         elapsed, received = self.closed_after(b"")
         self.assertEqual(received, b"")
         self.assertGreaterEqual(elapsed, 0.35)
-        self.assertLess(elapsed, 2)
+        self.assertLess(elapsed, 5)
 
     def test_partial_request_closed(self):
         elapsed, received = self.closed_after(b"GET /channels/a.json HTTP/1.1"
                                               b"\r\nHost: x\r\n")
         self.assertGreaterEqual(elapsed, 0.35)
-        self.assertLess(elapsed, 2)
+        self.assertLess(elapsed, 5)
 
     def test_keep_alive_idle_after_reply(self):
         request = b"GET /nope.json HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -1424,8 +2417,8 @@ class TimeoutTests(unittest.TestCase):
 
     def test_held_polls_outlive_the_http_timeout(self):
         # Polls answered by --poll-timeout keep their connection going.
-        name = register(port=OTHER_PORT)
-        with connect(OTHER_PORT) as s:
+        name = register(port=self.server.port)
+        with connect(self.server.port) as s:
             f = s.makefile("rb")
             for _ in range(4):                 # 0.8 s in all, > 0.4
                 s.sendall(get_request(f"/channels/{name}.json"))
@@ -1443,25 +2436,27 @@ class ShutdownTests(unittest.TestCase):
         for sig in (signal.SIGTERM, signal.SIGINT):
             with self.subTest(sig=sig), tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "comet.sock")
-                server = ServerProcess(f"--http-port={OTHER_PORT}",
-                                       f"--unix-socket-path={path}",
-                                       listeners=2)
+                server = ServerProcess(f"--unix-socket-path={path}",
+                                       "--enable-status")
                 try:
-                    name = register(port=OTHER_PORT)
-                    last = push(name, "x", port=OTHER_PORT)["message_id"]
+                    name = register(port=server.port)
+                    last = push(name, "x", port=server.port)["message_id"]
                     target = f"/channels/{name}.json?since={last}"
                     polls = [Background(exchange, get_request(target),
-                                        OTHER_PORT),
+                                        server.port),
                              Background(exchange, f"GET {target} HTTP/1.0\r\n"
-                                        "\r\n".encode(), OTHER_PORT)]
-                    idle = connect(OTHER_PORT)
-                    time.sleep(0.3)
-                    server.proc.send_signal(sig)
-                    self.assertEqual(server.proc.wait(5), 0)
+                                        "\r\n".encode(), server.port)]
+                    idle = connect(server.port)
+                    # Both polls held, the idle connection taken (and the
+                    # one asking).
+                    wait_for(lambda: (lambda st: (
+                        st["held_connections_count"], st["connections"]))(
+                            status(server.port)) == (2, 4))
+                    self.assertEqual(server.stop(sig, timeout=5), 0)
                     for poll in polls:
                         replies = poll.result()
                         self.assertEqual(len(replies), 1)
-                        status, headers, body = replies[0]
+                        code, headers, body = replies[0]
                         self.assertEqual(headers["connection"], "close")
                         self.assertEqual(json.loads(body)["messages"],
                                          {name: []})
@@ -1470,7 +2465,7 @@ class ShutdownTests(unittest.TestCase):
                     self.assertFalse(os.path.exists(path))
                     self.assertNotIn("Traceback", server.output())
                     with self.assertRaises(OSError):
-                        connect(OTHER_PORT).close()
+                        connect(server.port).close()
                 finally:
                     server.close()
 
@@ -1481,16 +2476,15 @@ class ConnectionCapTests(unittest.TestCase):
         # Loopback may go LOCAL_RESERVE beyond the cap (SPEC C4), so that a
         # saturated server can still be looked at; then 503.
         cap = 3 + simple_comet.LOCAL_RESERVE
-        server = ServerProcess(f"--http-port={OTHER_PORT}",
-                               "--max-connections=3", "--enable-status")
+        server = ServerProcess("--max-connections=3", "--enable-status")
         held = []
         try:
             for _ in range(cap):
-                s = connect(OTHER_PORT)
+                s = connect(server.port)
                 held.append((s, s.makefile("rb")))
                 s.sendall(get_request("/status.json"))
                 self.assertEqual(read_response(held[-1][1])[0], 200)
-            with connect(OTHER_PORT) as extra:
+            with connect(server.port) as extra:
                 start = time.monotonic()
                 f = extra.makefile("rb")
                 status_code, headers, body = read_response(f)
@@ -1498,7 +2492,8 @@ class ConnectionCapTests(unittest.TestCase):
                 self.assertIn("too many connections",
                               json.loads(body)["error_message"])
                 self.assertIsNone(read_response(f))
-                self.assertLess(time.monotonic() - start, 1)
+                # At once: not after --http-timeout (30 s).
+                self.assertLess(time.monotonic() - start, 3)
             # The first ones are unaffected.
             for s, f in held:
                 s.sendall(get_request("/status.json"))
@@ -1508,7 +2503,7 @@ class ConnectionCapTests(unittest.TestCase):
             f.close()
             s.close()
             # A freed slot is usable again.
-            wait_for(lambda: self.accepted(OTHER_PORT, cap))
+            wait_for(lambda: self.accepted(server.port, cap))
         finally:
             for s, f in held:
                 f.close()
@@ -1581,21 +2576,21 @@ class FuzzTests(unittest.TestCase):
         return bytes(data)
 
     def test_fuzz(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status",
+        server = ServerProcess("--enable-status",
                                "--poll-timeout=0.05", "--http-timeout=0.3")
         try:
             for name in ("fz", "other", "kept"):
-                register(name, port=OTHER_PORT)
+                register(name, port=server.port)
             # On a channel the mutated requests do not name, so its short
             # history is not pushed out by their pushes.
-            pushed = [push("kept", f"keep {i} \u2028é", port=OTHER_PORT)
+            pushed = [push("kept", f"keep {i} \u2028é", port=server.port)
                       ["message_id"] for i in range(5)]
             rng = random.Random(20261121)
             statuses = {}
             for _ in range(FUZZ_REQUESTS):
                 data = self.mutate(rng, rng.choice(self.SEEDS))
                 try:
-                    with connect(OTHER_PORT, timeout=3) as s:
+                    with connect(server.port, timeout=10) as s:
                         s.sendall(data)
                         s.shutdown(socket.SHUT_WR)
                         reply = b""
@@ -1614,7 +2609,7 @@ class FuzzTests(unittest.TestCase):
                    f"status {dict(sorted(statuses.items()))}")
             self.assertGreater(statuses.get(b"200", 0), 10, statuses)
             self.assertGreater(statuses.get(b"400", 0), 10, statuses)
-            reply = read(["kept"], port=OTHER_PORT)
+            reply = read(["kept"], port=server.port)
             self.assertEqual([m["id"] for m in reply["messages"]["kept"]],
                              pushed)
             self.assertEqual([m["content"] for m in reply["messages"]["kept"]],
@@ -1638,7 +2633,6 @@ class FuzzTests(unittest.TestCase):
 
 CLIENT_JS = os.path.join(HERE, "simple-comet.js")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-BROWSER_PORT = 4091          # comet servers for these tests: 4091 and 4092
 
 
 class Chromium:
@@ -1737,7 +2731,7 @@ class Tab:
             raise RuntimeError("page error: %s" % result["exceptionDetails"])
         return result["result"].get("value")
 
-    def wait_for(self, expression, timeout=5):
+    def wait_for(self, expression, timeout=10):
         """Poll `expression` until it is truthy; return its last value."""
         deadline = time.monotonic() + timeout
         while True:
@@ -1831,15 +2825,15 @@ class BrowserPages:
 class BrowserTests(BrowserPages, unittest.TestCase):
     """simple-comet.js in a real browser, on a page of another origin."""
 
-    def start_server(self, port, poll_timeout):
-        server = ServerProcess(f"--http-port={port}", "--enable-status",
-                               f"--poll-timeout={poll_timeout}")
+    def start_server(self, poll_timeout, port=FREE):
+        server = ServerProcess("--enable-status",
+                               f"--poll-timeout={poll_timeout}", port=port)
         self.addCleanup(server.close)
         return server
 
     def setUp(self):
-        self.port = BROWSER_PORT
-        self.server = self.start_server(self.port, 0.2)
+        self.server = self.start_server(0.2)
+        self.port = self.server.port
         self.tab = self.browser.new_tab()
         self.addCleanup(self.tab.close)
 
@@ -1856,7 +2850,7 @@ class BrowserTests(BrowserPages, unittest.TestCase):
         wait_for(lambda: status(port or self.port)["held_connections_count"]
                  >= count)
 
-    def wait_got(self, expected, timeout=5):
+    def wait_got(self, expected, timeout=10):
         """Wait until the page recorded `expected` (a list), then check it."""
         self.tab.wait_for("got.length >= %d" % len(expected), timeout)
         self.assertEqual(self.tab.js("got"), expected)
@@ -1946,8 +2940,7 @@ class BrowserTests(BrowserPages, unittest.TestCase):
         # The server holds polls for 5 s, the client gives up after 0.3 s:
         # several abandoned polls are held when the message comes, and all
         # are answered, but the page must see it once.
-        port = BROWSER_PORT + 1
-        self.start_server(port, 5)
+        port = self.start_server(5).port
         register("S", port=port)
         self.open_page('SimpleComet.timeout = 300; SimpleComet.backoff = 50;'
                        'SimpleComet.subscribe(COMET + "S.jsonp", record("s"), null, failed);'
@@ -1969,7 +2962,7 @@ class BrowserTests(BrowserPages, unittest.TestCase):
         self.wait_got(["s Z first"])
         self.server.close()
         time.sleep(0.3)               # let the page meet the closed port
-        self.server = self.start_server(self.port, 0.2)
+        self.server = self.start_server(0.2, port=self.port)
         register("Z", port=self.port)
         push("Z", "second", port=self.port)
         self.wait_got(["s Z first", "s Z second"], timeout=10)
@@ -2125,35 +3118,38 @@ def build_nginx_conf(snippet, prefix, sock, public_port, private_port,
         '}\n' % (group, prefix, prefix, temps, snippet, minimal))
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc, sig, timeout=5):
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(sig)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    except OSError:
-        pass
-
-
-def _output(path, tail=3000):
-    try:
-        with open(path, errors='replace') as f:
-            text = f.read()
-    except OSError:
-        return ''
-    return text[-tail:] if tail else text
-
-
 FORM = {'Content-Type': 'application/x-www-form-urlencoded'}
+
+
+def nginx_unix_sockets(master):
+    """The inodes of the connected unix sockets that nginx's master
+    process and its workers hold."""
+    pids = [master]
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    if int(f.read().rsplit(')', 1)[1].split()[1]) == master:
+                        pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    held = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f'/proc/{pid}/fd')
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f'/proc/{pid}/fd/{fd}')
+            except OSError:
+                continue
+            if link.startswith('socket:['):
+                held.add(link[8:-1])
+    with open('/proc/net/unix') as f:
+        next(f)
+        return {fields[6] for fields in map(str.split, f)
+                if fields[5] == '03' and fields[6] in held}
 
 
 class ReadmeNginx:
@@ -2162,7 +3158,7 @@ class ReadmeNginx:
     minimal HTTP/1.0 form on http10_port, the private server on
     private_port."""
 
-    SERVER_ARGS = (f'--poll-timeout={NGINX_POLL_TIMEOUT}',)
+    SERVER_ARGS = (f'--poll-timeout={NGINX_POLL_TIMEOUT}', '--enable-status')
 
 
     @classmethod
@@ -2185,17 +3181,17 @@ class ReadmeNginx:
         os.chmod(run, 0o755)
         cls.sock = os.path.join(run, 'comet.sock')
         cls.server = ServerProcess(f'--unix-socket-path={cls.sock}',
-                                   *cls.SERVER_ARGS)
+                                   *cls.SERVER_ARGS, port=None)
 
         prefix = os.path.join(cls.tmp, 'nginx')
         os.mkdir(prefix, 0o755)
         os.chmod(prefix, 0o755)
-        cls.public_port = _free_port()
-        cls.private_port = _free_port()
-        cls.http10_port = _free_port()
+        cls.public_port = free_port()
+        cls.private_port = free_port()
+        cls.http10_port = free_port()
         while len({cls.public_port, cls.private_port, cls.http10_port}) < 3:
-            cls.http10_port = _free_port()
-            cls.private_port = _free_port()
+            cls.http10_port = free_port()
+            cls.private_port = free_port()
         snippet = readme_nginx_conf() or README_NGINX_CONF
         conf = os.path.join(prefix, 'nginx.conf')
         with open(conf, 'w') as f:
@@ -2208,25 +3204,26 @@ class ReadmeNginx:
             cls.nginx = subprocess.Popen(
                 [NGINX, '-p', prefix, '-c', conf, '-e', cls.nginx_log],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         pending = [cls.public_port, cls.private_port, cls.http10_port]
         while pending:
             if cls.nginx.poll() is not None:
                 raise RuntimeError('nginx exited with %s:\n%s\n%s' % (
-                    cls.nginx.returncode, _output(cls.nginx_out),
-                    _output(cls.nginx_log)))
+                    cls.nginx.returncode, file_text(cls.nginx_out),
+                    file_text(cls.nginx_log)))
             try:
                 connect(pending[0], timeout=1).close()
                 pending.pop(0)
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError('nginx never listened:\n'
-                                       + _output(cls.nginx_log))
+                                       + file_text(cls.nginx_log))
                 time.sleep(0.02)
+        cls.nginx_own = nginx_unix_sockets(cls.nginx.pid)
 
     @classmethod
     def tearDownClass(cls):
-        _stop(cls.nginx, signal.SIGQUIT)    # graceful shutdown
+        stop_process(cls.nginx, signal.SIGQUIT)    # graceful shutdown
         if cls.server is not None:
             cls.server.close()
         shutil.rmtree(cls.tmp, ignore_errors=True)
@@ -2280,6 +3277,15 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
         return (('keep-alive upstream', self.public_port),
                 ('HTTP/1.0 upstream', self.http10_port))
 
+    def wait_held(self, count):
+        """Wait until the server holds `count` polls; False if it did not
+        within 2 s (they may have timed out meanwhile: the caller retries)."""
+        try:
+            return wait_for(lambda: status_unix(self.sock)
+                            ['held_connections_count'] == count, timeout=2)
+        except AssertionError:
+            return False
+
     # -- checks, run through both upstream forms ------------------------
 
     def check_read(self, port):
@@ -2316,12 +3322,12 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
                          ['seed'])
         last = reply['last_id']
         for attempt in range(5):
+            self.wait_held(0)
             conn = http.client.HTTPConnection('127.0.0.1', port, timeout=5)
             try:
                 conn.request('GET', '/channels/%s.json?since=%d'
                              % (name, last))
-                # Give the poll time to reach the server and be held.
-                time.sleep(0.08 + 0.04 * attempt)
+                self.wait_held(1)           # the poll reached the server
                 content = 'wake-%d' % attempt
                 pushed = self.push(name, content)
                 resp = conn.getresponse()
@@ -2413,13 +3419,14 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
         for attempt in range(4):
             results = []
             conns = []
+            self.wait_held(0)
             for port in (self.public_port, self.http10_port) * 3:
                 conn = http.client.HTTPConnection('127.0.0.1', port,
                                                   timeout=5)
                 conn.request('GET', '/channels/%s.json?since=%d'
                              % (name, last))
                 conns.append(conn)
-            time.sleep(0.1)
+            self.wait_held(len(conns))
             content = 'all-%d' % attempt
             pushed = self.push(name, content)
             for conn in conns:
@@ -2440,17 +3447,12 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
             last = pushed['message_id']
         self.fail('the polls were never all held at once')
 
-    def server_side_connections(self):
-        """Connected sockets on the server's side of the unix socket."""
-        count = 0
-        with open('/proc/net/unix') as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 8 and fields[7] == self.sock \
-                        and fields[5] == '03':
-                    count += 1
-        return count
+    def upstream_connections(self):
+        """nginx's open connections to the server: the connected unix
+        sockets its processes hold, less those they held before any
+        request (between master and workers).  (The server's ends of
+        connections closed by their clients may linger a moment.)"""
+        return len(nginx_unix_sockets(self.nginx.pid) - self.nginx_own)
 
     @unittest.skipUnless(os.path.exists('/proc/net/unix'),
                          'needs /proc/net/unix (Linux)')
@@ -2461,21 +3463,15 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
         self.push(name, 'x')
         path = '/channels/%s.json' % name
         self.json_via(self.public_port, path)
-        time.sleep(0.05)
-        kept = self.server_side_connections()
+        kept = self.upstream_connections()
         self.assertGreaterEqual(kept, 1, 'no upstream connection kept alive')
         for _ in range(5):
             self.json_via(self.public_port, path)
-        time.sleep(0.05)
-        self.assertEqual(self.server_side_connections(), kept,
+        self.assertEqual(self.upstream_connections(), kept,
                          'sequential requests did not reuse the connection')
         for _ in range(5):
             self.json_via(self.http10_port, path)
-        deadline = time.monotonic() + 2
-        while self.server_side_connections() > kept \
-                and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self.assertEqual(self.server_side_connections(), kept,
+        self.assertEqual(self.upstream_connections(), kept,
                          'HTTP/1.0 upstream connections were left open')
 
     # -- JSON-P ------------------------------------------------------------
@@ -2597,7 +3593,7 @@ class NginxTests(ReadmeNginx, unittest.TestCase):
         for label, port in self.ports():
             for _ in range(10):
                 self.json_via(port, '/channels/%s.json' % name)
-        lines = [line for line in _output(self.nginx_log, None).splitlines()
+        lines = [line for line in file_text(self.nginx_log, None).splitlines()
                  if re.search(r'\[(error|crit|alert|emerg)\]', line)
                  and 'access forbidden by rule' not in line]
         self.assertEqual(lines, [])
@@ -2628,252 +3624,6 @@ SSE_HEARTBEATS = re.compile(rb"(?::[^\r\n]*\n\n?)+")
 BIG = 64 * 1024                      # content size for the slow-reader tests
 
 
-def start_on_free_port(*args, **kw):
-    """A ServerProcess on a free TCP port: (server, port). A port found free
-    can be taken (as a connection's ephemeral port) before the server binds
-    it; then another is tried."""
-    for attempt in range(5):
-        port = _free_port()
-        try:
-            return ServerProcess(f"--http-port={port}", *args, **kw), port
-        except RuntimeError as e:
-            if "in use" not in str(e) or attempt == 4:
-                raise
-
-
-def sse_path(names, query=""):
-    """The stream URL of a list of channels (%7C between them)."""
-    return ("/channels/" + "%7C".join(quote(n, safe="") for n in names)
-            + ".sse" + query)
-
-
-class SSE:
-    """One EventSource stream on a raw socket.
-
-    The request is sent and the response head parsed at once (status,
-    headers with lower-case names). For a 200 the opening block is read
-    into .opening; for any other status the whole body into .body (and
-    .json when it is JSON). next() then returns the body's items one by
-    one: {"comment": text, "raw": bytes} for a comment line, or, at the
-    blank line that ends an event, {"id"|"event"|"data"|"retry": str, ...,
-    "raw": bytes} with raw the exact bytes from its first line through the
-    blank line. next() returns None once the stream has ended (.reset tells
-    whether it ended with a reset rather than a clean close)."""
-
-    def __init__(self, port, path, headers=(), version="1.1", timeout=5,
-                 unix=None, rcvbuf=None, sock=None):
-        self.timeout = timeout
-        if sock is None:
-            sock = socket.socket(socket.AF_UNIX if unix else socket.AF_INET,
-                                 socket.SOCK_STREAM)
-            if rcvbuf:     # set before connecting so the window stays small
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.settimeout(timeout)
-            sock.connect(unix or ("127.0.0.1", port))
-        self.sock = sock
-        lines = [f"GET {path} HTTP/{version}"]
-        if version == "1.1":
-            lines.append("Host: localhost")
-        lines += ["Accept: text/event-stream", "Accept-Encoding: gzip"]
-        lines += [f"{name}: {value}" for name, value in headers]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        self.raw = b""            # received, not yet decoded
-        self.body = b""           # the decoded body so far
-        self.pos = 0              # how far next() has parsed the body
-        self.start = None         # where the event being parsed began
-        self.fields = {}
-        self.ended = self.reset = False
-        self.chunked = False
-        deadline = time.monotonic() + timeout
-        while b"\r\n\r\n" not in self.raw:
-            if not self._recv(deadline):
-                raise AssertionError("no response head: %r" % self.raw)
-        head, self.raw = self.raw.split(b"\r\n\r\n", 1)
-        head = head.decode("latin-1").split("\r\n")
-        self.status_line = head[0]
-        self.status = int(head[0].split()[1])
-        self.headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        self.chunked = "chunked" in self.headers.get("transfer-encoding", "")
-        self._decode()
-        self.opening = self.json = None
-        if self.status == 200:
-            while b"\n\n" not in self.body:
-                if not self._more(deadline):
-                    raise AssertionError("stream ended before its opening: "
-                                         "%r" % self.body)
-            end = self.body.index(b"\n\n") + 2
-            self.opening, self.pos = self.body[:end], end
-        else:
-            length = self.headers.get("content-length")
-            while (length is None or len(self.body) < int(length)) \
-                    and self._more(deadline):
-                pass
-            if length is not None:
-                self.body = self.body[:int(length)]
-            if self.headers.get("content-type", "").startswith(
-                    "application/json"):
-                self.json = json.loads(self.body)
-
-    # -- bytes in ---------------------------------------------------------
-
-    def _recv(self, deadline):
-        """Receive more bytes; False once the connection has ended."""
-        if self.ended:
-            return False
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError("nothing from the stream in %.1f s"
-                                 % self.timeout)
-        self.sock.settimeout(left)
-        try:
-            data = self.sock.recv(1 << 16)
-        except socket.timeout:
-            raise AssertionError("nothing from the stream in %.1f s"
-                                 % self.timeout) from None
-        except ConnectionResetError:
-            self.reset, data = True, b""
-        if not data:
-            self.ended = True
-            return False
-        self.raw += data
-        return True
-
-    def _decode(self):
-        """Move what has been received into the body (undoing chunking)."""
-        if not self.chunked:
-            self.body += self.raw
-            self.raw = b""
-            return
-        while b"\r\n" in self.raw:
-            size_line, rest = self.raw.split(b"\r\n", 1)
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:           # the last chunk: the body has ended
-                self.ended, self.raw = True, b""
-                return
-            if len(rest) < size + 2:
-                return
-            self.body += rest[:size]
-            self.raw = rest[size + 2:]
-
-    def _more(self, deadline):
-        """More body bytes; False once the body has ended."""
-        while not self.ended:
-            before = len(self.body)
-            if not self._recv(deadline):
-                break
-            self._decode()
-            if len(self.body) > before:
-                return True
-        self._decode()
-        return False
-
-    # -- items out --------------------------------------------------------
-
-    def _parse(self):
-        while True:
-            end = self.body.find(b"\n", self.pos)
-            if end < 0:
-                return None
-            line, begin, self.pos = self.body[self.pos:end], self.pos, end + 1
-            if not line:
-                if self.start is None:
-                    continue           # a blank line after a comment
-                item = dict(self.fields, raw=self.body[self.start:self.pos])
-                self.start, self.fields = None, {}
-                return item
-            if line.startswith(b":") and self.start is None:
-                return {"comment": line[1:].decode(), "raw": line + b"\n"}
-            if self.start is None:
-                self.start = begin
-            name, _, value = line.decode().partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if name == "data" and "data" in self.fields:
-                value = self.fields["data"] + "\n" + value
-            self.fields[name] = value
-
-    def next(self, timeout=3):
-        """The next item, or None once the stream has ended."""
-        deadline = time.monotonic() + timeout
-        while True:
-            item = self._parse()
-            if item is not None:
-                item["at"] = time.monotonic()
-                return item
-            if not self._more(deadline):
-                # An event cut short by the end (say a last "retry: R\n"
-                # without its blank line) comes out once, marked partial.
-                if self.start is not None or self.pos < len(self.body):
-                    start = self.pos if self.start is None else self.start
-                    item = dict(self.fields, raw=self.body[start:],
-                                partial=True, at=time.monotonic())
-                    tail = self.body[self.pos:]
-                    if tail:
-                        name, _, value = tail.decode(errors="replace") \
-                            .partition(":")
-                        item.setdefault(name, value.lstrip(" "))
-                    self.start, self.fields = None, {}
-                    self.pos = len(self.body)
-                    return item
-                return None
-
-    def event(self, timeout=3):
-        """The next event (comments skipped); fails if the stream ends."""
-        while True:
-            item = self.next(timeout)
-            if item is None:
-                raise AssertionError("stream ended; body so far: %r"
-                                     % self.body[-300:])
-            if "comment" not in item:
-                return item
-
-    def message(self, timeout=3):
-        """The next event, which must be a message: its decoded data."""
-        item = self.event(timeout)
-        assert "event" not in item and "id" in item, item
-        return json.loads(item["data"])
-
-    def messages(self, count, timeout=3):
-        return [self.message(timeout) for _ in range(count)]
-
-    def contents_until(self, last, timeout=3):
-        """Contents of the messages up to and including `last`."""
-        got = []
-        while not got or got[-1] != last:
-            got.append(self.message(timeout)["content"])
-        return got
-
-    def within(self, seconds):
-        """Every item arriving within `seconds` (the stream may go on)."""
-        items, deadline = [], time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return items
-            try:
-                item = self.next(left)
-            except AssertionError:       # nothing more in time
-                return items
-            if item is None:
-                return items
-            items.append(item)
-
-    def rest(self, timeout=5):
-        """Every item up to the end of the stream, which must come."""
-        items, deadline = [], time.monotonic() + timeout
-        while True:
-            item = self.next(max(0.01, deadline - time.monotonic()))
-            if item is None:
-                return items
-            items.append(item)
-
-    def close(self):
-        self.sock.close()
-
-
 def data_forms(obj):
     """The accepted bytes of a data line's JSON: json.dumps' layout, with
     non-ASCII escaped or raw (raw U+2028/2029 allowed or escaped)."""
@@ -2894,6 +3644,8 @@ def delete(name, port):
 
 class SSEAssertions(unittest.TestCase):
     """Exact checks of a stream's parts (SPEC C1)."""
+
+    part = "C"                  # run by the second process, see main()
 
     def assertStreamOpened(self, stream, proxied=False):
         self.assertEqual(stream.status, 200, (stream.status_line, stream.body))
@@ -2950,17 +3702,17 @@ class SSETests(SSEAssertions):
 
     @classmethod
     def setUpClass(cls):
-        cls.server, cls.port = start_on_free_port(
+        cls.server = ServerProcess(
             "--enable-status", "--poll-timeout=1",
             f"--sse-heartbeat={SSE_HEARTBEAT}")
+        cls.port = cls.server.port
 
     @classmethod
     def tearDownClass(cls):
-        output = cls.server.output()
-        code = cls.server.stop()
-        cls.server.log.close()
-        assert code == 0, (code, output)
-        assert "Traceback" not in output, output
+        try:
+            cls.server.stop_clean()
+        finally:
+            cls.server.close()
 
     def setUp(self):
         # Streams of the tests before are gone.
@@ -3187,30 +3939,52 @@ class SSETests(SSEAssertions):
         """A comment line after each --sse-heartbeat without an event, none
         while busy."""
         name = register(port=self.port)
+        requested = time.monotonic()
         stream = self.open([name])
         self.assertStreamOpened(stream)
         start = len(stream.body)
-        opened = time.monotonic()
-        items = stream.within(SSE_HEARTBEAT * 3.5)
-        self.assertTrue(items and all("comment" in i for i in items), items)
-        # Comment lines and nothing else, at about the set interval.
+        # With no event to send, heartbeats and nothing else.  The k-th
+        # cannot come before k intervals from the request (a reader that
+        # is late only sees them later); one that never comes is an error.
+        items = [stream.next() for _ in range(3)]
+        self.assertTrue(all(i is not None and "comment" in i for i in items),
+                        items)
         self.assertRegex(stream.body[start:], SSE_HEARTBEATS)
         self.assertEqual(SSE_HEARTBEATS.fullmatch(stream.body[start:]).group(),
                          stream.body[start:])
-        times = [opened] + [i["at"] for i in items]
+        times = [requested] + [i["at"] for i in items]
         gaps = [b - a for a, b in zip(times, times[1:])]
-        self.assertGreaterEqual(len(items), 2, gaps)
-        self.assertGreater(min(gaps), SSE_HEARTBEAT * 0.6, gaps)
-        self.assertLess(max(gaps), SSE_HEARTBEAT * 3, gaps)
+        report(f"heartbeats every {SSE_HEARTBEAT} s: gaps {gaps}")
+        for k, item in enumerate(items, 1):
+            self.assertGreater(item["at"] - requested, k * SSE_HEARTBEAT * 0.9,
+                               gaps)
+        if STRICT:
+            self.assertGreater(min(gaps[1:]), SSE_HEARTBEAT * 0.6, gaps)
+            self.assertLess(max(gaps), SSE_HEARTBEAT * 3, gaps)
         # While events keep coming, no heartbeat is needed (one may still
-        # be on its way when the first event is pushed).
-        for i in range(7):
-            push(name, f"busy{i}", port=self.port)
-            item = stream.event() if i == 0 else stream.next()
-            self.assertNotIn("comment", item)
+        # be on its way when the first event is pushed): none comes between
+        # two events the server sent less than an interval apart (as seen
+        # from here: from the start of one push to the end of the next).
+        previous = time.monotonic()
+        push(name, "busy0", port=self.port)
+        stream.event()
+        checked = 0
+        for i in range(1, 7):
             time.sleep(SSE_HEARTBEAT / 4)
+            started = time.monotonic()
+            push(name, f"busy{i}", port=self.port)
+            window = time.monotonic() - previous
+            previous = started
+            item = stream.next()
+            if window < SSE_HEARTBEAT * 0.9:
+                self.assertNotIn("comment", item, window)
+                checked += 1
+            elif "comment" in item:
+                item = stream.event()
+            self.assertEqual(json.loads(item["data"])["content"], f"busy{i}")
+        self.assertGreater(checked, 0, "every push took an interval")
         # And once they stop, heartbeats come again.
-        self.assertIn("comment", stream.next(SSE_HEARTBEAT * 3))
+        self.assertIn("comment", stream.next())
 
     def test_deleted_channel_and_close(self):
         """`event: deleted`; a stream with no channel left is closed."""
@@ -3371,11 +4145,12 @@ class SSETests(SSEAssertions):
 
     def test_stream_keeps_session_and_channels_alive(self):
         """An open stream keeps its channels and its client's session."""
-        server, port = start_on_free_port("--enable-status",
+        server = ServerProcess("--enable-status",
                                "--session-timeout=0.4",
                                "--inactive-channel-timeout=0.4",
                                "--http-timeout=0.6", "--poll-timeout=0.3",
                                f"--sse-heartbeat={SSE_HEARTBEAT}")
+        port = server.port
         self.addCleanup(server.close)
         kept, idle = fresh("kept"), fresh("idle")
         for client in (kept, idle):
@@ -3386,15 +4161,17 @@ class SSETests(SSEAssertions):
         stream = self.open([private, public],
                            "?" + urlencode({"client_id": kept}), port=port)
         self.assertStreamOpened(stream)
-        # Past every timeout (and past --http-timeout for the connection).
+        # Past every timeout (and past --http-timeout for the connection),
+        # until the idle ones are gone: the timeouts do work, and those the
+        # stream holds (registered before them) would have gone too.
         stream.within(1.0)
-        st = status(port)
+        st = wait_for(lambda: (lambda st: idle not in st["clients"] and
+                               unread not in st["channels"] and st)(
+                                   status(port)))
         self.assertEqual(st["streams_open"], 1)
         self.assertIn(kept, st["clients"])
         self.assertIn(private, st["channels"])
         self.assertIn(public, st["channels"])
-        self.assertNotIn(idle, st["clients"])        # the timeouts do work
-        self.assertNotIn(unread, st["channels"])
         push(private, "still", port=port)
         self.assertEqual(stream.message()["content"], "still")
         # Once the stream is gone, so are they.
@@ -3404,8 +4181,9 @@ class SSETests(SSEAssertions):
 
     def test_streams_count_in_max_connections(self):
         """Streams count in --max-connections."""
-        server, port = start_on_free_port("--enable-status",
+        server = ServerProcess("--enable-status",
                                           "--max-connections=2")
+        port = server.port
         self.addCleanup(server.close)
         name = register(port=port)
         streams = []
@@ -3414,12 +4192,18 @@ class SSETests(SSEAssertions):
             """A new stream, or None when the connection is refused."""
             s = connect(port)
             self.addCleanup(s.close)
-            # A refused connection is answered 503 at once, unasked.
-            if select.select([s], [], [], 0.2)[0]:
+            # A refused connection is answered 503 at once, unasked (on a
+            # busy machine the answer may come after the request).
+            if select.select([s], [], [], 0.05)[0]:
                 status_code, _, body = read_response(s.makefile("rb"))
                 self.assertEqual(status_code, 503, body)
                 return None
-            stream = SSE(port, sse_path([name]), sock=s)
+            try:
+                stream = SSE(port, sse_path([name]), sock=s)
+            except (ConnectionResetError, BrokenPipeError):
+                return None
+            if stream.status == 503:
+                return None
             self.assertStreamOpened(stream)
             return stream
         for _ in range(10):
@@ -3438,8 +4222,9 @@ class SSETests(SSEAssertions):
         count = 300
         grown = {}
         for kind in ("poll", "stream"):
-            server, port = start_on_free_port("--enable-status",
+            server = ServerProcess("--enable-status",
                                               "--poll-timeout=30")
+            port = server.port
             self.addCleanup(server.close)
             name = register(port=port)
             last = push(name, "x", port=port)["message_id"]
@@ -3475,10 +4260,10 @@ class SSEShutdownTests(SSEAssertions):
         for sig in (signal.SIGTERM, signal.SIGINT):
             with self.subTest(sig=sig), tempfile.TemporaryDirectory() as d:
                 sock = os.path.join(d, "comet.sock")
-                server, port = start_on_free_port(
+                server = ServerProcess(
                     f"--unix-socket-path={sock}", "--enable-status",
-                    "--poll-timeout=5", f"--sse-heartbeat={SSE_HEARTBEAT}",
-                    listeners=2)
+                    "--poll-timeout=5", f"--sse-heartbeat={SSE_HEARTBEAT}")
+                port = server.port
                 try:
                     self.check_shutdown(server, port, sock, sig)
                 finally:
@@ -3498,8 +4283,7 @@ class SSEShutdownTests(SSEAssertions):
         wait_for(lambda: status(port)["streams_open"] == len(streams))
         # Pushed just before the signal and not read yet: flushed first.
         self.assertEqual(push(a, "last", port=port)["delivered"], 7)
-        server.proc.send_signal(sig)
-        self.assertEqual(server.proc.wait(5), 0)
+        self.assertEqual(server.stop(sig, timeout=5), 0)
         retries = []
         for stream in streams:
             items = [i for i in stream.rest() if "comment" not in i]
@@ -3523,8 +4307,9 @@ class SSEShutdownTests(SSEAssertions):
         # A client that stopped reading in the middle of an 8 MiB replay
         # cannot be flushed: the others still end at once, the server exits
         # 0 in bounded time, and nothing is logged as an error.
-        server, port = start_on_free_port("--enable-status",
+        server = ServerProcess("--enable-status",
                                     f"--sse-heartbeat={SSE_HEARTBEAT}")
+        port = server.port
         self.addCleanup(server.close)
         big = register(port=port, max_messages="200")
         small = register(port=port)
@@ -3537,12 +4322,15 @@ class SSEShutdownTests(SSEAssertions):
         self.addCleanup(normal.close)
         wait_for(lambda: status(port)["streams_open"] == 2)
         signalled = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        items = normal.rest(timeout=3)
-        self.assertLess(time.monotonic() - signalled, 1)
+        server.send_signal(signal.SIGTERM)
+        # Not after the stuck one's grace period (5 s): at once.
+        items = normal.rest(timeout=3.5)
+        ended = time.monotonic() - signalled
+        report(f"a stream ended {ended:.2f} s after SIGTERM beside a stuck one")
+        self.assertLess(ended, bound(3.5, 1))
         self.assertEqual(len(items), 1, items)
         self.assertRegex(items[0]["raw"], rb"^retry: \d+\n\n?$")
-        self.assertEqual(server.proc.wait(15), 0)
+        self.assertEqual(server.stop(timeout=15), 0)
         output = server.output()
         self.assertNotIn("Traceback", output)
         self.assertNotIn(" ERROR ", output)
@@ -3599,9 +4387,10 @@ class SSEBrowserTests(BrowserPages, unittest.TestCase):
         """A server on a free port; a restarted one on the same port."""
         args = ("--enable-status", f"--sse-heartbeat={SSE_HEARTBEAT}") + args
         if self.port is None:
-            server, self.port = start_on_free_port(*args)
+            server = ServerProcess(*args)
+            self.port = server.port
         else:
-            server = ServerProcess(f"--http-port={self.port}", *args)
+            server = ServerProcess(*args, port=self.port)
         self.addCleanup(server.close)
         return server
 
@@ -3613,7 +4402,7 @@ class SSEBrowserTests(BrowserPages, unittest.TestCase):
         self.assertTrue(self.tab.wait_for("window.got !== undefined"),
                         "page did not load")
 
-    def wait_got(self, expected, timeout=5):
+    def wait_got(self, expected, timeout=10):
         self.tab.wait_for("got.length >= %d" % len(expected), timeout)
         self.assertEqual(self.tab.js("got"), expected)
 
@@ -3737,17 +4526,17 @@ class SSENginxTests(ReadmeNginx, SSEAssertions):
         # The head and the opening pass at once, before any event.
         self.assertStreamOpened(stream, proxied=True)
         self.assertEqual(stream.message()['content'], 'retained')
-        # Each event arrives as soon as it is pushed, not batched.
+        # Each event arrives as soon as it is pushed, not batched (a
+        # buffering proxy would hold these few bytes for good).
         for i in range(5):
             pushed_at = time.monotonic()
             self.push(name, 'live %d' % i)
-            item = stream.event(timeout=2)
+            item = stream.event(timeout=3)
             self.assertEqual(json.loads(item['data'])['content'],
                              'live %d' % i)
-            self.assertLess(item['at'] - pushed_at, 0.25)
+            self.assertLess(item['at'] - pushed_at, bound(2, 0.25))
         # Heartbeats pass through too.
-        items = stream.within(SSE_HEARTBEAT * 4)
-        self.assertTrue(items and all('comment' in i for i in items), items)
+        self.assertIn('comment', stream.next())
         # Last-Event-ID reaches the server.
         again = self.open(port, sse_path([name], '?since=0'),
                           headers=[('Last-Event-ID', str(first))])
@@ -3796,7 +4585,7 @@ class SSENginxTests(ReadmeNginx, SSEAssertions):
             self.assertEqual(stream.message()['content'], 'to two')
             self.assertDeletedEvent(stream.event(), name)
             self.assertIsNone(stream.next())
-        lines = [line for line in _output(self.nginx_log, None).splitlines()
+        lines = [line for line in file_text(self.nginx_log, None).splitlines()
                  if re.search(r'\[(error|crit|alert|emerg)\]', line)]
         self.assertEqual(lines, [])
 
@@ -3812,34 +4601,15 @@ class SSENginxTests(ReadmeNginx, SSEAssertions):
         self.assertGreaterEqual(int(timeout.group(1)), 2 * 15)
 
 
-def status_unix(path):
-    return api('GET', '/status.json', unix=path)['status']
-
-
 # ---------------------------------------------------------------------------
 # C2. State that survives restarts and crashes (--state-file=PATH)
 # ---------------------------------------------------------------------------
 
-def state_server(path, port, *args, poll_timeout=0.5, env=None):
-    """A server keeping its state under path, listening on port (its .port).
-    A restart on the same port can find it blocked: the port is free while
-    the server is down, and an outgoing connection (of any process) that
-    happens to get it as its ephemeral port leaves a TIME_WAIT entry that
-    keeps the port from being bound for a minute; then a new port is used."""
-    for attempt in range(5):
-        try:
-            server = ServerProcess(f"--http-port={port}",
-                                   f"--state-file={path}", "--enable-status",
-                                   f"--poll-timeout={poll_timeout}", *args,
-                                   env=env)
-        except RuntimeError as e:
-            if "address already in use" not in str(e).lower() or \
-                    attempt == 4:
-                raise
-            port = _free_port()
-        else:
-            server.port = port
-            return server
+def state_server(path, *args, poll_timeout=0.5, env=None):
+    """A server keeping its state under path, on a free port (.port; a
+    restart takes another one)."""
+    return ServerProcess(f"--state-file={path}", "--enable-status",
+                         f"--poll-timeout={poll_timeout}", *args, env=env)
 
 
 def state_files(path):
@@ -3931,33 +4701,6 @@ def clock_env(directory, offset):
     return {"PYTHONPATH": directory}
 
 
-def channel_path(name, suffix=".json"):
-    return f"/channels/{quote(name, safe='')}{suffix}"
-
-
-def post_request(path, params):
-    body = urlencode(params).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-            f"application/x-www-form-urlencoded\r\nContent-Length: "
-            f"{len(body)}\r\n\r\n").encode() + body
-
-
-def pipelined_replies(port, requests, batch=200):
-    """Send requests pipelined on one connection, batch by batch: the
-    decoded JSON replies, in order (HTTP status 200 required)."""
-    replies = []
-    with connect(port, timeout=30) as s:
-        f = s.makefile("rb")
-        for i in range(0, len(requests), batch):
-            chunk = requests[i:i + batch]
-            s.sendall(b"".join(chunk))
-            for _ in chunk:
-                code, headers, body = read_response(f)
-                assert code == 200, (code, body)
-                replies.append(json.loads(body))
-    return replies
-
-
 def messages_of(name, port, **params):
     reply = read([name], port=port, **params)
     assert reply["return_code"] == 1, reply
@@ -3972,41 +4715,14 @@ def names_number(line, number):
     return re.search(rf"(?<![0-9]){number}(?![0-9])", line) is not None
 
 
-class SSEReader:
-    """An EventSource-like reader on a raw socket: .next_event() parses
-    the stream (id, event, data) until the server closes it."""
-
-    def __init__(self, port, path, last_event_id=None, timeout=5):
-        self.sock, self.f, self.status, self.headers = open_stream(
-            port, path, last_event_id, timeout)
-        self.blocks = stream_events(self.f)
-        self.retry = None
-
-    def next_event(self):
-        """The next event as a dict, or None when the stream ends."""
-        for event in self.blocks:
-            if "retry" in event:
-                self.retry = int(event.pop("retry"))
-            if "data" in event or "event" in event:
-                return event
-        return None
-
-    def message(self):
-        event = self.next_event()
-        assert event is not None and "event" not in event, event
-        return json.loads(event["data"])
-
-    def close(self):
-        self.f.close()
-        self.sock.close()
-
-
 class StateFileTests(unittest.TestCase):
+
+    part = "C"                  # run by the second process, see main()
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="comet-state-")
         self.path = os.path.join(self.dir, "comet.state")
-        self.port = _free_port()
+        self.port = free_port()
         self.servers = []
 
     def tearDown(self):
@@ -4015,7 +4731,7 @@ class StateFileTests(unittest.TestCase):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def start(self, *args, **kw):
-        server = state_server(self.path, self.port, *args, **kw)
+        server = state_server(self.path, *args, **kw)
         self.servers.append(server)
         self.port = server.port
         return server
@@ -4182,7 +4898,9 @@ class StateFileTests(unittest.TestCase):
     def test_restored_sessions_and_channels_get_a_fresh_timeout(self):
         """What expired before the restart stays gone; what was alive gets
         the whole timeout again from the restart."""
-        args = ("--session-timeout=1.2", "--inactive-channel-timeout=1.2")
+        timeout = 2.0                 # the server looks every timeout / 4
+        args = (f"--session-timeout={timeout}",
+                f"--inactive-channel-timeout={timeout}")
         server = self.start(*args)
         p = self.port
         gone_client, gone_channel = fresh("gonecl"), register(port=p)
@@ -4193,8 +4911,9 @@ class StateFileTests(unittest.TestCase):
         kept_client, kept_channel = fresh("keptcl"), register(port=p)
         api("POST", "/clients.json", {"client_id": kept_client}, port=p)
         push(kept_channel, "y", port=p)
+        active = time.monotonic()         # their last use was before this
         # Most of their timeout passes before the restart.
-        time.sleep(0.7)
+        time.sleep(max(0, active + timeout * 0.7 - time.monotonic()))
         self.stop(server)
         restart = time.monotonic()
         server = self.start(*args)
@@ -4202,11 +4921,15 @@ class StateFileTests(unittest.TestCase):
         st = status(p)
         self.assertEqual(st["clients"], [kept_client])
         self.assertEqual(st["channels"], [kept_channel])
-        # With the old deadlines both would be gone 0.5 s after the restart.
-        time.sleep(max(0, restart + 0.9 - time.monotonic()))
+        # With the old deadlines both would be gone (a look later) by now;
+        # with fresh ones they stay until restart + timeout, which leaves
+        # most of a second for this read.
+        time.sleep(max(0, active + timeout * 1.3 - time.monotonic()))
         st = status(p)
         self.assertEqual(st["clients"], [kept_client])
         self.assertEqual(st["channels"], [kept_channel])
+        self.assertLess(time.monotonic(), restart + timeout,
+                        "too slow to tell: the fresh timeout ran out too")
         # Nobody reads: both expire, and their expiry is kept.
         wait_for(lambda: status(p)["clients"] == [] and
                  status(p)["channels"] == [], timeout=5)
@@ -4224,17 +4947,13 @@ class StateFileTests(unittest.TestCase):
         """Start the server on damaged files: it must refuse with exit 1 and
         one line, leaving every file as it was."""
         files = state_files(self.path)
-        proc = subprocess.Popen(
-            [sys.executable, SCRIPT, f"--http-port={self.port}",
-             f"--state-file={self.path}"], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            stderr = proc.communicate(timeout=5)[1]
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stderr = proc.communicate()[1]
-            self.fail("the server started instead of refusing: " + stderr)
-        self.assertEqual(proc.returncode, 1, stderr)
+            result = run_server(f"--http-port={free_port()}",
+                                f"--state-file={self.path}")
+        except subprocess.TimeoutExpired as e:
+            self.fail("the server started instead of refusing: %s" % e.stderr)
+        stderr = result.stderr
+        self.assertEqual(result.returncode, 1, stderr)
         self.assertNotIn("Traceback", stderr)
         self.assertEqual(stderr.strip().count("\n"), 0, stderr)
         after = state_files(self.path)
@@ -4353,10 +5072,8 @@ class StateFileTests(unittest.TestCase):
         # working directory.
         for cwd, path in ((None, self.path),
                           (self.dir, os.path.basename(self.path))):
-            result = subprocess.run(
-                [sys.executable, SCRIPT, f"--http-port={_free_port()}",
-                 f"--state-file={path}"], capture_output=True, text=True,
-                timeout=10, stdin=subprocess.DEVNULL, cwd=cwd)
+            result = run_server(f"--http-port={free_port()}",
+                                f"--state-file={path}", cwd=cwd)
             self.assertLess(time.monotonic() - start, 5)
             self.assertEqual(result.returncode, 1, result.stderr)
             self.assertEqual(result.stderr.strip().count("\n"), 0,
@@ -4388,7 +5105,8 @@ class StateFileTests(unittest.TestCase):
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.3)                  # strace attaches
+            wait_for(lambda: traced(server.proc.pid) or
+                     trace.poll() is not None, timeout=10)
             if trace.poll() is not None:
                 self.skipTest("strace cannot attach (ptrace needs root or "
                               "CAP_SYS_PTRACE): " + trace.stderr.read())
@@ -4406,7 +5124,8 @@ class StateFileTests(unittest.TestCase):
             if os.path.realpath(m.group(3)) == real]
         self.assertGreaterEqual(len(syncs), 2, output[-2000:])
         gaps = [b - a for a, b in zip([start] + syncs, syncs + [end])]
-        self.assertLess(max(gaps), 1.5, (gaps, output[-2000:]))
+        report(f"state file synced under strace, gaps {gaps}")
+        self.assertLess(max(gaps), bound(2.5, 1.5), (gaps, output[-2000:]))
 
     def test_files_are_0600_whatever_the_umask(self):
         """With umask 0, every file under PATH* is 0600: at start, through
@@ -4471,7 +5190,7 @@ class StateFileTests(unittest.TestCase):
         name = register(port=p)
         m1 = push(name, "m1", port=p)["message_id"]
         m2 = push(name, "m2", port=p)["message_id"]
-        stream = SSEReader(p, channel_path(name, ".sse"))
+        stream = SSE(p, channel_path(name, ".sse"))
         try:
             self.assertEqual(stream.status, 200)
             self.assertEqual([stream.message()["id"] for _ in range(2)],
@@ -4487,14 +5206,16 @@ class StateFileTests(unittest.TestCase):
             self.assertEqual(len(replies), 1)
             reply = json.loads(replies[0][2])
             self.assertEqual(reply["messages"], {name: []})
-            self.assertIsNone(stream.next_event())
+            self.assertEqual([i for i in stream.rest()
+                              if "data" in i or "event" in i], [])
         finally:
             stream.close()
         server = self.start()
         p = self.port
         # Pushed before either client is back.
         m3 = push(name, "m3", port=p)["message_id"]
-        stream = SSEReader(p, channel_path(name, ".sse"), last_event_id=m2)
+        stream = SSE(p, channel_path(name, ".sse"),
+                     headers=[("Last-Event-ID", str(m2))])
         try:
             self.assertEqual(stream.status, 200)
             self.assertEqual(stream.message()["id"], m3)
@@ -4516,13 +5237,15 @@ class StateFileTests(unittest.TestCase):
 
 class StateCrashTests(unittest.TestCase):
 
+    part = "C"                  # run by the second process, see main()
+
     ROUNDS = 6
     PUSHERS = 4
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="comet-state-")
         self.path = os.path.join(self.dir, "comet.state")
-        self.port = _free_port()
+        self.port = free_port()
         self.server = None
 
     def tearDown(self):
@@ -4536,7 +5259,7 @@ class StateCrashTests(unittest.TestCase):
         channel's window is restored, once, in id order."""
         p = self.port
         rng = random.Random(20240607)
-        self.server = state_server(self.path, p)
+        self.server = state_server(self.path)
         p = self.port = self.server.port
         windows = {register(port=p, max_messages="50"): 50 for _ in range(3)}
         windows[register(port=p, max_messages="10")] = 10   # drives compaction
@@ -4593,8 +5316,7 @@ class StateCrashTests(unittest.TestCase):
                         break
                 baseline = sizes
                 time.sleep(0.001)
-            self.server.proc.kill()
-            self.server.proc.wait()
+            self.server.stop(signal.SIGKILL)
             left = set(state_sizes(self.path))
             stop.set()
             for thread in threads:
@@ -4605,7 +5327,7 @@ class StateCrashTests(unittest.TestCase):
                 stored[name][message_id] = content
             self.assertEqual(set(state_modes(self.path).values()), {0o600})
 
-            self.server = state_server(self.path, p)
+            self.server = state_server(self.path)
             p = self.port = self.server.port
             self.assertNotIn("Traceback", self.server.output())
             # A file the restart removed (a temporary one) tells that the
@@ -4618,7 +5340,7 @@ class StateCrashTests(unittest.TestCase):
             self.assertEqual(sorted(st["channels"]),
                              sorted(names + [f"extra{round_}"]))
         self.assertEqual(self.server.stop(), 0)
-        self.server = state_server(self.path, p)
+        self.server = state_server(self.path)
         self.port = self.server.port
         self.check_restored(stored, in_flight, windows, "final")
         self.assertGreater(compactions, 0, "no compaction seen")
@@ -4657,6 +5379,8 @@ class StateCrashTests(unittest.TestCase):
 @unittest.skipUnless(os.geteuid() == 0, "mounting a small tmpfs needs root")
 class StateDiskFullTests(unittest.TestCase):
 
+    part = "C"                  # run by the second process, see main()
+
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="comet-tmpfs-")
         result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k",
@@ -4667,7 +5391,7 @@ class StateDiskFullTests(unittest.TestCase):
             self.skipTest("mounting a tmpfs is not permitted here (needs "
                           "root with CAP_SYS_ADMIN): " + result.stderr)
         self.path = os.path.join(self.dir, "comet.state")
-        self.port = _free_port()
+        self.port = free_port()
         self.server = None
 
     def tearDown(self):
@@ -4684,7 +5408,7 @@ class StateDiskFullTests(unittest.TestCase):
         filler = os.path.join(self.dir, "filler")
         with open(filler, "wb") as f:
             f.write(b"\0" * 128 * 1024)
-        self.server = state_server(self.path, p, poll_timeout=5)
+        self.server = state_server(self.path, poll_timeout=5)
         p = self.server.port
         name = register(port=p, max_messages="1000")  # keeps them all
         health = call("GET", "/health.json", port=p)
@@ -4717,8 +5441,8 @@ class StateDiskFullTests(unittest.TestCase):
         self.assertEqual([(m["id"], m["content"])
                           for m in messages_of(name, p)], acked)
         last = read([name], port=p)["last_id"]
-        stream = SSEReader(p, channel_path(name, ".sse"),
-                           last_event_id=acked[-1][0])
+        stream = SSE(p, channel_path(name, ".sse"),
+                     headers=[("Last-Event-ID", str(acked[-1][0]))])
         try:
             self.assertEqual(stream.status, 200)
             poll = Background(read, [name], port=p, since=last)
@@ -4762,7 +5486,7 @@ class StateDiskFullTests(unittest.TestCase):
             acked.append((push(name, content, port=p)["message_id"], content))
         self.assertEqual(self.server.stop(), 0)
         self.assertNotIn("Traceback", self.server.output())
-        self.server = state_server(self.path, p)
+        self.server = state_server(self.path)
         p = self.server.port
         got = [(m["id"], m["content"]) for m in messages_of(name, p)]
         self.assertEqual(got, acked)
@@ -4782,7 +5506,7 @@ class StateDiskFullTests(unittest.TestCase):
         filler = os.path.join(self.dir, "filler")
         with open(filler, "wb") as f:
             f.write(b"\0" * 128 * 1024)
-        self.server = state_server(self.path, p)
+        self.server = state_server(self.path)
         p = self.server.port
         # The small window makes the journal outgrow the live data, so the
         # server compacts; the big one fills the disk.
@@ -4829,7 +5553,7 @@ class StateDiskFullTests(unittest.TestCase):
                                 content))
         self.assertEqual(self.server.stop(), 0)
         self.assertNotIn("Traceback", self.server.output())
-        self.server = state_server(self.path, p)
+        self.server = state_server(self.path)
         p = self.server.port
         for name, window in windows.items():
             got = [(m["id"], m["content"]) for m in messages_of(name, p)]
@@ -4849,15 +5573,17 @@ RESTART_MESSAGES = 100 if (os.environ.get("SIMPLE_COMET_LONG") or
 
 class StateReliabilityTests(unittest.TestCase):
 
+    part = "C"                  # run by the second process, see main()
+
     def test_restart_with_many_retained_messages(self):
         """Restart (after SIGTERM and after SIGKILL) with 1,000 channels of
         RESTART_MESSAGES messages (100: 100,000 in all) is quick and
         restores them all."""
         d = tempfile.mkdtemp(prefix="comet-state-")
-        path, p = os.path.join(d, "comet.state"), _free_port()
+        path, p = os.path.join(d, "comet.state"), free_port()
         server = None
         try:
-            server = state_server(path, p)
+            server = state_server(path)
             p = server.port
             names = [f"big{i}" for i in range(1000)]
             registrations = [post_request("/channels.json",
@@ -4887,7 +5613,7 @@ class StateReliabilityTests(unittest.TestCase):
                     self.assertEqual(code, 0)
                 server.close()
                 start = time.monotonic()
-                server = state_server(path, p)
+                server = state_server(path)
                 p = server.port
                 st = status(p)
                 times[how.name] = time.monotonic() - start
@@ -5028,46 +5754,6 @@ def fetch_metrics(port=None, unix=None, headers=None):
     return Metrics(body.decode("utf-8"))
 
 
-def serve_free(*args, **kw):
-    """ServerProcess on a port from _free_port() (in .port); another port
-    is tried when that one was taken meanwhile by other tests' sockets."""
-    for attempt in range(3):
-        port = _free_port()
-        try:
-            server = ServerProcess(f"--http-port={port}", *args, **kw)
-        except RuntimeError as e:
-            if "in use" in str(e) and attempt < 2:
-                continue
-            raise
-        server.port = port
-        return server
-
-
-def form_post(path, **params):
-    """The bytes of one form POST (for pipelining)."""
-    body = urlencode(params).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
-            "Content-Type: application/x-www-form-urlencoded\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-def pipeline(requests, port, timeout=30):
-    """Write the requests back to back on one keep-alive connection and
-    read every reply: [(status, headers, body)].  A thread writes while this
-    one reads, so full socket buffers cannot stall the two sides."""
-    with connect(port, timeout) as s:
-        writer = Background(s.sendall, b"".join(requests))
-        f = s.makefile("rb")
-        replies = []
-        for _ in requests:
-            reply = read_response(f)
-            if reply is None:
-                break
-            replies.append(reply)
-        writer.result(timeout)
-        return replies
-
-
 def log_lines(output):
     """(level, message) of each line of a log in the server's format
     "%(asctime)s %(levelname)s %(message)s"; other lines get level None."""
@@ -5077,19 +5763,6 @@ def log_lines(output):
                      line)
         lines.append((m.group(1), m.group(2)) if m else (None, line))
     return lines
-
-
-def wait_accepting(port, timeout=10, proc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError("server exited")
-        try:
-            connect(port, timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError("server did not start")
 
 
 def _find_other_address(family):
@@ -5181,13 +5854,6 @@ def call_from_other(method, path, port, headers=None, body=None, timeout=5):
         conn.close()
 
 
-def connect_unix(path, timeout=5):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(path)
-    return s
-
-
 def served(sock):
     """Send a read on the socket and check it is answered (not 503): the
     connection was taken.  Returns the socket."""
@@ -5201,8 +5867,9 @@ def served(sock):
 
 def refused_at_once(sock, what=""):
     """The server answers a new connection (which sends nothing) with 503
-    and closes it, within a second."""
+    and closes it, at once (not after --http-timeout, 30 s)."""
     start = time.monotonic()
+    sock.settimeout(5)
     f = sock.makefile("rb")
     try:
         reply = read_response(f)
@@ -5215,7 +5882,7 @@ def refused_at_once(sock, what=""):
         raise AssertionError(f"{what}: no 503 (the connection was taken)")
     finally:
         f.close()
-    assert time.monotonic() - start < 1, what
+    assert time.monotonic() - start < 3, what
 
 
 def takes(socks, opener):
@@ -5332,7 +5999,7 @@ class MetricsTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = serve_free("--enable-status", "--poll-timeout=5")
+        cls.server = ServerProcess("--enable-status", "--poll-timeout=5")
         cls.port = cls.server.port
 
     @classmethod
@@ -5446,14 +6113,14 @@ class MetricsStoreTests(unittest.TestCase):
     health gauges."""
 
     def gauges(self, *args):
-        server = serve_free("--enable-status", *args)
+        server = ServerProcess("--enable-status", *args)
         try:
             wait_for(lambda: call("GET", "/health.json", port=server.port)
                      [0].status == 200)
             m = fetch_metrics(server.port)
             return [name for name, kind in m.types.items() if kind == "gauge"]
         finally:
-            server.proc.kill()     # a clean shutdown is tested elsewhere
+            server.stop(signal.SIGKILL)   # a clean shutdown is tested elsewhere
             server.close()
 
     def test_state_file_gauges(self):
@@ -5464,18 +6131,12 @@ class MetricsStoreTests(unittest.TestCase):
     @unittest.skipUnless(shutil.which("redis-server"),
                          "redis-server is not installed")
     def test_redis_gauges(self):
-        with tempfile.TemporaryDirectory() as d:
-            port = _free_port()
-            redis = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", d],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)
-            try:
-                gauges = self.gauges(f"--redis=redis://127.0.0.1:{port}",
-                                     f"--redis-prefix={fresh()}:")
-            finally:
-                _stop(redis, signal.SIGTERM)
+        redis = RedisProcess()
+        try:
+            gauges = self.gauges(f"--redis={redis.url}",
+                                 f"--redis-prefix={fresh()}:")
+        finally:
+            redis.close()
         self.assertTrue([g for g in gauges if "redis" in g], gauges)
 
 
@@ -5534,13 +6195,13 @@ class MetricsAccessTests(unittest.TestCase):
         self.dir.cleanup()
 
     def test_not_served_without_enable_status(self):
-        self.server = serve_free()
+        self.server = ServerProcess()
         self.port = self.server.port
         resp, body = call("GET", "/metrics", port=self.port)
         self.assertEqual(resp.status, 404, body)
 
     def test_admin_token_needed(self):
-        self.server = serve_free("--enable-status", "--admin-token=m3trix")
+        self.server = ServerProcess("--enable-status", "--admin-token=m3trix")
         self.port = self.server.port
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             resp, body = call("GET", "/metrics", headers=headers,
@@ -5550,8 +6211,8 @@ class MetricsAccessTests(unittest.TestCase):
         fetch_metrics(self.port, headers={"Authorization": "Bearer m3trix"})
 
     def test_without_token_only_local_clients(self):
-        self.server = serve_free(f"--unix-socket-path={self.sock}",
-                                 "--enable-status", listeners=2)
+        self.server = ServerProcess(f"--unix-socket-path={self.sock}",
+                                 "--enable-status")
         self.port = self.server.port
         fetch_metrics(self.port)
         fetch_metrics(unix=self.sock)
@@ -5569,7 +6230,7 @@ class HealthTests(unittest.TestCase):
     def test_healthy_and_open_to_everyone(self):
         """200 {"return_code": 1, "error_message": ""} without
         --enable-status, without the admin token, from any address."""
-        server = serve_free("--admin-token=h3alth")
+        server = ServerProcess("--admin-token=h3alth")
         port = server.port
         try:
             resp, body = call("GET", "/health.json", port=port)
@@ -5613,7 +6274,7 @@ class ConnectionReserveTests(unittest.TestCase):
         self.dir.cleanup()
 
     def test_loopback_reserve(self):
-        self.server = serve_free("--max-connections=3", "--enable-status")
+        self.server = ServerProcess("--max-connections=3", "--enable-status")
         self.port = self.server.port
         for _ in range(3 + 4):
             self.open.append(served(connect(self.port)))
@@ -5633,7 +6294,7 @@ class ConnectionReserveTests(unittest.TestCase):
 
     def test_unix_socket_reserve(self):
         self.server = ServerProcess(f"--unix-socket-path={self.sock}",
-                                    "--max-connections=3")
+                                    "--max-connections=3", port=None)
         for _ in range(3 + 4):
             self.open.append(served(connect_unix(self.sock)))
         with connect_unix(self.sock, timeout=2) as extra:
@@ -5641,7 +6302,7 @@ class ConnectionReserveTests(unittest.TestCase):
 
     def test_other_addresses_never_exceed_the_cap(self):
         other_address()
-        self.server = serve_free("--max-connections=3", "--enable-status")
+        self.server = ServerProcess("--max-connections=3", "--enable-status")
         self.port = self.server.port
         for _ in range(3):
             self.open.append(served(connect_from_other(self.port)))
@@ -5670,36 +6331,30 @@ class LoggingTests(unittest.TestCase):
     def start_with_stuck_log(self, *args):
         """A server whose stderr is a pipe nobody reads, shrunk to one page
         and filled before the server starts, so its first log line already
-        finds the pipe full.  Returns (process, port, read end)."""
-        for attempt in range(3):
-            read_end, write_end = os.pipe()
-            try:
-                fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031),
-                            4096)
-            except OSError:
-                pass
-            size = fcntl.fcntl(write_end, getattr(fcntl, "F_GETPIPE_SZ", 1032))
-            os.write(write_end, b"#" * size)
-            port = _free_port()
-            proc = subprocess.Popen(
-                [sys.executable, SCRIPT, f"--http-port={port}",
-                 "--http-host=127.0.0.1", *args],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=write_end)
+        finds the pipe full.  Returns (server, read end)."""
+        read_end, write_end = os.pipe()
+        try:
+            fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+        except OSError:
+            pass
+        size = fcntl.fcntl(write_end, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+        os.write(write_end, b"#" * size)
+        try:
+            server = ServerProcess("--http-host=127.0.0.1", *args,
+                                   stderr=write_end)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
             os.close(write_end)
-            try:
-                wait_accepting(port, proc=proc)
-                return proc, port, read_end
-            except RuntimeError:
-                os.close(read_end)
-                _stop(proc, signal.SIGTERM)
-                if attempt == 2:
-                    raise
+        return server, read_end
 
     def test_stuck_log_pipe_does_not_stall_serving(self):
         """With stderr stuck, 20,000 bad requests are all answered, and
-        reads during and after them take under a second."""
-        proc, port, read_end = self.start_with_stuck_log()
+        reads during and after them are answered (a read stuck behind the
+        log would wait for ever: 5 s bounds it; 1 s in LONG runs)."""
+        server, read_end = self.start_with_stuck_log()
+        port = server.port
         try:
             resp, body = call("POST", "/channels.json", {"channel_id": "a"},
                               port=port, timeout=2)
@@ -5707,7 +6362,7 @@ class LoggingTests(unittest.TestCase):
             resp, body = call("POST", "/channels/a.json", {"content": "x"},
                               port=port, timeout=2)
             self.assertEqual(json.loads(body)["return_code"], 1)
-            job = Background(flood, port, 18_000, 2_000, timeout=3)
+            job = Background(flood, port, 18_000, 2_000, timeout=5)
             worst = 0.0
             probes = 0
             while job.is_alive() or probes < 5:
@@ -5716,7 +6371,7 @@ class LoggingTests(unittest.TestCase):
                 start = time.monotonic()
                 try:
                     resp, body = call("GET", "/channels/a.json", port=port,
-                                      timeout=2)
+                                      timeout=5)
                     self.assertEqual(json.loads(body)["return_code"], 1)
                     worst = max(worst, time.monotonic() - start)
                 except OSError:
@@ -5725,41 +6380,38 @@ class LoggingTests(unittest.TestCase):
                 time.sleep(0.02)
             report(f"worst read during a 20,000 bad-request flood with a "
                    f"stuck log: {worst * 1000:.1f} ms")
-            self.assertLess(worst, 1.0, "a read waited on the stuck log")
+            self.assertLess(worst, bound(5, 1), "a read waited on the stuck log")
             answered = job.result(timeout=120)
             self.assertEqual(answered, 20_000)
         finally:
             os.close(read_end)             # unblocks a server stuck writing
-            _stop(proc, signal.SIGTERM)
+            server.close()
 
     def test_stuck_log_does_not_stop_shutdown(self):
         """SIGTERM with stderr stuck: the held poll is answered and the
         server exits 0 within a few seconds."""
-        proc, port, read_end = self.start_with_stuck_log("--poll-timeout=30")
+        server, read_end = self.start_with_stuck_log("--poll-timeout=30",
+                                                     "--enable-status")
+        port = server.port
         try:
             resp, body = call("POST", "/channels.json", {"channel_id": "a"},
                               port=port, timeout=2)
             self.assertEqual(json.loads(body)["return_code"], 1)
             poll = Background(call, "GET", "/channels/a.json", port=port,
                               timeout=10)
-            time.sleep(0.3)                # no status page: let it be held
-            self.assertTrue(poll.is_alive(), "the poll was not held")
-            proc.send_signal(signal.SIGTERM)
+            wait_held(1, port)
+            server.send_signal(signal.SIGTERM)
             resp, body = poll.result()
             self.assertEqual(json.loads(body)["messages"], {"a": []})
-            try:
-                code = proc.wait(5)
-            except subprocess.TimeoutExpired:
-                code = "still running 5 s after SIGTERM"
-            self.assertEqual(code, 0)
+            self.assertEqual(server.stop(timeout=5), 0)
         finally:
             os.close(read_end)
-            _stop(proc, signal.SIGTERM)
+            server.close()
 
     def test_bad_request_flood_is_rate_limited(self):
         """5,000 bad requests: at most a few hundred log lines, none at
         WARNING or above, and an INFO line counts what was left out."""
-        server = serve_free()
+        server = ServerProcess()
         port = server.port
         try:
             self.assertEqual(flood(port, 4_000, 1_000), 5_000)
@@ -5795,7 +6447,7 @@ class LingerTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = serve_free("--max-body=1000")
+        cls.server = ServerProcess("--max-body=1000")
         cls.port = cls.server.port
 
     @classmethod
@@ -5849,13 +6501,25 @@ class LingerTests(unittest.TestCase):
                       b"x" * 100_000)
             f = s.makefile("rb")
             self.assertEqual(read_response(f)[0], 413)
-            time.sleep(3)
-            # A byte to a closed socket draws a reset, and the next send
-            # fails; while the server lingers, both are taken.
-            s.sendall(b"x")
-            time.sleep(0.2)
-            with self.assertRaises((BrokenPipeError, ConnectionResetError)):
-                s.sendall(b"x")
+            answered = time.monotonic()
+            # The server closes its socket (the kernel keeps it, orphaned)
+            # once the client has been quiet for about 2 s.
+            mine = s.getsockname()[1]
+            wait_for(lambda: tcp_inode(self.port, mine) in (None, 0),
+                     timeout=15, interval=0.02)
+            quiet = time.monotonic() - answered
+            report(f"lingering ended {quiet:.2f} s after the 413")
+            self.assertGreater(quiet, bound(1, 1.5))
+            self.assertLess(quiet, bound(10, 3))     # --http-timeout is 30 s
+            # A byte to the closed socket draws a reset, and a later send
+            # fails; while the server lingered, they were taken.
+            def refused():
+                try:
+                    s.sendall(b"x")
+                except (BrokenPipeError, ConnectionResetError):
+                    return True
+                return False
+            wait_for(refused, timeout=5, interval=0.02)
 
 
 class BareLineFeedTests(unittest.TestCase):
@@ -5863,7 +6527,7 @@ class BareLineFeedTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = serve_free("--poll-timeout=0.2")
+        cls.server = ServerProcess("--poll-timeout=0.2")
         cls.port = cls.server.port
         register("a", port=cls.port)
         push("a", "hello", port=cls.port)
@@ -5918,7 +6582,7 @@ class AdminTokenFileTests(unittest.TestCase):
 
     def setUp(self):
         self.dir = tempfile.TemporaryDirectory()
-        self.port = _free_port()         # for the servers that must not start
+        self.port = free_port()         # for the servers that must not start
         self.servers = []
 
     def tearDown(self):
@@ -5933,7 +6597,7 @@ class AdminTokenFileTests(unittest.TestCase):
         return path
 
     def start(self, *args, env=None):
-        server = serve_free("--enable-status", *args, env=env)
+        server = ServerProcess("--enable-status", *args, env=env)
         self.port = server.port
         self.servers.append(server)
         return server
@@ -5966,12 +6630,14 @@ class AdminTokenFileTests(unittest.TestCase):
     def test_empty_missing_or_unreadable_file_exits_2(self):
         # The switch is known (an unknown one exits 2 as well).
         self.assertIn("--admin-token-file", run_server("--help").stdout)
-        for path in (self.write("empty", ""), self.write("blank", " \n\n"),
-                     os.path.join(self.dir.name, "missing"),
-                     self.dir.name):                        # a directory
+        paths = (self.write("empty", ""), self.write("blank", " \n\n"),
+                 os.path.join(self.dir.name, "missing"),
+                 self.dir.name)                             # a directory
+        results = run_servers([([f"--http-port={self.port}",
+                                 f"--admin-token-file={path}"], None)
+                               for path in paths])
+        for path, result in zip(paths, results):
             with self.subTest(path=path):
-                result = run_server(f"--http-port={self.port}",
-                                    f"--admin-token-file={path}")
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertEqual(result.stdout, "")
                 self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
@@ -6072,34 +6738,13 @@ class RedisPasswordTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.dir = tempfile.TemporaryDirectory()
-        cls.redis_port = _free_port()
-        cls.redis = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(cls.redis_port), "--bind",
-             "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", cls.dir.name, "--requirepass", cls.PASSWORD],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-
-        def up():
-            try:
-                with socket.create_connection(("127.0.0.1", cls.redis_port),
-                                              1) as s:
-                    s.sendall(b"PING\r\n")
-                    return s.recv(100)[:1] == b"-"      # -NOAUTH
-            except OSError:
-                return False
-        try:
-            wait_for(up, timeout=10)
-        except AssertionError:
-            _stop(cls.redis, signal.SIGTERM)
-            cls.dir.cleanup()
-            raise
+        cls.redis = RedisProcess("--requirepass", cls.PASSWORD)
+        cls.dir = cls.redis.dir
+        cls.redis_port = cls.redis.port
 
     @classmethod
     def tearDownClass(cls):
-        _stop(cls.redis, signal.SIGTERM)
-        cls.dir.cleanup()
+        cls.redis.close()
 
     def url(self, password):
         return f"redis://:{password}@127.0.0.1:{self.redis_port}"
@@ -6113,7 +6758,7 @@ class RedisPasswordTests(unittest.TestCase):
 
     def start(self, *args, env=None):
         # A prefix of its own: no state from another test.
-        server = serve_free("--enable-status", f"--redis-prefix={fresh()}:",
+        server = ServerProcess("--enable-status", f"--redis-prefix={fresh()}:",
                             *args, env=env)
         self.servers.append(server)
         return server
@@ -6154,11 +6799,10 @@ class RedisPasswordTests(unittest.TestCase):
                         self.assertNotIn(self.PASSWORD.encode(), f.read())
         # Stopped together: shutdown lines are checked too.
         for server in ways.values():
-            server.proc.send_signal(signal.SIGTERM)
+            server.send_signal(signal.SIGTERM)
         for way, server in ways.items():
             with self.subTest(way=way):
-                # (stop() would send a second SIGTERM.)
-                self.assertEqual(server.proc.wait(15), 0)
+                self.assertEqual(server.stop(timeout=15), 0)
                 output = server.output()
                 warned = [m for level, m in log_lines(output)
                           if level == "WARNING" and "redis" in m.lower()]
@@ -6177,10 +6821,10 @@ class RedisPasswordTests(unittest.TestCase):
         never shown either."""
         self.assertIn("--redis-file", run_server("--help").stdout)
         wrong = "bad-pw-9c2a"
-        port = _free_port()
-        server = ServerProcess(f"--http-port={port}", "--enable-status",
+        server = ServerProcess("--enable-status",
                                f"--redis-file={self.write_url(wrong)}",
                                wait=False)
+        port = server.port
         self.servers.append(server)
         wait_for(lambda: server.proc.poll() is not None
                  or "listening on" in server.output(), timeout=10)
@@ -6199,7 +6843,8 @@ class RedisPasswordTests(unittest.TestCase):
             seen.append(body)
         for path_ in ("/status.json", "/metrics"):
             seen.append(call("GET", path_, port=port)[1])
-        time.sleep(1)                           # a few reconnect attempts
+        # Its attempts to connect are told in the log.
+        wait_for(lambda: "cannot connect" in server.output(), timeout=10)
         server.stop()
         output = server.output()
         seen.append(output.encode())
@@ -6234,10 +6879,9 @@ class PerAddressCapTests(unittest.TestCase):
         other_address()                       # or skip
         cls.dir = tempfile.TemporaryDirectory()
         cls.sock = os.path.join(cls.dir.name, "comet.sock")
-        cls.server = serve_free(f"--max-connections-per-ip={cls.N}",
+        cls.server = ServerProcess(f"--max-connections-per-ip={cls.N}",
                                 f"--unix-socket-path={cls.sock}",
-                                "--enable-status", "--poll-timeout=5",
-                                listeners=2)
+                                "--enable-status", "--poll-timeout=5")
         cls.port = cls.server.port
         cls.name = register(port=cls.port)
         cls.last = push(cls.name, "x", port=cls.port)["message_id"]
@@ -6363,7 +7007,7 @@ class PerAddressDefaultTests(unittest.TestCase):
 
     def test_default_is_256(self):
         other_address()
-        server = serve_free()
+        server = ServerProcess()
         port = server.port
         socks = []
         try:
@@ -6395,8 +7039,10 @@ class IdleExpiryScaleTests(unittest.TestCase):
         time the last reply came."""
         requests = []
         for i in range(count):
-            requests.append(form_post("/channels.json", channel_id=f"c{i}"))
-            requests.append(form_post("/clients.json", client_id=f"k{i}"))
+            requests.append(post_request("/channels.json",
+                                         {"channel_id": f"c{i}"}))
+            requests.append(post_request("/clients.json",
+                                         {"client_id": f"k{i}"}))
         replies = pipeline(requests, port)
         done = time.monotonic()
         self.assertEqual(len(replies), len(requests))
@@ -6407,10 +7053,10 @@ class IdleExpiryScaleTests(unittest.TestCase):
     def test_unread_state_goes_read_state_stays(self):
         """2,000 channels and 2,000 clients with 0.5 s timeouts: three
         channels and clients read in a loop stay; the others are gone
-        within about a second of their timeout; an expired channel reads
-        -2, an expired client -3."""
+        within a few seconds of their timeout (one in LONG runs); an
+        expired channel reads -2, an expired client -3."""
         timeout = 0.5
-        server = serve_free("--enable-status",
+        server = ServerProcess("--enable-status",
                             f"--session-timeout={timeout}",
                             f"--inactive-channel-timeout={timeout}",
                             "--poll-timeout=0.2")
@@ -6435,7 +7081,7 @@ class IdleExpiryScaleTests(unittest.TestCase):
                     conn.request("GET", path + client)
                     reply = json.loads(conn.getresponse().read())
                     self.assertEqual(reply["return_code"], 1, reply)
-            deadline = done + timeout + 1.0
+            deadline = done + timeout + bound(4.0, 1.0)
             while True:
                 read_kept()
                 st = status(port)
@@ -6464,17 +7110,18 @@ class IdleExpiryScaleTests(unittest.TestCase):
 
     def test_reads_stay_fast_while_state_expires(self):
         """10,000 channels and 10,000 clients expire while a tight loop of
-        reads runs: no read takes 50 ms."""
+        reads runs: no read waits for the sweep (none takes 0.5 s; 50 ms
+        in LONG runs, where a slow read is tried once more)."""
         # A stall from expiry comes every time; a slow read from another
         # process taking the CPU rarely twice: one more try before failing.
         worst = self.worst_read_while_expiring()
-        if worst >= 0.05:
+        if STRICT and worst >= 0.05:
             worst = self.worst_read_while_expiring()
-        self.assertLess(worst, 0.05)
+        self.assertLess(worst, bound(0.5, 0.05))
 
     def worst_read_while_expiring(self):
         timeout = 1.0
-        server = serve_free("--enable-status",
+        server = ServerProcess("--enable-status",
                             f"--session-timeout={timeout}",
                             f"--inactive-channel-timeout={timeout}")
         port = server.port
@@ -6522,71 +7169,6 @@ class IdleExpiryScaleTests(unittest.TestCase):
 # team would run them behind a load balancer. Redis itself is inspected
 # and disturbed over raw RESP sockets (KEYS, CLIENT KILL), and stopped,
 # paused and restarted by its PID. Skipped when redis-server is missing.
-
-class RedisProcess:
-    """A redis-server of the test's own: loopback only, no persistence (so
-    a restart comes back empty), files in a temporary directory. stop()
-    and start() again reuse the same port."""
-
-    def __init__(self, *args, port=None):
-        self.dir = tempfile.TemporaryDirectory(prefix="comet-redis-")
-        self.port = port or _free_port()
-        self.socket_path = os.path.join(self.dir.name, "redis.sock")
-        self.args = args
-        self.proc = self.log = None
-        # A run cut short skips tearDownClass; redis-server would outlive it.
-        atexit.register(self.stop)
-        self.start()
-
-    def start(self):
-        self.log = open(os.path.join(self.dir.name, "redis.log"), "ab")
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", self.dir.name,
-             "--unixsocket", self.socket_path, "--unixsocketperm", "700",
-             "--enable-debug-command", "yes", *self.args],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("redis-server exited: " + self.output())
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), 1) as s:
-                    s.sendall(b"PING\r\n")
-                    # +PONG, or -NOAUTH when it wants a password: up either way.
-                    if s.recv(100)[:1] in (b"+", b"-"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.01)
-        raise RuntimeError("redis-server did not start: " + self.output())
-
-    def output(self):
-        return _output(os.path.join(self.dir.name, "redis.log"))
-
-    def pause(self):
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)     # in case it was paused
-        _stop(self.proc, signal.SIGTERM, 10)
-        if self.log is not None and not self.log.closed:
-            self.log.close()
-
-    def close(self):
-        self.stop()
-        atexit.unregister(self.stop)
-        self.dir.cleanup()
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}"
-
 
 def resp_command(*args):
     """A command as RESP: an array of bulk strings."""
@@ -6657,37 +7239,21 @@ def redis_size(port, key):
 
 def comet_servers(redis_url, count, *args, env=None):
     """count instances on free loopback ports, started together, with
-    --enable-status, --redis=redis_url (unless None) and args; each gets
-    .port. Returns once each is listening (Redis may still be connecting)."""
-    started = []
-
-    def start(port):
-        switches = [f"--http-port={port}", "--http-host=127.0.0.1",
-                    "--enable-status", *args]
-        if redis_url is not None:
-            switches.append(f"--redis={redis_url}")
-        server = ServerProcess(*switches, env=env, wait=False)
-        server.port = port
-        started.append(server)
-        return server
-
+    --enable-status, --redis=redis_url (unless None) and args. Returns once
+    each is listening (Redis may still be connecting)."""
+    switches = ["--http-host=127.0.0.1", "--enable-status", *args]
+    if redis_url is not None:
+        switches.append(f"--redis={redis_url}")
+    servers = []
     try:
-        servers = [start(_free_port()) for _ in range(count)]
-        for i, server in enumerate(servers):
-            for tries in range(5):
-                try:
-                    server.wait_listening()
-                    break
-                except RuntimeError as e:
-                    # A port found free can be taken before the server
-                    # binds it (as some connection's ephemeral port).
-                    if "in use" not in str(e) or tries == 4:
-                        raise
-                    server = servers[i] = start(_free_port())
+        for _ in range(count):
+            servers.append(ServerProcess(*switches, env=env, wait=False))
+        for server in servers:
+            server.wait_listening()
     except BaseException:
-        for server in started:
-            _stop(server.proc, signal.SIGKILL)
-            server.log.close()
+        for server in servers:
+            stop_process(server.proc, signal.SIGKILL)
+            server.close()
         raise
     return servers
 
@@ -6696,24 +7262,19 @@ def stop_servers(servers):
     """SIGTERM every instance at once: each must exit 0 with no traceback."""
     problems = []
     for server in servers:
-        _stop_paused(server)
-        if server.proc.poll() is None:
-            server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
     for server in servers:
         try:
-            code = server.proc.wait(10)     # one signal: a second may force
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            code = f"no exit within 10 s: {server.proc.wait()}"
-        output = server.output()
-        server.log.close()
-        if code != 0 or "Traceback" in output:
-            problems.append(f"instance on port {server.port} exited {code}: "
-                            f"{output[-3000:]}")
+            server.stop_clean()
+        except AssertionError as e:
+            problems.append(f"instance on port {server.port}: {e}")
+        finally:
+            server.close()
     assert not problems, "\n".join(problems)
 
 
-def _stop_paused(server):
+def resume(server):
+    """SIGCONT to a server that may have been stopped with SIGSTOP."""
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGCONT)
 
@@ -6762,93 +7323,17 @@ def contents(reply, name):
     return [m["content"] for m in reply["messages"][name]]
 
 
-def push_many(name, count, port):
-    """count pushes pipelined on one connection (fast): their ids."""
-    body = b"content=filler"
-    request = (f"POST {channel_path(name)} HTTP/1.1\r\nHost: localhost\r\n"
-               "Content-Type: application/x-www-form-urlencoded\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    ids = []
-    with connect(port, timeout=30) as s:
-        f = s.makefile("rb")
-        for start in range(0, count, 200):
-            batch = min(200, count - start)
-            s.sendall(request * batch)
-            for _ in range(batch):
-                code, headers, data = read_response(f)
-                reply = json.loads(data)
-                assert code == 200 and reply["return_code"] == 1, reply
-                ids.append(reply["message_id"])
-    return ids
-
-
 def timed_read(names, port, **params):
     """read() that also says when the reply came: (reply, monotonic time)."""
     reply = read(names, port=port, **params)
     return reply, time.monotonic()
 
 
-class EventStream:
-    """An EventSource stream on a raw socket, read by a thread of its own:
-    .events fills with dicts ({"id", "data"} for a message, data decoded
-    from JSON; {"event", "data"} for the others) each with "at", the
-    monotonic time it arrived; .ended is set when the server closes it."""
-
-    def __init__(self, port, names, since=None, last_event_id=None,
-                 client_id=None):
-        params = {}
-        if since is not None:
-            params["since"] = since
-        if client_id is not None:
-            params["client_id"] = client_id
-        path = ("/channels/" + "%7C".join(quote(n, safe="") for n in names)
-                + ".sse" + ("?" + urlencode(params) if params else ""))
-        self.sock, self.f, self.status, self.headers = open_stream(
-            port, path, last_event_id, timeout=30)
-        self.events = []
-        self.ended = threading.Event()
-        self.body = None
-        if self.status != 200:
-            self.body = json.loads(self.f.read(int(self.headers.get(
-                "content-length", 0))))
-            self.close()
-            return
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self):
-        try:
-            for event in stream_events(self.f):
-                if "data" in event:
-                    event["data"] = json.loads(event["data"])
-                    event["at"] = time.monotonic()
-                    self.events.append(event)
-        except (OSError, ValueError):
-            pass
-        finally:
-            self.ended.set()
-
-    def messages(self):
-        """The message events' data, in order of arrival."""
-        return [e["data"] for e in list(self.events) if "event" not in e]
-
-    def wait_messages(self, count, timeout=5):
-        wait_for(lambda: len(self.messages()) >= count or self.ended.is_set(),
-                 timeout)
-        return self.messages()
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.f.close()
-        self.sock.close()
-
-
 class RedisTestCase(unittest.TestCase):
     """A redis-server and `instances` simple_comet.py processes on it,
     for the class; self.ports lists the instances' ports (A, B, C)."""
+
+    part = "C"                  # run by the second process, see main()
 
     instances = 3
     switches = ("--poll-timeout=2",)
@@ -6865,8 +7350,8 @@ class RedisTestCase(unittest.TestCase):
                 wait_for(lambda: can_write(port), 10)
         except BaseException:
             for server in getattr(cls, "servers", ()):
-                _stop(server.proc, signal.SIGKILL)
-                server.log.close()
+                stop_process(server.proc, signal.SIGKILL)
+                server.close()
             cls.redis.close()
             raise
 
@@ -6924,15 +7409,15 @@ class RedisSharedTests(RedisTestCase):
         name = register(fresh("rs"), port=a)
         held = self.held(b)
         poll = Background(timed_read, [name], port=b)
-        stream = EventStream(c, [name])
+        stream = follow(c, [name])
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
-        wait_for(lambda: not poll.is_alive() or self.held(b) == held + 1, 3)
+        wait_for(lambda: not poll.is_alive() or self.held(b) == held + 1, 5)
         sent = push(name, "hello", port=a)
-        reply, _ = poll.result(3)
+        reply, _ = poll.result(5)
         self.assertEqual(reply["return_code"], 1, reply)
         self.assertEqual(contents(reply, name), ["hello"])
-        self.assertEqual([m["id"] for m in stream.wait_messages(1)],
+        self.assertEqual([m["id"] for m in stream.wait_arrived(1)],
                          [sent["message_id"]])
 
     def test_clients_shared(self):
@@ -6969,7 +7454,7 @@ class RedisSharedTests(RedisTestCase):
         for port in self.ports:
             # Applying the delete may take a moment (a read meanwhile is
             # answered from a correct prefix of the history).
-            wait_for(lambda: read([name], port=port)["return_code"] == -2, 1)
+            wait_for(lambda: read([name], port=port)["return_code"] == -2, 5)
         register(name, port=c)
         push(name, "new", port=c)
         for port in self.ports:
@@ -6986,27 +7471,30 @@ class RedisSharedTests(RedisTestCase):
         streams = {port: self.streams(port) for port in self.ports}
         poll_a = Background(timed_read, [name], port=a, since=since)
         poll_b = Background(timed_read, [name], port=b, since=since)
-        stream_a = EventStream(a, [name], since=since)
-        stream_c = EventStream(c, [name], since=since)
+        stream_a = follow(a, [name], since=since)
+        stream_c = follow(c, [name], since=since)
         for stream in (stream_a, stream_c):
             self.addCleanup(stream.close)
             self.assertEqual(stream.status, 200, stream.body)
         wait_for(lambda: self.held(a) == held[a] + 1
                  and self.held(b) == held[b] + 1
                  and self.streams(a) == streams[a] + 1
-                 and self.streams(c) == streams[c] + 1, 3)
+                 and self.streams(c) == streams[c] + 1, 5)
         reply = push(name, "wake", port=a)
         pushed = time.monotonic()
         self.assertEqual(reply["delivered"], 2, reply)
         self.assertEqual(reply["instances"], 3, reply)
+        # Within well under the poll timeout (2 s); the instances that did
+        # not take the push see it as its entry lands, well under 0.5 s
+        # on a quiet machine (LONG runs).
         for poll in (poll_a, poll_b):
-            answer, at = poll.result(3)
+            answer, at = poll.result(5)
             self.assertEqual(contents(answer, name), ["wake"])
-            self.assertLess(at - pushed, 0.5)
+            self.assertLess(at - pushed, bound(1.0, 0.5))
         for stream in (stream_a, stream_c):
-            self.assertEqual([m["content"] for m in stream.wait_messages(1)],
+            self.assertEqual([m["content"] for m in stream.wait_arrived(1)],
                              ["wake"])
-            self.assertLess(stream.events[0]["at"] - pushed, 0.5)
+            self.assertLess(stream.events[0]["at"] - pushed, bound(1.0, 0.5))
 
     def test_delete_releases_every_instance(self):
         """A delete on A answers B's held poll with -2 and ends C's stream
@@ -7019,20 +7507,20 @@ class RedisSharedTests(RedisTestCase):
         held_b, held_c = self.held(b), self.held(c)
         poll_b = Background(read, [name], port=b, since=since)
         poll_c = Background(read, [name, other], port=c, since=since)
-        stream = EventStream(c, [name], since=since)
+        stream = follow(c, [name], since=since)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
         wait_for(lambda: self.held(b) == held_b + 1
-                 and self.held(c) == held_c + 1, 3)
+                 and self.held(c) == held_c + 1, 5)
         self.assertEqual(api("DELETE", channel_path(name), port=a)
                          ["return_code"], 2)
-        self.assertEqual(poll_b.result(1)["return_code"], -2)
-        self.assertTrue(stream.ended.wait(1), "stream not closed")
+        self.assertEqual(poll_b.result(5)["return_code"], -2)
+        self.assertTrue(stream.closed.wait(5), "stream not closed")
         self.assertEqual([(e.get("event"), e["data"]) for e in stream.events],
                          [("deleted", {"channel": name})])
         self.assertTrue(poll_c.is_alive())
         push(other, "still here", port=b)
-        reply = poll_c.result(1)
+        reply = poll_c.result(5)
         self.assertEqual(list(reply["messages"]), [other])
         self.assertEqual(contents(reply, other), ["still here"])
 
@@ -7064,18 +7552,20 @@ class RedisAlternationTests(RedisTestCase):
                 time.sleep(0.002 * (i % 3))
 
         def streamer():
-            """EventSource behaviour: reconnect with Last-Event-ID."""
+            """EventSource behaviour: reconnect with Last-Event-ID, here
+            after 15 messages at most (the rest comes again on the next
+            instance), however many a replay would bring at once."""
             got, turn, last = [], 0, None
             while not done.is_set() or len(got) < len(acked):
-                stream = EventStream(self.ports[turn % 3], [name],
-                                     last_event_id=last)
+                stream = follow(self.ports[turn % 3], [name],
+                                last_event_id=last)
                 assert stream.status == 200, stream.body
-                wait_for(lambda: len(stream.messages()) >= 7
+                wait_for(lambda: len(stream.arrived()) >= 15
                          or done.is_set() and len(got) + len(
-                             stream.messages()) >= len(acked), 10)
+                             stream.arrived()) >= len(acked), 10)
                 stream.close()
-                stream.ended.wait(2)
-                got += stream.messages()
+                stream.closed.wait(5)
+                got += stream.arrived()[:15]
                 if got:
                     last = got[-1]["id"]
                 turn += 1
@@ -7122,12 +7612,13 @@ class RedisPauseTests(RedisTestCase):
     def pause_b(self):
         server = self.servers[1]
         os.kill(server.proc.pid, signal.SIGSTOP)
-        self.addCleanup(_stop_paused, server)
+        self.addCleanup(resume, server)
         filler = register(fresh("rf"), port=self.ports[0], max_messages=5)
         return filler
 
-    def resume_b(self):
-        time.sleep(0.1)             # the requests sent to B have arrived
+    def resume_b(self, requests):
+        # The requests sent to B wait in its sockets, unread.
+        wait_for(lambda: unread_requests(self.ports[1]) >= requests)
         os.kill(self.servers[1].proc.pid, signal.SIGCONT)
 
     def test_registry_after_pause(self):
@@ -7145,14 +7636,14 @@ class RedisPauseTests(RedisTestCase):
         # The requests wait in B's socket queues; B sees them as it wakes.
         polls = [Background(read, [name], port=b),
                  Background(read, [session], port=b, client_id=client)]
-        opening = Background(EventStream, b, [name])
-        self.resume_b()
-        stream = opening.result(3)
+        opening = Background(follow, b, [name])
+        self.resume_b(3)
+        stream = opening.result(5)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
-        self.assertEqual(contents(polls[0].result(3), name), ["open"])
-        self.assertEqual(contents(polls[1].result(3), session), ["closed"])
-        self.assertEqual([m["content"] for m in stream.wait_messages(1)],
+        self.assertEqual(contents(polls[0].result(5), name), ["open"])
+        self.assertEqual(contents(polls[1].result(5), session), ["closed"])
+        self.assertEqual([m["content"] for m in stream.wait_arrived(1)],
                          ["open"])
 
     def test_paused_instance_no_duplicates(self):
@@ -7162,7 +7653,7 @@ class RedisPauseTests(RedisTestCase):
         a, b, c = self.ports
         name = register(fresh("rp"), port=a)
         first = push(name, "m0", port=a)["message_id"]
-        wait_for(lambda: contents(read([name], port=b), name) == ["m0"], 2)
+        wait_for(lambda: contents(read([name], port=b), name) == ["m0"], 5)
         filler = self.pause_b()
         for i in range(1, 6):
             push(name, f"m{i}", port=a)
@@ -7172,7 +7663,7 @@ class RedisPauseTests(RedisTestCase):
         push_many(filler, self.BACKLOG, a)
         later = [push(name, f"m{i}", port=a)["message_id"] for i in (6, 7)]
 
-        def follow(since):
+        def follow_polls(since):
             """Polls on B following last_id until m7 (a correct prefix of
             the history may come first): (first reply, messages)."""
             got, first_reply = [], None
@@ -7184,10 +7675,10 @@ class RedisPauseTests(RedisTestCase):
                 since = reply["last_id"]
             return first_reply, got, since
 
-        poll = Background(follow, had)
-        opening = Background(EventStream, b, [name], last_event_id=had)
-        self.resume_b()
-        stream = opening.result(3)
+        poll = Background(follow_polls, had)
+        opening = Background(follow, b, [name], last_event_id=had)
+        self.resume_b(2)
+        stream = opening.result(5)
         self.addCleanup(stream.close)
         first_reply, got, since = poll.result(5)
         # B did not clamp the reader's since to its own stale counter.
@@ -7195,14 +7686,14 @@ class RedisPauseTests(RedisTestCase):
         self.assertEqual([(m["id"], m["content"]) for m in got],
                          list(zip(later, ["m6", "m7"])))
         self.assertEqual(stream.status, 200)
-        self.assertEqual([m["content"] for m in stream.wait_messages(2)],
+        self.assertEqual([m["content"] for m in stream.wait_arrived(2)],
                          ["m6", "m7"])
         # And from there on, B follows as usual.
         poll = Background(read, [name], port=b, since=since)
-        wait_for(lambda: self.held(b) == 1, 2)
+        wait_for(lambda: self.held(b) == 1, 5)
         push(name, "m8", port=a)
-        self.assertEqual(contents(poll.result(2), name), ["m8"])
-        self.assertEqual([m["content"] for m in stream.wait_messages(3)],
+        self.assertEqual(contents(poll.result(5), name), ["m8"])
+        self.assertEqual([m["content"] for m in stream.wait_arrived(3)],
                          ["m6", "m7", "m8"])
         self.assertEqual(len(stream.events), 3)
 
@@ -7216,17 +7707,17 @@ class RedisPauseTests(RedisTestCase):
         self.assertEqual(reply["instances"], 3)
         since = reply["message_id"]
         poll = Background(read, [name], port=c, since=since)
-        stream = EventStream(c, [name], since=since)
+        stream = follow(c, [name], since=since)
         self.addCleanup(stream.close)
-        wait_for(lambda: self.held(c) == 1 and self.streams(c) == 1, 2)
+        wait_for(lambda: self.held(c) == 1 and self.streams(c) == 1, 5)
         server = self.servers[2]
-        server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        self.assertEqual(poll.result(3)["messages"], {name: []})
-        self.assertTrue(stream.ended.wait(3))
-        self.assertEqual(server.proc.wait(10), 0)
-        # Nothing was in flight: no reason to wait out a grace period.
-        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(poll.result(5)["messages"], {name: []})
+        self.assertTrue(stream.closed.wait(5))
+        self.assertEqual(server.stop(timeout=10), 0)
+        # Nothing was in flight: no reason to wait out a grace period (5 s).
+        self.assertLess(time.monotonic() - started, 4)
         self.assertNotIn("Traceback", server.output())
         # C left cleanly: it is no longer connected, so no longer counted
         # (a crashed one could only be noticed after a while).
@@ -7249,7 +7740,7 @@ class RedisConnectionKillTests(RedisTestCase):
         a, b = self.ports
         name = register(fresh("rk"), port=a)
         since = push(name, "start", port=a)["message_id"]
-        stream = EventStream(b, [name], since=since)
+        stream = follow(b, [name], since=since)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
         acked, refused = {}, []
@@ -7298,9 +7789,9 @@ class RedisConnectionKillTests(RedisTestCase):
             got = polls.result(10)
         finally:
             stop.set()
-        wait_for(lambda: "end" in [m["content"] for m in stream.messages()]
-                 or stream.ended.is_set(), 10)
-        streamed = stream.messages()
+        wait_for(lambda: "end" in [m["content"] for m in stream.arrived()]
+                 or stream.closed.is_set(), 10)
+        streamed = stream.arrived()
         # Each kill closed the connections of both instances.
         self.assertTrue(all(count >= 2 for count in kills), kills)
         expected = sorted(acked.items())
@@ -7315,7 +7806,7 @@ class RedisConnectionKillTests(RedisTestCase):
                 self.assertEqual(acked.get(message_id, content), content)
                 self.assertTrue(message_id in acked or content in refused,
                                 (what, message_id, content))
-        self.assertFalse(stream.ended.is_set(), "the stream was closed")
+        self.assertFalse(stream.closed.is_set(), "the stream was closed")
         self.assertGreater(len(acked), 300)
         # Each kill cost a short outage, not one of seconds.
         self.assertLess(len(refused), 200, len(refused))
@@ -7333,7 +7824,7 @@ class RedisOutageTests(RedisTestCase):
         for port in self.ports:
             wait_for(lambda: can_write(port), 10)
 
-    def assertRefusedWrite(self, code, body, seconds, limit=6):
+    def assertRefusedWrite(self, code, body, seconds, limit=8):
         self.assertEqual(code, 503, body)
         self.assertEqual(body["return_code"], -1, body)
         self.assertTrue(body["error_message"].startswith("503"), body)
@@ -7356,10 +7847,10 @@ class RedisOutageTests(RedisTestCase):
         self.assertEqual(contents(reply, name), ["m0", "m1", "m2"])
         seen = max(ids + [reply["last_id"]])
         poll = Background(read, [name], port=b, since=seen)
-        stream = EventStream(a, [name], since=seen)
+        stream = follow(a, [name], since=seen)
         self.addCleanup(stream.close)
         self.assertEqual(stream.status, 200, stream.body)
-        wait_for(lambda: self.held(b) == 1 and self.streams(a) == 1, 3)
+        wait_for(lambda: self.held(b) == 1 and self.streams(a) == 1, 5)
 
         self.redis.stop()
         writes = [
@@ -7381,7 +7872,7 @@ class RedisOutageTests(RedisTestCase):
         # Held ones wait on; reads come from what was applied.
         self.assertTrue(poll.is_alive())
         self.assertEqual(self.held(b), 1)
-        self.assertFalse(stream.ended.is_set())
+        self.assertFalse(stream.closed.is_set())
         self.assertEqual(self.streams(a), 1)
         self.assertEqual(contents(read([name], port=b), name),
                          ["m0", "m1", "m2"])
@@ -7391,15 +7882,15 @@ class RedisOutageTests(RedisTestCase):
         self.redis.start()             # same port, no data
         for port in self.ports:
             wait_for(lambda: can_write(port), 8)
-        self.assertEqual(poll.result(3)["return_code"], -2)
-        self.assertTrue(stream.ended.wait(3), "stream not closed")
+        self.assertEqual(poll.result(5)["return_code"], -2)
+        self.assertTrue(stream.closed.wait(5), "stream not closed")
         self.assertEqual(self.held(b), 0)
         for port in self.ports:
             self.assertEqual(read([name], port=port)["return_code"], -2)
             self.assertNotIn(name, status(port)["channels"])
             self.assertNotIn(client, status(port)["clients"])
-        refused = EventStream(b, [name])
-        self.assertEqual((refused.status, refused.body["return_code"]),
+        refused = follow(b, [name])
+        self.assertEqual((refused.status, refused.json["return_code"]),
                          (404, -2))
         self.assertEqual(register_client(client, b)["return_code"], 1)
         register(name, port=b)
@@ -7456,9 +7947,9 @@ class RedisHistoryTests(RedisTestCase):
         reply = read([name], port=b)
         self.assertEqual([m["id"] for m in reply["messages"][name]], ids[2:])
         self.assertNotIn("lost", reply)
-        stream = EventStream(b, [name], last_event_id=ids[0])
+        stream = follow(b, [name], last_event_id=ids[0])
         self.addCleanup(stream.close)
-        stream.wait_messages(3)
+        stream.wait_arrived(3)
         self.assertEqual([(e.get("event"), e["data"]) for e in stream.events],
                          [("lost", {"channels": [name]})]
                          + [(None, {"channel": name, "id": m["id"],
@@ -7492,7 +7983,7 @@ class RedisExpiryTests(RedisTestCase):
     def test_expiry_across_instances(self):
         """A client polling only B keeps its session (its reads on A stay
         valid) and the channels it reads; unread channels (even pushed to)
-        and idle clients vanish from both instances within about 2 s,
+        and idle clients vanish from both instances within seconds,
         deleted ones at once, and their Redis keys go too."""
         a, b = self.ports
         kept = register(fresh("rx"), port=a)
@@ -7547,17 +8038,16 @@ class RedisExpiryTests(RedisTestCase):
                     return False
             return True
 
-        wait_for(all_gone, 3, interval=0.05)
-        self.assertLess(time.monotonic() - started, 3)
+        wait_for(all_gone, 6, interval=0.05)
         # Kept for 2.5 s, over twice the timeouts, by reads on B only.
         time.sleep(max(0, started + 2.5 - time.monotonic()))
         for port in self.ports:
             st = status(port)
             self.assertLessEqual({kept, session}, set(st["channels"]), port)
             self.assertIn(keeper, st["clients"], port)
-        self.assertEqual(pushing.result(1)["return_code"], -2)
+        self.assertEqual(pushing.result(5)["return_code"], -2)
         stop.set()
-        reading.result(2)
+        reading.result(5)
         reply = read([session], port=a, client_id=keeper)
         self.assertEqual(contents(reply, session), ["s"])
         self.assertEqual(read([kept], port=a, client_id=idle)["return_code"],
@@ -7573,7 +8063,7 @@ class RedisExpiryTests(RedisTestCase):
             return keys if not [k for k in keys for n in gone if n in k] \
                 else None
 
-        keys = wait_for(keys_left, 3, interval=0.05)
+        keys = wait_for(keys_left, 5, interval=0.05)
         self.assertTrue(all(k.startswith("comet:") or k.startswith("{comet:")
                             for k in keys), keys)
         unnamed = [k for k in keys
@@ -7584,6 +8074,8 @@ class RedisExpiryTests(RedisTestCase):
 @needs_redis
 class RedisPrefixTests(unittest.TestCase):
     """--redis-prefix: deployments sharing one Redis stay apart."""
+
+    part = "C"                  # run by the second process, see main()
 
     def test_prefixes_apart(self):
         """Two instances with prefix alpha: share channels; one with beta:
@@ -7626,6 +8118,8 @@ class RedisUnixSocketTests(unittest.TestCase):
     """--redis=unix:///path.sock?db=N: Redis over its unix socket, in
     database N."""
 
+    part = "C"                  # run by the second process, see main()
+
     def test_unix_socket_and_db(self):
         """Two instances share channels over the socket; the keys are in
         database 3, none in database 0."""
@@ -7652,13 +8146,11 @@ class RedisUnixSocketTests(unittest.TestCase):
 class RedisCommandLineTests(unittest.TestCase):
     """Switches that make the server exit, and a start without Redis."""
 
+    part = "C"                  # run by the second process, see main()
+
     def run_comet(self, *args, env=None):
-        return subprocess.run([sys.executable, SCRIPT,
-                               f"--http-port={_free_port()}",
-                               "--http-host=127.0.0.1", *args],
-                              capture_output=True, text=True, timeout=10,
-                              stdin=subprocess.DEVNULL,
-                              env=None if env is None else {**os.environ, **env})
+        return run_server(f"--http-port={free_port()}",
+                          "--http-host=127.0.0.1", *args, env=env)
 
     def assertExit2(self, result, secret=None):
         output = result.stdout + result.stderr
@@ -7683,21 +8175,27 @@ class RedisCommandLineTests(unittest.TestCase):
         """A malformed URL, on the command line, in the environment or in
         --redis-file, and an unreadable --redis-file: exit 2 with one line
         that never shows the password."""
-        for url in ("http://127.0.0.1:6379", "127.0.0.1:6379",
-                    "redis://127.0.0.1:70000", "redis://127.0.0.1/x",
-                    "redis://:secretpw@127.0.0.1:99999",
-                    "unix://relative.sock"):
-            with self.subTest(url=url):
-                self.assertExit2(self.run_comet(f"--redis={url}"), "secretpw")
-                self.assertExit2(self.run_comet(
-                    env={"SIMPLE_COMET_REDIS": url}), "secretpw")
+        common = ["--http-port=%d" % free_port(), "--http-host=127.0.0.1"]
         with tempfile.TemporaryDirectory() as directory:
             path = os.path.join(directory, "redis-url")
             with open(path, "w") as f:
                 f.write("redis://:secretpw@127.0.0.1:99999\n")
-            self.assertExit2(self.run_comet(f"--redis-file={path}"), "secretpw")
-            self.assertExit2(self.run_comet(
-                f"--redis-file={os.path.join(directory, 'missing')}"))
+            cases = []
+            for url in ("http://127.0.0.1:6379", "127.0.0.1:6379",
+                        "redis://127.0.0.1:70000", "redis://127.0.0.1/x",
+                        "redis://:secretpw@127.0.0.1:99999",
+                        "unix://relative.sock"):
+                cases.append((f"--redis={url}", [f"--redis={url}"], None))
+                cases.append((f"$SIMPLE_COMET_REDIS={url}", [],
+                               {"SIMPLE_COMET_REDIS": url}))
+            cases.append(("--redis-file", [f"--redis-file={path}"], None))
+            cases.append(("missing --redis-file", [
+                f"--redis-file={os.path.join(directory, 'missing')}"], None))
+            results = run_servers([(common + args, env)
+                                   for _, args, env in cases])
+        for (what, _, _), result in zip(cases, results):
+            with self.subTest(what):
+                self.assertExit2(result, "secretpw")
 
     @needs_redis
     def test_unreachable_at_start(self):
@@ -7705,12 +8203,12 @@ class RedisCommandLineTests(unittest.TestCase):
         same and says so in its log (no traceback); writes and
         /health.json answer 503; once a redis-server runs on that port,
         writes succeed."""
-        redis_port = _free_port()
+        redis_port = free_port()
         server, = comet_servers(f"redis://127.0.0.1:{redis_port}", 1,
                                 "--poll-timeout=0.3")
         redis = None
         try:
-            wait_for(lambda: str(redis_port) in server.output(), 3)
+            wait_for(lambda: str(redis_port) in server.output(), 5)
             lines = [line for line in server.output().splitlines()
                      if str(redis_port) in line]
             self.assertTrue(any("WARNING" in line or "ERROR" in line
@@ -7728,7 +8226,7 @@ class RedisCommandLineTests(unittest.TestCase):
                 code, body, seconds = attempt(method, path, params,
                                               server.port)
                 self.assertEqual((code, body["return_code"]), (503, -1), body)
-                self.assertLess(seconds, 6)
+                self.assertLess(seconds, 8)
             redis = RedisProcess(port=redis_port)
             wait_for(lambda: can_write(server.port), 8)
             register(name, port=server.port)
@@ -7751,6 +8249,8 @@ class RedisSecretTests(unittest.TestCase):
     """A Redis that wants a password (SPEC C5): from the command line (a
     warning), --redis-file or $SIMPLE_COMET_REDIS (no warning); the
     password never shows in logs, the status page or /metrics."""
+
+    part = "C"                  # run by the second process, see main()
 
     def test_password_sources(self):
         """Three instances, one per way of giving the URL, share one Redis;
@@ -8131,14 +8631,16 @@ class RedisConnectionTests(unittest.IsolatedAsyncioTestCase):
         conn = RedisConnection(self.redis.url, command_timeout=0.3)
         await conn.connect()
         start = time.monotonic()
-        sleeping = conn.execute("DEBUG", "SLEEP", "0.8")
+        # Long enough that waiting it out is told from the 0.3 s timeout
+        # on a busy machine.
+        sleeping = conn.execute("DEBUG", "SLEEP", "2")
         behind = conn.execute("PING", timeout=10)
         with self.assertRaises(RedisTimeout):
             await sleeping
         with self.assertRaises(RedisConnectionError) as caught:
             await behind
         self.assertNotIsInstance(caught.exception, RedisTimeout)
-        self.assertLess(time.monotonic() - start, 0.6)
+        self.assertLess(time.monotonic() - start, bound(1.5, 0.6))
         self.assertTrue(conn.closed)
         self.assertIn("no reply within 0.3 s", conn.close_reason)
         with self.assertRaises(RedisConnectionError):
@@ -8154,8 +8656,8 @@ class RedisConnectionTests(unittest.IsolatedAsyncioTestCase):
         waiting = victim.execute("BLPOP", "kill:none", 5)
         self.assertEqual(await self.conn.execute("CLIENT", "KILL", "ID", victim_id), 1)
         with self.assertRaises(RedisConnectionError):
-            await asyncio.wait_for(waiting, 2)
-        await asyncio.wait_for(victim.wait_closed(), 1)
+            await asyncio.wait_for(waiting, 5)
+        await asyncio.wait_for(victim.wait_closed(), 5)
         self.assertEqual(victim.close_reason, "connection closed by the server")
         with self.assertRaises(RedisConnectionError):
             victim.execute("PING")
@@ -8163,12 +8665,12 @@ class RedisConnectionTests(unittest.IsolatedAsyncioTestCase):
     async def test_nothing_listening(self):
         """No server: connect fails at once; an unconnected connection
         refuses commands instead of queueing them."""
-        conn = RedisConnection(f"redis://127.0.0.1:{_free_port()}")
+        conn = RedisConnection(f"redis://127.0.0.1:{free_port()}")
         start = time.monotonic()
         with self.assertRaises(RedisConnectionError) as caught:
             await conn.connect()
         self.assertIn("refused", str(caught.exception))
-        self.assertLess(time.monotonic() - start, 1)
+        self.assertLess(time.monotonic() - start, 3)     # not the 5 s timeout
         with self.assertRaises(RedisConnectionError):
             conn.execute("PING")
         with self.assertRaises(RedisConnectionError):
@@ -8280,6 +8782,22 @@ class RedisClientTests(unittest.IsolatedAsyncioTestCase):
         self.assertTrue(await client.wait_connected(5))
         return client
 
+    async def blocked(self, client, count=1):
+        """Wait until Redis has `count` clients blocked (XREAD BLOCK sent)."""
+        deadline = time.monotonic() + 5
+        while True:
+            info = (await client.execute("INFO", "clients")).decode()
+            if re.search(r"^blocked_clients:%d\r?$" % count, info, re.M):
+                return
+            self.assertLess(time.monotonic(), deadline, info)
+            await asyncio.sleep(0.01)
+
+    async def until(self, condition, timeout=5):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, "condition not reached")
+            await asyncio.sleep(0.01)
+
     def assertQuietLog(self, records):
         for record in records:
             self.assertNotIn("topsecret", record.getMessage())
@@ -8296,16 +8814,19 @@ class RedisClientTests(unittest.IsolatedAsyncioTestCase):
             waiting = client.execute("BLPOP", "restart:none", 5)
             await asyncio.to_thread(self.redis.stop)
             with self.assertRaises(RedisConnectionError):
-                await asyncio.wait_for(waiting, 2)
-            await asyncio.sleep(0.01)
-            self.assertFalse(client.connected)
+                await asyncio.wait_for(waiting, 5)
+            await self.until(lambda: not client.connected)
             with self.assertRaises(RedisConnectionError):
                 client.execute("PING")
-            await asyncio.sleep(0.6)                 # a few failed attempts
+            # A failed attempt or two (the first says so in the log).
+            await self.until(lambda: any("cannot connect" in r.getMessage()
+                                         for r in logs.records))
             await asyncio.to_thread(self.redis.start)
             start = time.monotonic()
             self.assertTrue(await client.wait_connected(5))
-            self.assertLess(time.monotonic() - start, 1.5)
+            # At the next attempt: the back-off is still short (0.8 s at
+            # most by now), not at its 5 s cap.
+            self.assertLess(time.monotonic() - start, bound(3, 1.5))
             self.assertEqual(self.hooks, 2)
             self.assertEqual(await client.execute("GET", "hook:ran"), b"2")
         text = "\n".join(logs.output)
@@ -8377,12 +8898,13 @@ class RedisClientTests(unittest.IsolatedAsyncioTestCase):
         client = await self.client(command_timeout=0.3)
         reading = asyncio.ensure_future(client.execute_blocking(
             "XREAD", "BLOCK", 2000, "STREAMS", "blk:s", "$", block=2))
-        await asyncio.sleep(0.05)
+        await self.blocked(client)
         start = time.monotonic()
         self.assertEqual(await client.execute("PING"), "PONG")
-        self.assertLess(time.monotonic() - start, 0.1)
+        # Not behind the 2 s block.
+        self.assertLess(time.monotonic() - start, bound(1, 0.1))
         first = await client.execute("XADD", "blk:s", "*", "f", "v")
-        self.assertEqual(await asyncio.wait_for(reading, 1),
+        self.assertEqual(await asyncio.wait_for(reading, 5),
                          [[b"blk:s", [[first, [b"f", b"v"]]]]])
         # BLOCK 500 ms with a 0.3 s command timeout: no RedisTimeout.
         self.assertIsNone(await client.execute_blocking(
@@ -8391,7 +8913,7 @@ class RedisClientTests(unittest.IsolatedAsyncioTestCase):
         # cannot receive the stale reply.
         reading = asyncio.ensure_future(client.execute_blocking(
             "XREAD", "BLOCK", 1000, "STREAMS", "blk:s", "$", block=1))
-        await asyncio.sleep(0.05)
+        await self.blocked(client)
         reading.cancel()
         await client.execute("XADD", "blk:s", "*", "g", "w")
         self.assertEqual(await client.execute_blocking(
@@ -8404,17 +8926,18 @@ class RedisClientTests(unittest.IsolatedAsyncioTestCase):
         blocking_id = await client.execute_blocking("CLIENT", "ID", block=0.1)
         reading = asyncio.ensure_future(client.execute_blocking(
             "XREAD", "BLOCK", 1000, "STREAMS", "blk:s", "$", block=1))
-        await asyncio.sleep(0.05)
+        await self.blocked(client)
         self.assertEqual(await client.execute("CLIENT", "KILL", "ID", blocking_id), 1)
         with self.assertRaises(RedisConnectionError):
-            await asyncio.wait_for(reading, 1)
+            await asyncio.wait_for(reading, 5)
         self.assertNotEqual(await client.execute_blocking("CLIENT", "ID", block=0.1),
                             blocking_id)
-        # Not answered within block + command timeout (0.1 + 0.3 s).
+        # Not answered within block + command timeout (0.1 + 0.3 s); the
+        # sleep is long enough to tell on a busy machine.
         start = time.monotonic()
         with self.assertRaises(RedisTimeout):
-            await client.execute_blocking("DEBUG", "SLEEP", "0.7", block=0.1)
-        self.assertLess(time.monotonic() - start, 0.6)
+            await client.execute_blocking("DEBUG", "SLEEP", "2", block=0.1)
+        self.assertLess(time.monotonic() - start, bound(1.5, 0.6))
 
 
 @needs_redis
@@ -8457,7 +8980,8 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(len(self.ids(a, "t")), 2)    # not read yet
         start = time.monotonic()
         mine = await a.push("t", "four")
-        self.assertLess(time.monotonic() - start, 0.25)
+        report(f"a gap in a push reply read in {time.monotonic() - start:.3f} s")
+        self.assertLess(time.monotonic() - start, bound(0.5, 0.25))
         self.assertEqual(self.ids(a, "t"), [first[0], second[0],
                                             elsewhere[0], mine[0]])
         a.replica.writing -= 1
@@ -8522,6 +9046,8 @@ class RedisLogTailTests(unittest.IsolatedAsyncioTestCase):
 class RedisLogBoundTests(unittest.IsolatedAsyncioTestCase):
     """The shared log is bounded in bytes as well as in entries, exactly:
     its byte count is what its entries hold, and instances go on."""
+
+    part = "C"                  # run by the second process, see main()
 
     def setUp(self):
         self.redis = RedisProcess()
@@ -9737,28 +10263,30 @@ def chan(name, suffix=".json"):
 
 def stream_head_and_events(port, path, count, timeout=10):
     """Open a stream, read ``count`` events (or to its end): (status,
-    headers, events, ended)."""
-    sock, f, status_code, headers = open_stream(port, path, timeout=timeout)
-    events = []
+    headers, events without their raw bytes and times, ended)."""
+    sse = SSE(port, path, timeout=timeout)
     try:
-        if status_code != 200:
-            return status_code, headers, json.loads(f.read(int(
-                headers.get("content-length", 0)))), True
-        for event in stream_events(f):
-            if set(event) == {"retry"}:
-                continue                 # the opening block
-            events.append(event)
-            if len(events) >= count:
-                return status_code, headers, events, False
-        return status_code, headers, events, True
+        if sse.status != 200:
+            return sse.status, sse.headers, sse.json, True
+        events = []
+        while len(events) < count:
+            item = sse.next(timeout)
+            if item is None:
+                return sse.status, sse.headers, events, True
+            if "comment" not in item:
+                events.append({k: v for k, v in item.items()
+                               if k not in ("raw", "at")})
+        return sse.status, sse.headers, events, False
     finally:
-        sock.close()
+        sse.close()
 
 
 @needs_pyjwt
 class TokenServerTests(unittest.TestCase):
     """A server with --token-key-file: what a token lets a reader see, and
     every way a token is refused (never read as anonymous)."""
+
+    part = "C"                  # run by the second process, see main()
 
     @classmethod
     def setUpClass(cls):
@@ -9768,9 +10296,9 @@ class TokenServerTests(unittest.TestCase):
             cls.dir.name, "# rotation: both are accepted", "kid new",
             TOKEN_SECRET, "kid old", OTHER_SECRET, "kid rsa",
             PEM["rsa1.pub"].strip())
-        cls.server, cls.port = start_on_free_port(
-            f"--token-key-file={cls.keys}", "--enable-status",
-            "--poll-timeout=20")
+        cls.server = ServerProcess(f"--token-key-file={cls.keys}",
+                                   "--enable-status", "--poll-timeout=20")
+        cls.port = cls.server.port
 
     @classmethod
     def tearDownClass(cls):
@@ -10020,7 +10548,7 @@ class TokenSwitchTests(unittest.TestCase):
                     with open(path, "w") as f:
                         f.write(text)
                 result = run_server(f"--token-key-file={path}",
-                                    f"--http-port={_free_port()}")
+                                    f"--http-port={free_port()}")
                 self.assertEqual(result.returncode, 2, what)
                 lines = result.stderr.strip().splitlines()
                 self.assertEqual(len(lines), 1, result.stderr)
@@ -10028,7 +10556,8 @@ class TokenSwitchTests(unittest.TestCase):
                 self.assertNotIn("Traceback", result.stderr)
 
     def test_without_a_key_tokens_are_disabled(self):
-        server, port = start_on_free_port()
+        server = ServerProcess()
+        port = server.port
         try:
             reply = api("POST", "/channels.json", {"channel_id": fresh(),
                                                    "private": "1"}, port=port)
@@ -10049,12 +10578,15 @@ class TokenStateTests(unittest.TestCase):
     """Revocations survive a restart with --state-file, and private
     channels stay private."""
 
+    part = "C"                  # run by the second process, see main()
+
     def test_revocation_survives_a_restart(self):
         with tempfile.TemporaryDirectory() as directory:
             keys = write_key_file(directory, TOKEN_SECRET)
             state = os.path.join(directory, "state")
             switches = (f"--token-key-file={keys}", f"--state-file={state}")
-            server, port = start_on_free_port(*switches)
+            server = ServerProcess(*switches)
+            port = server.port
             name = fresh("user:")
             try:
                 register(name, port=port, private=1)
@@ -10062,11 +10594,11 @@ class TokenStateTests(unittest.TestCase):
                 token = token_for(sub="jane", subscribe=[name], jti="j-1")
                 api("POST", "/tokens/revoke.json", {"jti": "j-1"}, port=port)
             finally:
-                server.proc.kill()
-                server.proc.wait()
-                server.log.close()
-            for signal_used in ("kill", "term"):
-                server, port = start_on_free_port(*switches)
+                server.stop(signal.SIGKILL)
+                server.close()
+            for _ in range(2):               # after SIGKILL, after SIGTERM
+                server = ServerProcess(*switches)
+                port = server.port
                 try:
                     self.assertEqual(api("GET", with_token(chan(name), token),
                                          port=port)["error_message"],
@@ -10127,20 +10659,6 @@ class TokenRedisTests(RedisTestCase):
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown
 # ---------------------------------------------------------------------------
 
-def report(text):
-    """Figures for the README's Reliability section, with SIMPLE_COMET_REPORT=1."""
-    if os.environ.get("SIMPLE_COMET_REPORT"):
-        print(f"\n  figure: {text}", file=sys.stderr)
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 class Subscriber(threading.Thread):
     """Follows last_id on a channel set until told to stop; reconnects every
     few polls, as a browser does after a network hiccup."""
@@ -10188,21 +10706,21 @@ class Subscriber(threading.Thread):
 class ReliabilityTests(unittest.TestCase):
 
     def test_stalled_clients_do_not_slow_others_and_are_closed(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status",
+        server = ServerProcess("--enable-status",
                                "--http-timeout=1")
         stalled = []
         try:
-            name = register(port=OTHER_PORT)
-            push(name, "x", port=OTHER_PORT)
+            name = register(port=server.port)
+            push(name, "x", port=server.port)
             for i in range(300):
-                s = connect(OTHER_PORT)
+                s = connect(server.port)
                 s.sendall(b"POST /channels/" + name.encode() +
                           b".json HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
                           b"\r\n\r\ncontent=half" if i % 2 else
                           b"GET /channels/" + name.encode() + b".json?sin")
                 stalled.append(s)
             times = []
-            conn = http.client.HTTPConnection("127.0.0.1", OTHER_PORT,
+            conn = http.client.HTTPConnection("127.0.0.1", server.port,
                                               timeout=5)
             for _ in range(200):
                 start = time.monotonic()
@@ -10212,7 +10730,9 @@ class ReliabilityTests(unittest.TestCase):
             conn.close()
             times.sort()
             p99 = times[int(len(times) * 0.99)]
-            self.assertLess(p99, 0.05, f"p99 {p99 * 1000:.1f} ms")
+            # Reads wait for no stalled client (that would be until
+            # --http-timeout, 1 s): 50 ms for 99 % in LONG runs.
+            self.assertLess(p99, bound(0.5, 0.05), f"p99 {p99 * 1000:.1f} ms")
             closing = time.monotonic()
             # --http-timeout closes every stalled one (and nothing answered
             # them: there was no whole request).
@@ -10220,7 +10740,7 @@ class ReliabilityTests(unittest.TestCase):
             for s in stalled:
                 s.settimeout(max(0.1, deadline - time.monotonic()))
                 self.assertEqual(s.recv(100), b"")
-            wait_for(lambda: status(OTHER_PORT)["connections"] == 1)
+            wait_for(lambda: status(server.port)["connections"] == 1)
             report(f"{len(stalled)} stalled clients: 200 reads beside them, "
                    f"p50 {times[100] * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms; "
                    f"all closed {time.monotonic() - closing:.2f} s later "
@@ -10231,13 +10751,13 @@ class ReliabilityTests(unittest.TestCase):
             server.close()
 
     def test_client_that_never_reads_cannot_grow_memory(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--http-timeout=3")
+        server = ServerProcess("--http-timeout=3")
         try:
-            name = register(port=OTHER_PORT)
-            push(name, "y" * 2000, port=OTHER_PORT)   # 2 KB per reply
+            name = register(port=server.port)
+            push(name, "y" * 2000, port=server.port)   # 2 KB per reply
             before = rss_kib(server.proc.pid)
             request = get_request(f"/channels/{name}.json")
-            with connect(OTHER_PORT) as s:
+            with connect(server.port) as s:
                 s.setblocking(False)
                 sent = 0
                 deadline = time.monotonic() + 1.5
@@ -10254,56 +10774,64 @@ class ReliabilityTests(unittest.TestCase):
                 report(f"client that never reads: sent {sent} bytes of "
                        f"requests ({replies_owed // 1_000_000} MB of replies "
                        f"owed), server RSS grew {grown} KiB")
-                # And the stuck connection is dropped after --http-timeout.
-                s.setblocking(True)
-                s.settimeout(5)
+                # And the stuck connection is dropped after --http-timeout
+                # (the server closes its socket), with a reset.
+                mine = s.getsockname()[1]
                 start = time.monotonic()
+                wait_for(lambda: tcp_inode(server.port, mine) in (None, 0),
+                         timeout=30, interval=0.02)
+                dropped = time.monotonic() - start
+                report(f"the client that never reads dropped {dropped:.2f} "
+                       "s after it stopped sending (--http-timeout=3)")
+                self.assertLess(dropped, bound(20, 5))
+                s.setblocking(True)
+                s.settimeout(30)
                 with self.assertRaises((ConnectionResetError, AssertionError)):
                     while s.recv(1 << 20):
                         pass
                     raise AssertionError("closed cleanly")
-                self.assertLess(time.monotonic() - start, 5)
         finally:
             server.close()
 
     def test_churn_of_dropped_polls_leaves_nothing_behind(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}", "--enable-status")
+        server = ServerProcess("--enable-status")
         try:
-            name = register(port=OTHER_PORT)
-            last = push(name, "x", port=OTHER_PORT)["message_id"]
+            name = register(port=server.port)
+            last = push(name, "x", port=server.port)["message_id"]
             request = get_request(f"/channels/{name}.json?since={last}")
             sizes = []
             for _ in range(6):
-                socks = [connect(OTHER_PORT) for _ in range(500)]
+                socks = [connect(server.port) for _ in range(500)]
                 for s in socks:
                     s.sendall(request)
-                wait_held(500, OTHER_PORT)
+                wait_held(500, server.port)
                 for s in socks:
                     s.close()
-                wait_held(0, OTHER_PORT)
+                wait_held(0, server.port)
                 sizes.append(rss_kib(server.proc.pid))
-            self.assertEqual(status(OTHER_PORT)["connections"], 1)
+            self.assertEqual(status(server.port)["connections"], 1)
             # After warm-up, the size stays flat.
             self.assertLess(sizes[-1] - sizes[1], 1024, sizes)
             report(f"churn: 6 rounds of 500 polls opened and dropped, "
                    f"RSS KiB per round {sizes}")
-            self.assertEqual(push(name, "y", port=OTHER_PORT)["delivered"], 0)
+            self.assertEqual(push(name, "y", port=server.port)["delivered"], 0)
         finally:
             server.close()
 
     def test_exactly_once_under_load(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}",
-                               "--poll-timeout=0.1",
+        server = ServerProcess("--poll-timeout=0.1",
                                "--messages-per-channel=10000")
         try:
-            names = [register(port=OTHER_PORT) for _ in range(4)]
+            names = [register(port=server.port) for _ in range(4)]
             # Overlapping channel sets: every pair, and each one alone.
             sets = [[a, b] for i, a in enumerate(names) for b in names[i + 1:]]
             sets += [[n] for n in names]
-            subscribers = [Subscriber(OTHER_PORT, sets[i % len(sets)],
+            subscribers = [Subscriber(server.port, sets[i % len(sets)],
                                       reconnect_every=(i % 3) * 4)
                            for i in range(100)]
-            time.sleep(0.3)
+            # Every subscriber polling (each had a reply, empty at least).
+            wait_for(lambda: all(sub.polls or sub.error
+                                 for sub in subscribers), timeout=10)
             pushed = {n: [] for n in names}
             lock = threading.Lock()
 
@@ -10313,13 +10841,12 @@ class ReliabilityTests(unittest.TestCase):
                     name = rng.choice(names)
                     with lock:   # ids of one channel are recorded in order
                         message_id = push(name, f"{seed}-{i}",
-                                          port=OTHER_PORT)["message_id"]
+                                          port=server.port)["message_id"]
                         pushed[name].append(message_id)
                     time.sleep(rng.random() * 0.02)
             publishers = [Background(publish, seed) for seed in range(4)]
             for p in publishers:
                 p.result(timeout=60)
-            time.sleep(0.3)      # past a poll timeout: all caught up
             for sub in subscribers:
                 wait_for(lambda: all(sub.got[n] == pushed[n]
                                      for n in sub.channels) or sub.error,
@@ -10345,14 +10872,13 @@ class ReliabilityTests(unittest.TestCase):
             server.close()
 
     def test_shutdown_under_load(self):
-        server = ServerProcess(f"--http-port={OTHER_PORT}",
-                               "--poll-timeout=5")
-        name = register(port=OTHER_PORT)
+        server = ServerProcess("--poll-timeout=5")
+        name = register(port=server.port)
         acked = []
         stop = threading.Event()
 
         def publish():
-            conn = http.client.HTTPConnection("127.0.0.1", OTHER_PORT,
+            conn = http.client.HTTPConnection("127.0.0.1", server.port,
                                               timeout=5)
             try:
                 while not stop.is_set():
@@ -10367,11 +10893,13 @@ class ReliabilityTests(unittest.TestCase):
             finally:
                 conn.close()
         try:
-            subscribers = [Subscriber(OTHER_PORT, [name]) for _ in range(50)]
+            subscribers = [Subscriber(server.port, [name]) for _ in range(50)]
             publisher = Background(publish)
-            time.sleep(0.5)
-            server.proc.send_signal(signal.SIGTERM)
-            self.assertEqual(server.proc.wait(10), 0)
+            # Under load: pushes going on, every subscriber answered once.
+            wait_for(lambda: len(acked) > 20 and
+                     all(sub.polls or sub.error for sub in subscribers),
+                     timeout=10)
+            self.assertEqual(server.stop(timeout=10), 0)
             stop.set()
             publisher.result()
             self.assertGreater(len(acked), 20)
@@ -10396,19 +10924,12 @@ class ReliabilityTests(unittest.TestCase):
 
 # The suite runs in two processes at once (the machine has two cores and
 # most tests wait on servers): this one runs parts A and B with the main
-# server, a second one (PART == "C") the part C classes, which start servers
-# of their own.
+# server, a second one (PART == "C") the classes that say part = "C":
+# streams read over sockets and nginx, the state file and Redis
+# instances, which start servers of their own (about half the time).
 
-def part_c(cls):
-    """True for the classes under the C1, C2 and C3 (instances) banners:
-    streams, the state file and Redis, which start servers of their own."""
-    import inspect
-    banner = ""
-    lines = open(__file__, encoding="utf-8").read().splitlines()
-    for line in lines[:inspect.getsourcelines(cls)[1]]:
-        if re.match(r"# [ABC][0-9]*\. ", line):
-            banner = line
-    return banner.startswith(("# C1. ", "# C2. ", "# C3. Several"))
+def part_of(cls):
+    return getattr(cls, "part", "AB")
 
 
 def run(classes, stream):
@@ -10432,7 +10953,8 @@ def main():
                and issubclass(c, unittest.TestCase) and c.__module__ == __name__
                and unittest.defaultTestLoader.getTestCaseNames(c)]
     if PART == "C":
-        counts = run([c for c in classes if part_c(c)], sys.stderr)
+        counts = run([c for c in classes if part_of(c) == "C"],
+                     sys.stderr)
         print("part C: %d passed, %d failed, %d skipped" % counts)
         return 0
     with tempfile.TemporaryFile("w+") as out:
@@ -10441,7 +10963,8 @@ def main():
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "SIMPLE_COMET_PART": "C"})
         try:
-            counts = run([c for c in classes if not part_c(c)], sys.stderr)
+            counts = run([c for c in classes if part_of(c) != "C"],
+                         sys.stderr)
             child.wait(timeout=600)
         finally:
             if child.poll() is None:

@@ -187,6 +187,8 @@ class Config:
     token_keys = None                # TokenKeys, from --token-key-file
     token_audience = None
     token_issuer = None
+    client_max_message = 4096        # bytes of content a token push may carry
+    client_publish_rate = 10         # token pushes a second per sub
     max_body = 1024 * 1024
     max_connections = 10_000
     max_connections_per_ip = 256
@@ -255,6 +257,7 @@ REASONS = {
     405: "Method Not Allowed", 408: "Request Timeout",
     413: "Content Too Large", 414: "URI Too Long",
     415: "Unsupported Media Type", 417: "Expectation Failed",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
     501: "Not Implemented", 503: "Service Unavailable",
     505: "HTTP Version Not Supported",
@@ -275,7 +278,8 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 class Request:
     __slots__ = ("method", "path", "query", "version", "headers", "body",
-                 "keep_alive", "match", "params", "callback", "claims")
+                 "keep_alive", "match", "params", "callback", "token",
+                 "claims")
 
     def __init__(self, method, path, query, version, headers):
         self.method = method
@@ -285,7 +289,8 @@ class Request:
         self.headers = headers
         self.body = b""
         self.callback = None             # set by App.route for JSON-P
-        self.claims = None               # ... and a token's, if it has one
+        self.token = None                # ... the token it carries, if any
+        self.claims = None               # ... and its claims, once judged
         # HTTP/1.1 keeps the connection by default, HTTP/1.0 only on request.
         connection = headers.get("connection", "").lower()
         if version == "HTTP/1.1":
@@ -1182,13 +1187,18 @@ class TokenCache:
 # removed channel, whichever store made the change.
 
 # A message's JSON, the same bytes in every reply, stream event, journal
-# record and Redis history (Redis's push script writes the same layout).
+# record and Redis history (Redis's push script writes the same layout);
+# "from" is there when the message has a sender.
 MESSAGE_JSON = '{"id": %d, "ts": %d, "content": %s}'
+MESSAGE_FROM_JSON = '{"id": %d, "ts": %d, "from": %s, "content": %s}'
 
 
-def message_text(message_id, content):
+def message_text(message_id, content, sender=None):
     """A message's JSON, encoded once when it is pushed."""
-    return MESSAGE_JSON % (message_id, time.time(), json.dumps(content))
+    if sender is None:
+        return MESSAGE_JSON % (message_id, time.time(), json.dumps(content))
+    return MESSAGE_FROM_JSON % (message_id, time.time(), json.dumps(sender),
+                                json.dumps(content))
 
 
 def message_id_of(text):
@@ -1305,15 +1315,17 @@ class Core:
             self.clients[client_id] = self.loop.time()
             self.added += 1
 
-    def apply_push(self, channel, message_id, text):
+    def apply_push(self, channel, message_id, text, ephemeral=False):
         """Store a message in ``channel`` (None: not known here, and only
-        the counter moves); returns how many waiters it reached."""
+        the counter moves), or only pass it to its waiters (ephemeral);
+        returns how many waiters it reached."""
         if message_id > self.last_id:
             self.last_id = message_id
         if channel is None or channel.newest_id >= message_id:
             return 0
-        channel.add(message_id, text)
-        return self.hub.deliver(channel, message_id, text) \
+        if not ephemeral:
+            channel.add(message_id, text)
+        return self.hub.deliver(channel, message_id, text, ephemeral) \
             if channel.waiters else 0
 
     def apply_remove(self, name):
@@ -1427,7 +1439,9 @@ class Core:
     #
     # Writes are coroutines: add_channel(name, max_messages, options),
     # add_client(client_id) and revoke(kind, value, until) return None,
-    # push(name, content) a Pushed, remove_channel(name) whether it
+    # push(name, content, sender=None, ephemeral=False) a Pushed (an
+    # ephemeral message reaches the waiters of now and is kept nowhere),
+    # remove_channel(name) whether it
     # existed; refusals raise APIError (API
     # failures) or HTTPError (503: not stored).  catch_up() returns True
     # once this instance has applied every change stored before the call,
@@ -1472,13 +1486,15 @@ class MemoryStore(Core):
         self.keep_client(client_id)
         self.apply_client(client_id)
 
-    async def push(self, name, content):
+    async def push(self, name, content, sender=None, ephemeral=False):
         channel = self.channels.get(name) or self.channel(name)
         message_id = self.next_id()
-        text = message_text(message_id, content)
-        self.keep_push(channel, message_id, text)
+        text = message_text(message_id, content, sender)
+        if not ephemeral:
+            self.keep_push(channel, message_id, text)
         self.pushed += 1
-        return Pushed(message_id, self.apply_push(channel, message_id, text))
+        return Pushed(message_id, self.apply_push(channel, message_id, text,
+                                                  ephemeral))
 
     async def remove_channel(self, name):
         channel = self.channels.get(name)
@@ -2131,7 +2147,9 @@ return id
 # script (up to REDIS_PUSH_BATCH): Redis runs it for about a quarter less
 # than one script per push.
 # KEYS: counter log instances, then meta history of each push
-# ARGV: floor ttl instance_window_ms, then name content of each push
+# ARGV: floor ttl instance_window_ms, then name, content (JSON), sender
+# (JSON, or empty) and mode ("p", or "e" for an ephemeral message, which
+# goes to the log only) of each push
 # Returns the instances counted, then for each push "ID<TAB>PREVIOUS
 # ENTRY<TAB>MESSAGE" ("-2": no such channel), one per line: one string,
 # which costs a Python reader far less than an array.  (A message's JSON
@@ -2148,18 +2166,22 @@ for i = 1, (#KEYS - 3) / 2 do
   if not max then
     out[i + 1] = '-2'
   else
+    local a = 4 * i
     local id, prev = next_id(KEYS[1], floor)
     local sid = string.format('%d', id)
-    local text = '{"id": ' .. sid .. ', "ts": ' .. seconds ..
-                 ', "content": ' .. ARGV[3 + 2 * i] .. '}'
-    local length = redis.call('RPUSH', history, text)
-    if length == 1 then
-      redis.call('PEXPIRE', history, ARGV[2])
-    elseif length > max then
-      local oldest = redis.call('LPOP', history)
-      redis.call('HSET', meta, 'dropped', string.match(oldest, '^{"id": (%d+)'))
+    local from = ARGV[a + 2] ~= '' and ', "from": ' .. ARGV[a + 2] or ''
+    local text = '{"id": ' .. sid .. ', "ts": ' .. seconds .. from ..
+                 ', "content": ' .. ARGV[a + 1] .. '}'
+    if ARGV[a + 3] == 'p' then
+      local length = redis.call('RPUSH', history, text)
+      if length == 1 then
+        redis.call('PEXPIRE', history, ARGV[2])
+      elseif length > max then
+        local oldest = redis.call('LPOP', history)
+        redis.call('HSET', meta, 'dropped', string.match(oldest, '^{"id": (%d+)'))
+      end
     end
-    append(KEYS[2], id, prev, 'p', ARGV[2 + 2 * i] .. '\t' .. text)
+    append(KEYS[2], id, prev, ARGV[a + 3], ARGV[a] .. '\t' .. text)
     out[i + 1] = sid .. '\t' .. prev .. '\t' .. text
   end
 end
@@ -2335,9 +2357,9 @@ class RedisReplica:
             raise LogGap(f"log entries between {self.position} and "
                          f"{position} are gone")
         store = self.store
-        if kind == "p":
+        if kind == "p" or kind == "e":
             name, text = rest.split("\t", 1)
-            self.apply_pushed(position, name, text)
+            self.apply_pushed(position, name, text, kind == "e")
             return
         if kind == "c":
             name, max_messages, options = rest.split("\t")
@@ -2354,9 +2376,10 @@ class RedisReplica:
         store.apply_counter(position)
         self.advance(position)
 
-    def apply_pushed(self, position, name, text):
+    def apply_pushed(self, position, name, text, ephemeral=False):
         store = self.store
-        reached = store.apply_push(store.channels.get(name), position, text)
+        reached = store.apply_push(store.channels.get(name), position, text,
+                                   ephemeral)
         if reached:
             self.reached[position] = reached
         self.advance(position)
@@ -2483,7 +2506,7 @@ class RedisPushes:
         self.store = store
         self.replica = replica
         self.client = store.client
-        self.waiting = []                # (name, content JSON, future)
+        self.waiting = []                # (name, content, sender, mode, future)
         k = store.k
         self.keys = b"".join(encode_command(k[name]).partition(b"\r\n")[2]
                              for name in ("id", "log", "instances"))
@@ -2495,12 +2518,14 @@ class RedisPushes:
         self.key_length = len(store.prefix.encode()) + 2
         self.sha = script_sha(REDIS_PUSH).encode()
 
-    def add(self, name, content):
+    def add(self, name, content, sender, ephemeral):
         """A future of (id, instances), or an exception to raise."""
         future = self.store.loop.create_future()
         if not self.waiting:
             self.store.loop.call_soon(self.send)
-        self.waiting.append((name, json.dumps(content).encode(), future))
+        self.waiting.append((name, json.dumps(content).encode(),
+                             b"" if sender is None else json.dumps(sender).encode(),
+                             b"e" if ephemeral else b"p", future))
         return future
 
     def send(self, batch=None, script=False):
@@ -2510,7 +2535,7 @@ class RedisPushes:
             batch, self.waiting = self.waiting, []
         while batch:
             count = size = 0
-            for _, content, _ in batch[:REDIS_PUSH_BATCH]:
+            for _, content, _, _, _ in batch[:REDIS_PUSH_BATCH]:
                 if count and size + len(content) > REDIS_PUSH_BYTES:
                     break
                 count += 1
@@ -2526,13 +2551,13 @@ class RedisPushes:
                 lambda reply, some=some: self.answered(some, reply))
 
     def command(self, some, script):
-        names = [name.encode() for name, _, _ in some]
+        names = [push[0].encode() for push in some]
         key_length = self.key_length
         floor = b"%d" % self.store.floor()
         numkeys = b"%d" % (3 + 2 * len(some))
         body = REDIS_PUSH.encode() if script else self.sha
         return b"".join((
-            b"*%d\r\n" % (9 + 4 * len(some)),
+            b"*%d\r\n" % (9 + 6 * len(some)),
             b"$4\r\nEVAL\r\n" if script else b"$7\r\nEVALSHA\r\n",
             b"$%d\r\n%b\r\n" % (len(body), body),
             b"$%d\r\n%b\r\n" % (len(numkeys), numkeys),
@@ -2542,9 +2567,10 @@ class RedisPushes:
               for name in names],
             b"$%d\r\n%b\r\n" % (len(floor), floor),
             self.limits,
-            *[b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
-                len(name), name, len(content), content)
-              for name, (_, content, _) in zip(names, some)]))
+            *[b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\n%b\r\n" % (
+                len(name), name, len(content), content, len(sender), sender,
+                mode) for name, (_, content, sender, mode, _)
+              in zip(names, some)]))
 
     def answered(self, batch, reply):
         self.replica.answered()
@@ -2566,7 +2592,7 @@ class RedisPushes:
             # A callback's exception would only be logged: its pushes
             # would wait for ever.
             log.exception("internal error applying pushes")
-            for _, _, future in batch:
+            for *_, future in batch:
                 if not future.done():
                     future.set_exception(
                         HTTPError(500, "Internal server error"))
@@ -2574,7 +2600,7 @@ class RedisPushes:
     def apply(self, batch, results):
         instances = int(results[0])
         replica = self.replica
-        for (name, _, future), result in zip(batch, results[1:]):
+        for (name, _, _, mode, future), result in zip(batch, results[1:]):
             if result == "-2":
                 if not future.done():
                     try:
@@ -2589,14 +2615,14 @@ class RedisPushes:
             if replica.position is not None and int(prev) == replica.position:
                 # The entry right after the last one applied: apply it
                 # now rather than wait for the tail to read it back.
-                replica.apply_pushed(message_id, name, text)
+                replica.apply_pushed(message_id, name, text, mode == b"e")
             # Its caller may have gone (the client left): applied anyway.
             if not future.done():
                 future.set_result((message_id, instances))
 
     @staticmethod
     def fail(batch, message):
-        for _, _, future in batch:
+        for *_, future in batch:
             if not future.done():
                 # One exception each: raised in many tasks, one instance
                 # would collect all their tracebacks.
@@ -2748,9 +2774,10 @@ class RedisStore(Core):
             raise APIError(NO_CHANNEL, refusal)
         await self.replica.applied(position)
 
-    async def push(self, name, content):
+    async def push(self, name, content, sender=None, ephemeral=False):
         self.check_connected()
-        message_id, instances = await self.pushes.add(name, content)
+        message_id, instances = await self.pushes.add(name, content, sender,
+                                                      ephemeral)
         replica = self.replica
         if replica.position is None or replica.position < message_id:
             await replica.applied(message_id)
@@ -2908,7 +2935,7 @@ class Poll:
                conn.version)
         data = cache.get(key)
         if data is None:
-            text = hub.read_text(self.channels, self.since)
+            text = hub.read_text(self.channels, self.since, cache.get(Poll))
             if text is None:
                 # Its cursor is ahead of this message (read elsewhere, on
                 # an instance ahead of this one): keep waiting.
@@ -3002,9 +3029,12 @@ class Hub:
 
     # -- told by the store --------------------------------------------------
 
-    def deliver(self, channel, message_id, text):
-        """A message was stored: every waiter on its channel gets it."""
-        cache = {}
+    def deliver(self, channel, message_id, text, ephemeral=False):
+        """A message was stored (or is passing, ephemeral): every waiter
+        on its channel gets it."""
+        # Waiters that get the same bytes share them; an ephemeral message
+        # is in no history, so polls are told of it here.
+        cache = {Poll: (channel, message_id, text)} if ephemeral else {}
         now = self.loop.time()
         reached = 0
         for waiter in list(channel.waiters):
@@ -3090,18 +3120,25 @@ class Hub:
             raise APIError(NO_CHANNEL, "No valid channels")
         return tuple(channels)
 
-    def read_text(self, channels, since):
-        """The JSON reply of a read, or None when there is nothing newer."""
+    def read_text(self, channels, since, passing=None):
+        """The JSON reply of a read, or None when there is nothing newer;
+        ``passing`` is an ephemeral message (channel, id, text), the newest
+        of its channel, in no history."""
         parts = []
         lost = []
         empty = True
         for channel in channels:
             newer = channel.since(since)
+            texts = [text for _, text in newer]
             if newer:
                 empty = False
                 if since and channel.dropped_id > since:
                     lost.append(channel.key)
-            parts.append(self.part(channel, [text for _, text in newer]))
+            if passing is not None and passing[0] is channel and \
+                    passing[1] > since:
+                texts.append(passing[2])
+                empty = False
+            parts.append(self.part(channel, texts))
         if empty:
             return None
         return self.reply_text(since, parts, lost)
@@ -3273,7 +3310,9 @@ class Hub:
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"", "0", "false", "no", "off"}
 
-PUBLIC, ADMIN = False, True              # who may call a route
+# Who may call a route: anyone; the admin; the admin, or a token whose
+# publish claim covers the channel (a push from the browser).
+PUBLIC, ADMIN, PUBLISH = "public", "admin", "publish"
 
 # Path -> {method: (handler, access)}.  A path with a "fmt" group is an API
 # resource (JSON or JSON-P, failures as negative return codes) whose
@@ -3282,7 +3321,7 @@ PUBLIC, ADMIN = False, True              # who may call a route
 # --enable-status.
 ROUTES = {
     r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)": {
-        "GET": ("read", PUBLIC), "POST": ("push", ADMIN),
+        "GET": ("read", PUBLIC), "POST": ("push", PUBLISH),
         "DELETE": ("delete", ADMIN), "OPTIONS": ("preflight", PUBLIC)},
     r"/channels/(?P<names>[^/]*)\.sse": {
         "GET": ("stream", PUBLIC), "OPTIONS": ("preflight", PUBLIC)},
@@ -3295,10 +3334,15 @@ ROUTES = {
 }
 STATUS_ROUTES = {"status", "metrics"}
 
-# A stream refused before it starts gets a real HTTP status: a browser's
-# EventSource then stops reconnecting.
+# A stream refused before it starts, and a write with a token (a fetch from
+# the browser), get a real HTTP status: a browser's EventSource then stops
+# reconnecting, and a page can tell why.
 STREAM_REFUSALS = {BAD_PARAMETER: 400, NO_CHANNEL: 404,
-                   UNREGISTERED_CLIENT: 403}
+                   UNREGISTERED_CLIENT: 403, TOKEN_REFUSED: 401}
+# A token write's reply, and its refusals, may be read by any page: the
+# token is the credential (no cookie is involved, so no CSRF).
+TOKEN_WRITE_CORS = (("Access-Control-Allow-Origin", "*"),
+                    ("Access-Control-Expose-Headers", "Retry-After"))
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\n"
             b"Content-Type: text/event-stream; charset=utf-8\r\n" + NO_CACHE +
@@ -3307,7 +3351,36 @@ SSE_HEAD = (b"HTTP/1.1 200 OK\r\n"
 # The comment makes proxies pass the head on at once.
 SSE_START = SSE_HEAD + b"retry: %d\n: stream open\n\n" % SSE_RETRY_MS
 
+TOKEN_WRITE_EXPOSE = b"Access-Control-Expose-Headers: Retry-After\r\n"
+
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class RateLimiter:
+    """A token bucket per key: ``rate`` a second, up to ``burst`` at once.
+    A take costs a dict look-up; prune() (once a second) drops the full
+    buckets, so memory follows the active senders."""
+
+    def __init__(self, rate, burst):
+        self.rate = rate
+        self.burst = burst
+        self.buckets = {}                # key -> (tokens, when counted)
+
+    def take(self, key, now):
+        """0 when allowed, else the seconds until it would be."""
+        tokens, then = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens < 1:
+            self.buckets[key] = (tokens, now)
+            return (1 - tokens) / self.rate
+        self.buckets[key] = (tokens - 1, now)
+        return 0
+
+    def prune(self, now):
+        full = [key for key, (tokens, then) in self.buckets.items()
+                if tokens + (now - then) * self.rate >= self.burst]
+        for key in full:
+            del self.buckets[key]
 
 
 class App:
@@ -3323,6 +3396,8 @@ class App:
         self.token = config.admin_token.encode() if config.admin_token else None
         self.tokens = config.token_keys and TokenCache(
             config.token_keys, config.token_audience, config.token_issuer)
+        self.senders = RateLimiter(config.client_publish_rate,
+                                   2 * config.client_publish_rate)
         self.token_refusals = dict.fromkeys(TOKEN_REASONS, 0)
         self.routes = []                 # (pattern, {method: entry})
         for path, methods in ROUTES.items():
@@ -3353,7 +3428,7 @@ class App:
         handler, admin, api = entry
         request.match = match
         if not api or method == "OPTIONS":
-            if admin:
+            if admin != PUBLIC:
                 try:
                     self.credentials(request, conn, {}, admin)
                 except TokenError as e:
@@ -3376,17 +3451,29 @@ class App:
                 request.callback = callback
             try:
                 request.claims = self.credentials(request, conn, params, admin)
+                text = await handler(request, conn)
             except TokenError as e:
                 if not reading:
                     raise self.unauthorized(e) from None
                 raise APIError(TOKEN_REFUSED, f"Refused: token {e.reason}") \
                     from None
-            text = await handler(request, conn)
+            except APIError as e:
+                if request.token is None or reading:
+                    raise
+                raise HTTPError(STREAM_REFUSALS[e.return_code], e.message,
+                                close=False, return_code=e.return_code) \
+                    from None
             if text is None:
                 return None              # held
         except APIError as e:
             text = error_text(e.return_code, e.message)
+        except HTTPError as e:
+            if request.token is not None and not reading:
+                e.headers = [*e.headers, *TOKEN_WRITE_CORS]
+            raise
         content_type, body = frame_body(text, callback, self.config.quote_json)
+        if request.token is not None and not reading:
+            return 200, content_type, body, True, TOKEN_WRITE_EXPOSE
         return 200, content_type, body, reading, b""
 
     @staticmethod
@@ -3423,12 +3510,13 @@ class App:
                     looks_like_token(bearer):
                 token = bearer
         if token is not None:
+            request.token = token
             claims = self.judge(token, conn)
-            if admin:
+            if admin == ADMIN:
                 raise HTTPError(403, "A token gives no admin rights (send "
                                      "the admin token)", close=False)
             return claims
-        if not admin:
+        if admin == PUBLIC:
             return None
         if self.token is not None:
             if bearer and self.is_admin(bearer):
@@ -3529,17 +3617,55 @@ class App:
         return success_text(client_id=client_id)
 
     async def push(self, request, conn):
+        params = request.params
         name = decode_segment(request.match["names"])
-        content = request.params.get("content")
+        content = params.get("content")
+        sender = params.get("from")
+        ephemeral = "ephemeral" in params and self.flag(params, "ephemeral")
+        claims = request.claims
+        if claims is not None:
+            sender = self.token_sender(claims, name, content, sender)
+        elif sender is not None:
+            check_id(sender, "from")     # a backend relaying for a user
         if content is None:
             self.store.channel(name)     # a missing channel is told first
             raise APIError(BAD_PARAMETER, "Missing content")
-        pushed = await self.store.push(name, content)
+        pushed = await self.store.push(name, content, sender, ephemeral)
+        if claims is not None:
+            # A publisher is not told how many read a channel.
+            return ('{"return_code": 1, "error_message": "", "message_id": '
+                    '%d}' % pushed.id)
         # The hottest write: formatted directly rather than through a dict.
         return ('{"return_code": 1, "error_message": "", "message_id": %d, '
                 '"delivered": %d%s}' % (
                     pushed.id, pushed.delivered, "" if pushed.instances is None
                     else ', "instances": %d' % pushed.instances))
+
+    def token_sender(self, claims, name, content, sender):
+        """The sender of a push from the browser, once its token may make
+        it: a sub, a publish claim that covers the channel, a message within
+        --client-max-message, and the sub's rate."""
+        if sender is not None:
+            raise APIError(BAD_PARAMETER, "from is set by the server from "
+                                          "the token's sub")
+        if claims.sub is None:
+            raise HTTPError(403, "A token without sub cannot publish",
+                            close=False)
+        if not claims.publish.covers(name):
+            self.token_refusals["scope"] += 1
+            raise HTTPError(403, "The token's publish claim does not cover "
+                                 "this channel", close=False)
+        limit = self.config.client_max_message
+        if content is not None and len(content) > limit // 4 and \
+                len(content.encode()) > limit:
+            raise HTTPError(413, f"Message over {limit} bytes", close=False)
+        wait = self.senders.take(claims.sub, time.monotonic())
+        if wait:
+            raise HTTPError(429, f"More than {self.config.client_publish_rate}"
+                                 " pushes a second", close=False,
+                            headers=[("Retry-After",
+                                      "%d" % max(1, math.ceil(wait)))])
+        return claims.sub
 
     async def delete(self, request, conn):
         name = check_id(decode_segment(request.match["names"]), "channel id",
@@ -3622,12 +3748,21 @@ class App:
         requested = request.headers.get("access-control-request-headers", "")
         methods = next(m for pattern, m in self.routes
                        if pattern is request.match.re)
+        # POST is allowed to pages where a token may push (D3).
+        allowed = [m for m in methods if m in ("GET", "HEAD", "OPTIONS") or
+                   m == "POST" and self.tokens and methods[m][1] == PUBLISH]
         extra = (b"Access-Control-Allow-Methods: %s\r\n"
-                 b"Access-Control-Max-Age: 86400\r\n" % ", ".join(
-                     m for m in methods if m in ("GET", "HEAD", "OPTIONS")
-                 ).encode())
+                 b"Access-Control-Max-Age: 86400\r\n" %
+                 ", ".join(allowed).encode())
+        # With tokens, Authorization is named ("*" does not cover it).
+        headers = ["Authorization", "Content-Type"] if self.tokens else []
         if requested and not requested.strip(TOKEN + ", "):
-            extra += b"Access-Control-Allow-Headers: %s\r\n" % requested.encode()
+            known = {h.lower() for h in headers}
+            headers += [h for h in map(str.strip, requested.split(","))
+                        if h and h.lower() not in known]
+        if headers:
+            extra += b"Access-Control-Allow-Headers: %s\r\n" % \
+                ", ".join(headers).encode()
         return 204, b"text/plain", b"", True, extra
 
     async def health(self, request, conn):
@@ -4182,6 +4317,7 @@ class Server:
         while True:
             await asyncio.sleep(interval)
             await self.hub.expire()
+            self.app.senders.prune(time.monotonic())
             self.client_log.tick()
             self.spare_the_collector()
             now = self.loop.time()
@@ -4358,6 +4494,12 @@ def parse_args(argv):
       help="accept only tokens whose aud claim holds AUD")
     a("--token-issuer", metavar="ISS",
       help="accept only tokens whose iss claim is ISS")
+    a("--client-max-message", type=positive, default=d.client_max_message,
+      metavar="BYTES", help="largest content of a push made with a token "
+                            "(default %(default)s)")
+    a("--client-publish-rate", type=positive, default=d.client_publish_rate,
+      metavar="N", help="pushes a second one token sub may make, with a burst "
+                        "of twice as many (default %(default)s; per instance)")
     a("--max-body", type=positive, default=d.max_body, metavar="BYTES",
       help="largest request body (default %(default)s)")
     a("--max-connections", type=positive, default=d.max_connections,

@@ -10655,6 +10655,280 @@ class TokenRedisTests(RedisTestCase):
                                  port=port)["return_code"], -4)
 
 
+
+# ---------------------------------------------------------------------------
+# D3. Publishing from the browser: token pushes, from, bounds, ephemeral
+# ---------------------------------------------------------------------------
+
+def token_push(port, name, token, content="hi", via_form=True, other=False,
+               **params):
+    """A push carrying a token (in the form, or as a bearer value), from
+    loopback or from another address: (status, headers, decoded body)."""
+    fields = {"content": content, **params}
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if via_form:
+        fields["token"] = token
+    else:
+        headers["Authorization"] = f"Bearer {token}"
+    if content is None:
+        del fields["content"]
+    body = urlencode(fields)
+    if other:
+        resp, data = call_from_other("POST", chan(name), port, headers, body)
+    else:
+        resp, data = call("POST", chan(name), headers=headers, body=body,
+                          port=port)
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, \
+        json.loads(data)
+
+
+@needs_pyjwt
+class BrowserPublishTests(unittest.TestCase):
+    """Token pushes, as a page's fetch makes them: the sender stamped by
+    the server, real statuses, bounds, CORS; ephemeral messages."""
+
+    part = "C"                  # run by the second process, see main()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory(prefix="comet-publish-")
+        cls.keys = write_key_file(cls.dir.name, TOKEN_SECRET)
+        cls.server = ServerProcess(
+            f"--token-key-file={cls.keys}", "--enable-status",
+            "--poll-timeout=20", "--client-max-message=100",
+            "--client-publish-rate=5")
+        cls.port = cls.server.port
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        cls.dir.cleanup()
+
+    def room(self, **params):
+        return register(fresh("room:"), port=self.port, **params)
+
+    def test_token_push_from_another_address(self):
+        name = self.room()
+        alice = token_for(sub="alice", publish=["room:*"])
+        for via_form in (True, False):
+            status_code, headers, reply = token_push(
+                self.port, name, alice, "from the page", via_form, other=True)
+            self.assertEqual(status_code, 200)
+            self.assertEqual(list(reply), ["return_code", "error_message",
+                                           "message_id"])
+            self.assertEqual(headers["access-control-allow-origin"], "*")
+            self.assertEqual(headers["access-control-expose-headers"],
+                             "Retry-After")
+        refusals = {
+            403: token_for(sub="alice", publish=["other:*"]),
+            401: token_for(sub="alice", publish=["room:*"],
+                           exp=time.time() - 60),
+        }
+        for expected, token in refusals.items():
+            status_code, headers, reply = token_push(self.port, name, token,
+                                                     other=True)
+            self.assertEqual(status_code, expected, reply)
+            self.assertEqual(headers["access-control-allow-origin"], "*")
+        no_sub = pyjwt.encode({"publish": ["room:*"]}, TOKEN_SECRET,
+                              algorithm="HS256")
+        self.assertEqual(token_push(self.port, name, no_sub, other=True)[0],
+                         403)
+        # Without a token, another address may not push (version 2 rules).
+        resp, _ = call_from_other("POST", chan(name), self.port, {
+            "Content-Type": "application/x-www-form-urlencoded"},
+            "content=x")
+        self.assertEqual(resp.status, 403)
+        contents = [m["content"] for m in read([name], port=self.port)
+                    ["messages"][name]]
+        self.assertEqual(contents, ["from the page"] * 2)
+
+    def test_from_in_every_form(self):
+        name = self.room()
+        last = push(name, "first", port=self.port)["message_id"]
+        stream = SSE(self.port, chan(name, f".sse?since={last}"))
+        alice = token_for(sub="alice", publish=[name])
+        message_id = token_push(self.port, name, alice, "hello")[2][
+            "message_id"]
+        expected = {"id": message_id, "from": "alice", "content": "hello"}
+        event = stream.message()
+        self.assertEqual({k: event[k] for k in expected}, expected)
+        stream.close()
+        got = read([name], port=self.port, since=last)["messages"][name][0]
+        self.assertEqual({k: got[k] for k in expected}, expected)
+        resp, body = call("GET", chan(name, f".jsonp?since={last}&cb=_JSONP_f"),
+                          port=self.port)
+        self.assertIn(b'"from": "alice"', body)
+        # The sender is the server's to say: a token push may not set it,
+        # the admin may (a backend relaying for a user).
+        status_code, _, reply = token_push(self.port, name, alice, "x",
+                                           **{"from": "mallory"})
+        self.assertEqual((status_code, reply["return_code"]), (400, -1))
+        relayed = api("POST", chan(name), {"content": "relayed",
+                                           "from": "bob"}, port=self.port)
+        got = read([name], port=self.port, since=message_id)["messages"][name]
+        self.assertEqual([(m["from"], m["content"]) for m in got],
+                         [("bob", "relayed")])
+        self.assertEqual(set(relayed), {"return_code", "error_message",
+                                        "message_id", "delivered"})
+        self.assertNotIn("from", read([name], port=self.port)["messages"][
+            name][0])                    # the admin's own push has none
+        bad = api("POST", chan(name), {"content": "x", "from": "a|\x01"},
+                  port=self.port)
+        self.assertEqual(bad["return_code"], -1)
+
+    def test_statuses_of_token_writes(self):
+        name = self.room()
+        carol = token_for(sub="carol", publish=["*"])
+        cases = [
+            (400, -1, {"content": None}),
+            (404, -2, {"name": fresh("room:")}),
+            (413, -1, {"content": "x" * 101}),
+        ]
+        for status_code, return_code, change in cases:
+            target = change.pop("name", name)
+            got, headers, reply = token_push(self.port, target, carol,
+                                             **({"content": change["content"]}
+                                                if "content" in change else {}))
+            self.assertEqual((got, reply["return_code"]),
+                             (status_code, return_code), reply)
+            self.assertEqual(headers["access-control-allow-origin"], "*")
+        self.assertEqual(token_push(self.port, name, carol, "é" * 51)[0], 413)
+        self.assertEqual(token_push(self.port, name, carol, "é" * 50)[0], 200)
+
+    def test_rate_per_sub_with_retry_after(self):
+        name = self.room(max_messages=100)
+        dave = token_for(sub="dave", publish=[name])
+        erin = token_for(sub="erin", publish=[name])
+        statuses = []
+        for _ in range(15):
+            status_code, headers, _ = token_push(self.port, name, dave)
+            statuses.append(status_code)
+            if status_code == 429:
+                break
+        # The burst is twice the rate (5 a second here): 10 at once.
+        self.assertEqual(statuses[-1], 429)
+        self.assertGreaterEqual(statuses.count(200), 10)
+        retry = int(headers["retry-after"])
+        self.assertGreaterEqual(retry, 1)
+        self.assertIn("Retry-After", headers["access-control-expose-headers"])
+        # Another sub is not held back; dave is, after waiting Retry-After.
+        self.assertEqual(token_push(self.port, name, erin)[0], 200)
+        time.sleep(retry)                # what a client is told to do
+        self.assertEqual(token_push(self.port, name, dave)[0], 200)
+
+    def test_ephemeral(self):
+        """Delivered to the polls and streams open now, kept nowhere: a
+        later read or a replay does not see it, and it causes no lost."""
+        name = self.room(max_messages=1)
+        last = push(name, "kept", port=self.port)["message_id"]
+        poll = Background(read, [name], port=self.port, since=last)
+        stream = SSE(self.port, chan(name, f".sse?since={last}"))
+        wait_for(lambda: status(self.port)["polls_held"] >= 1 and
+                 status(self.port)["streams_open"] >= 1)
+        frank = token_for(sub="frank", publish=[name])
+        typing = token_push(self.port, name, frank, "typing…",
+                            ephemeral=1)[2]["message_id"]
+        got = poll.result()["messages"][name]
+        self.assertEqual([(m["id"], m["from"], m["content"]) for m in got],
+                         [(typing, "frank", "typing…")])
+        self.assertEqual(stream.message()["content"], "typing…")
+        stream.close()
+        again = read([name], port=self.port)
+        self.assertEqual([m["content"] for m in again["messages"][name]],
+                         ["kept"])
+        self.assertGreaterEqual(again["last_id"], typing)
+        later = read([name], port=self.port, since=last - 1)
+        self.assertNotIn("lost", later)
+        replay = SSE(self.port, chan(name, f".sse?since={last - 1}"))
+        self.assertEqual(replay.message()["content"], "kept")
+        self.assertEqual(replay.within(0.3), [])
+        replay.close()
+
+    def test_preflight_allows_post_with_authorization(self):
+        resp, _ = call("OPTIONS", chan(fresh("room:")), headers={
+            "Origin": "http://page.example", "Access-Control-Request-Method":
+            "POST", "Access-Control-Request-Headers": "authorization"},
+            port=self.port)
+        self.assertEqual(resp.status, 204)
+        self.assertIn("POST", resp.getheader("Access-Control-Allow-Methods"))
+        self.assertIn("Authorization",
+                      resp.getheader("Access-Control-Allow-Headers"))
+
+
+@needs_pyjwt
+class BrowserPublishStateTests(unittest.TestCase):
+    """from survives a restart; an ephemeral message is not in the file."""
+
+    part = "C"                  # run by the second process, see main()
+
+    def test_from_kept_and_ephemeral_not(self):
+        with tempfile.TemporaryDirectory() as directory:
+            keys = write_key_file(directory, TOKEN_SECRET)
+            state = os.path.join(directory, "state")
+            switches = (f"--token-key-file={keys}", f"--state-file={state}")
+            server = ServerProcess(*switches)
+            name = fresh("room:")
+            try:
+                register(name, port=server.port)
+                token = token_for(sub="gina", publish=[name])
+                token_push(server.port, name, token, "stays")
+                token_push(server.port, name, token, "PASSING-BY",
+                           ephemeral=1)
+            finally:
+                server.stop(signal.SIGKILL)
+                server.close()
+            with open(state, "rb") as f:
+                self.assertNotIn(b"PASSING-BY", f.read())
+            server = ServerProcess(*switches)
+            try:
+                got = read([name], port=server.port)["messages"][name]
+                self.assertEqual([(m["from"], m["content"]) for m in got],
+                                 [("gina", "stays")])
+            finally:
+                server.close()
+
+
+@needs_pyjwt
+class BrowserPublishRedisTests(RedisTestCase):
+    """from and ephemeral messages across instances on one Redis."""
+
+    instances = 2
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory(prefix="comet-publish-")
+        cls.switches = ("--poll-timeout=20", "--token-key-file=" +
+                        write_key_file(cls.dir.name, TOKEN_SECRET))
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        cls.dir.cleanup()
+
+    def test_from_and_ephemeral_on_another_instance(self):
+        a, b = self.ports
+        name = fresh("room:")
+        register(name, port=a)
+        last = push(name, "before", port=a)["message_id"]
+        wait_for(lambda: read([name], port=b)["return_code"] == 1)
+        stream = SSE(b, chan(name, f".sse?since={last}"))
+        wait_for(lambda: self.streams(b) == 1)
+        token = token_for(sub="hank", publish=[name])
+        token_push(a, name, token, "PASSING-BY", ephemeral=1)
+        token_push(a, name, token, "stays")
+        first, second = stream.message(), stream.message()
+        stream.close()
+        self.assertEqual([(m["from"], m["content"]) for m in (first, second)],
+                         [("hank", "PASSING-BY"), ("hank", "stays")])
+        got = read([name], port=b)["messages"][name]
+        self.assertEqual([m["content"] for m in got], ["before", "stays"])
+        history = redis_call(self.redis.port, "LRANGE",
+                             "comet:h:" + name, 0, -1)
+        self.assertFalse(any(b"PASSING-BY" in m for m in history))
+        self.assertIn(b'"from": "hank"', history[-1])
+
+
 # ---------------------------------------------------------------------------
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown
 # ---------------------------------------------------------------------------

@@ -152,6 +152,9 @@ LOG_FLUSH_TIMEOUT = 2.0              # seconds to write the last lines at exit
 # (see Server.spare_the_collector).
 GC_FREEZE_AFTER = 20_000
 
+# Users listed by presence.json (the counts stay exact beyond it).
+MAX_PRESENCE_LISTED = 1000
+
 # Revocations in force at once; beyond it a new one is refused (503), never
 # an old one dropped, so a revoked token cannot come back (SPEC D1).
 MAX_REVOCATIONS = 100_000
@@ -187,6 +190,7 @@ class Config:
     token_keys = None                # TokenKeys, from --token-key-file
     token_audience = None
     token_issuer = None
+    presence_grace = 10.0            # seconds a user stays present unseen
     client_max_message = 4096        # bytes of content a token push may carry
     client_publish_rate = 10         # token pushes a second per sub
     max_body = 1024 * 1024
@@ -1206,6 +1210,34 @@ def message_id_of(text):
     return int(text[7:text.index(",")])
 
 
+def presence_text(event_id, kind, user, info):
+    """A join or leave entry's JSON: the layout of a message, with event
+    and from (and the token's info) instead of content."""
+    return '{"id": %d, "ts": %d, "event": "%s", "from": %s%s}' % (
+        event_id, time.time(), kind, json.dumps(user),
+        "" if info is None else ', "info": ' + info)
+
+
+class Presence:
+    """Who reads a presence channel: its members (present users, as its
+    join and leave entries say, with their token's info), the window of
+    those entries (of their own, so that churn never evicts messages), and
+    the connections open on this instance."""
+
+    __slots__ = ("members", "events", "dropped_id", "connections",
+                 "anonymous")
+
+    def __init__(self, size):
+        self.members = {}                # user -> info JSON text, or None
+        self.events = deque(maxlen=size)  # (id, JSON text, kind), oldest first
+        self.dropped_id = 0              # newest entry the window dropped
+        self.connections = {}            # user -> polls and streams here
+        self.anonymous = 0               # polls and streams without a user
+
+    def since(self, since):
+        return [entry for entry in self.events if entry[0] > since]
+
+
 class Pushed(NamedTuple):
     """What every store's push answers."""
     id: int                              # the message's id
@@ -1217,6 +1249,7 @@ class Pushed(NamedTuple):
 # version 2 state file or Redis wrote 0 or 1, which mean the same here).
 SESSIONS = 1                             # read only with a registered client
 PRIVATE = 2                              # read only with a token's subscribe
+PRESENCE = 4                             # keeps track of who reads it
 
 
 class Channel:
@@ -1296,6 +1329,7 @@ class Core:
         self.pushed = 0                  # messages pushed through here
         self.added = 0                   # channels and clients ever made
         self.revoked = {}                # (kind, value) -> (at, until)
+        self.presence = {}               # channel name -> its Presence
         self.hub = None                  # set by the Hub
 
     # -- applying a change ------------------------------------------------
@@ -1306,6 +1340,8 @@ class Core:
             channel = self.channels[name] = Channel(
                 name, max_messages, options, self.loop.time())
             self.added += 1
+            if options & PRESENCE:
+                self.presence[name] = Presence(max_messages)
         if dropped_id > channel.dropped_id:
             channel.dropped_id = dropped_id
         return channel
@@ -1330,8 +1366,38 @@ class Core:
 
     def apply_remove(self, name):
         channel = self.channels.pop(name, None)
+        if channel is not None and channel.options & PRESENCE:
+            del self.presence[name]
         if channel is not None and channel.waiters:
             self.hub.channel_removed(channel)
+
+    def apply_presence(self, name, kind, user, info, text):
+        """A join or leave entry (its JSON text made when it was decided);
+        returns how many waiters it reached."""
+        event_id = message_id_of(text)
+        if event_id > self.last_id:
+            self.last_id = event_id
+        presence = self.presence.get(name)
+        if presence is None or presence.events and \
+                presence.events[-1][0] >= event_id:
+            return 0
+        if kind == "join":
+            presence.members[user] = info
+        else:
+            presence.members.pop(user, None)
+        events = presence.events
+        if len(events) == events.maxlen:
+            presence.dropped_id = events[0][0]
+        events.append((event_id, text, kind))
+        channel = self.channels[name]
+        return self.hub.deliver(channel, event_id, text, kind=kind) \
+            if channel.waiters else 0
+
+    def apply_member(self, name, user, info):
+        """A member as a snapshot holds it (no entry)."""
+        presence = self.presence.get(name)
+        if presence is not None:
+            presence.members[user] = info
 
     def apply_forget(self, client_id):
         self.clients.pop(client_id, None)
@@ -1442,7 +1508,8 @@ class Core:
     # push(name, content, sender=None, ephemeral=False) a Pushed (an
     # ephemeral message reaches the waiters of now and is kept nowhere),
     # remove_channel(name) whether it
-    # existed; refusals raise APIError (API
+    # existed, change_presence(name, kind, user, info) (a join or leave
+    # its hub decided) None; refusals raise APIError (API
     # failures) or HTTPError (503: not stored).  catch_up() returns True
     # once this instance has applied every change stored before the call,
     # False when it cannot tell; expire(now, reading) forgets what nobody
@@ -1504,6 +1571,18 @@ class MemoryStore(Core):
         self.apply_remove(name)
         return True
 
+    async def change_presence(self, name, kind, user, info=None):
+        """A user joins or leaves a presence channel, as this instance's
+        hub decided; nothing when that is so already (a join of a member,
+        a leave of a user who came back)."""
+        presence = self.presence.get(name)
+        if presence is None or (user in presence.members) == (kind == "join") \
+                or kind == "leave" and user in presence.connections:
+            return
+        text = presence_text(self.next_id(), kind, user, info)
+        self.keep_presence(name, kind, user, info, text)
+        self.apply_presence(name, kind, user, info, text)
+
     async def revoke(self, kind, value, until):
         now = time.time()
         if not self.revocation_room(now):
@@ -1538,6 +1617,9 @@ class MemoryStore(Core):
     def keep_revoke(self, kind, value, at, until):
         pass
 
+    def keep_presence(self, name, kind, user, info, text):
+        pass
+
     def keep_expiry(self, client_ids, channels):
         return True
 
@@ -1559,6 +1641,8 @@ class MemoryStore(Core):
 #     d  NAME                             channel deleted or expired
 #     x  CLIENT                           client expired
 #     r  KIND VALUE AT UNTIL              tokens revoked (by sub or jti)
+#     v  NAME KIND USER INFO ENTRY_JSON   a user joined or left (presence)
+#     m  NAME USER INFO                   a present user (snapshots only)
 #
 # Each record is applied through the core when replayed, and the core's
 # idempotence is what lets compaction write a snapshot while writes go on.
@@ -1590,6 +1674,16 @@ def client_record(client_id, kind="u"):
     return record(kind + "\t" + json.dumps(client_id))
 
 
+def presence_record(name, kind, user, info, text):
+    return record("v\t%s\t%s\t%s\t%s\t%s" % (
+        json.dumps(name), kind, json.dumps(user), json.dumps(info), text))
+
+
+def member_record(name, user, info):
+    return record("m\t%s\t%s\t%s" % (json.dumps(name), json.dumps(user),
+                                      json.dumps(info)))
+
+
 def revocation_record(kind, value, at, until):
     return record("r\t%s\t%s\t%.6f\t%.6f" % (kind, json.dumps(value), at,
                                              until))
@@ -1615,6 +1709,13 @@ def replay_record(core, fields):
     elif kind == b"r":
         core.apply_revoke(fields[1].decode(), json.loads(fields[2]),
                           float(fields[3]), float(fields[4]))
+    elif kind == b"v":
+        core.apply_presence(json.loads(fields[1]), fields[2].decode(),
+                            json.loads(fields[3]), json.loads(fields[4]),
+                            fields[5].decode())
+    elif kind == b"m":
+        core.apply_member(json.loads(fields[1]), json.loads(fields[2]),
+                          json.loads(fields[3]))
     else:
         raise ValueError("unknown record")
 
@@ -1848,6 +1949,15 @@ class Journal:
                                      channel.options, channel.dropped_id)
                 for message_id, text in tuple(channel.messages or ()):
                     yield message_record(channel, message_id, text)
+                presence = core.presence.get(channel.name)
+                if presence is not None:
+                    for event_id, text, kind in tuple(presence.events):
+                        user = json.loads(text)["from"]
+                        yield presence_record(channel.name, kind, user,
+                                              presence.members.get(user),
+                                              text)
+                    for user, info in list(presence.members.items()):
+                        yield member_record(channel.name, user, info)
         for client_id in list(core.clients):
             if client_id in core.clients:
                 yield client_record(client_id)
@@ -2033,6 +2143,10 @@ class StateFileStore(MemoryStore):
 
     def keep_revoke(self, kind, value, at, until):
         data = revocation_record(kind, value, at, until)
+        self.journal.write(data, live=len(data))
+
+    def keep_presence(self, name, kind, user, info, text):
+        data = presence_record(name, kind, user, info, text)
         self.journal.write(data, live=len(data))
 
     def keep_expiry(self, client_ids, channels):
@@ -2757,6 +2871,9 @@ class RedisStore(Core):
     # -- writes -------------------------------------------------------------
 
     async def add_channel(self, name, max_messages, options):
+        if options & PRESENCE:
+            raise APIError(BAD_PARAMETER, "presence=1 is not available with "
+                                          "--redis in this version")
         await self.change(REDIS_ADD_CHANNEL, [
             self.k["id"], self.k["log"], self.k["channels"],
             self.key("c:", name)],
@@ -2908,10 +3025,12 @@ class Deadlines:
         return out
 
 
-def event_bytes(channel, message_id, text):
-    """A message as one EventSource event (the JSON gains its channel)."""
-    return ('id: %d\ndata: {"channel": %s, %s\n\n' % (
-        message_id, channel.key, text[1:])).encode()
+def event_bytes(channel, message_id, text, kind=None):
+    """A message as one EventSource event (the JSON gains its channel); a
+    join or leave entry has its ``event:`` line, so onmessage skips it."""
+    return ('%sid: %d\ndata: {"channel": %s, %s\n\n' % (
+        "" if kind is None else "event: %s\n" % kind, message_id,
+        channel.key, text[1:])).encode()
 
 
 class Poll:
@@ -2972,7 +3091,8 @@ class Stream:
             return 0                     # as for polls: seen elsewhere
         data = cache.get(Stream)
         if data is None:
-            data = cache[Stream] = event_bytes(channel, message_id, text)
+            data = cache[Stream] = event_bytes(channel, message_id, text,
+                                               cache.get(Presence))
         self.send(hub, data)
         hub.streams.move(self, now + hub.config.sse_heartbeat)
         return 1
@@ -3022,6 +3142,14 @@ class Hub:
         # Waiters that read with a token -> (its claims, the timer that
         # ends them when it expires, or None).
         self.holders = {}
+        # (presence channel, user) whose last connection is gone, by the
+        # end of its grace.  Members restored from a state file start so:
+        # a reader back within the grace (counted from now) causes nothing.
+        self.leaving = Deadlines()
+        grace = loop.time() + config.presence_grace
+        for name, presence in store.presence.items():
+            for user in presence.members:
+                self.leaving.add((name, user), grace)
 
     @property
     def last_id(self):
@@ -3029,12 +3157,14 @@ class Hub:
 
     # -- told by the store --------------------------------------------------
 
-    def deliver(self, channel, message_id, text, ephemeral=False):
-        """A message was stored (or is passing, ephemeral): every waiter
-        on its channel gets it."""
+    def deliver(self, channel, message_id, text, ephemeral=False, kind=None):
+        """A message (or a join or leave entry, of ``kind``) was stored, or
+        is passing (ephemeral): every waiter on its channel gets it."""
         # Waiters that get the same bytes share them; an ephemeral message
         # is in no history, so polls are told of it here.
         cache = {Poll: (channel, message_id, text)} if ephemeral else {}
+        if kind is not None:
+            cache[Presence] = kind
         now = self.loop.time()
         reached = 0
         for waiter in list(channel.waiters):
@@ -3070,7 +3200,7 @@ class Hub:
 
     # -- reads --------------------------------------------------------------
 
-    async def view(self, names, since, client_id, claims=None):
+    async def view(self, names, since, client_id, claims=None, touch=True):
         """(The channels a reader may read, its cursor), once this instance
         has what the reader needs.
 
@@ -3085,24 +3215,26 @@ class Hub:
         store = self.store
         if since <= store.last_id:
             try:
-                return self.readable(names, client_id, claims), since
+                return self.readable(names, client_id, claims, touch), since
             except APIError:
                 await store.catch_up()
-                return self.readable(names, client_id, claims), since
+                return self.readable(names, client_id, claims, touch), since
         caught_up = await store.catch_up()
-        return self.readable(names, client_id, claims), \
+        return self.readable(names, client_id, claims, touch), \
             min(since, store.last_id) if caught_up else since
 
-    def readable(self, names, client_id, claims=None):
-        """The channels of ``names`` that this reader may read, touched:
-        a session channel with a registered client, a private one with a
-        token whose subscribe covers it."""
+    def readable(self, names, client_id, claims=None, touch=True):
+        """The channels of ``names`` that this reader may read (touched as
+        read, unless ``touch`` is false): a session channel with a
+        registered client, a private one with a token whose subscribe
+        covers it."""
         store = self.store
         now = self.loop.time()
         if client_id is not None:
             if client_id not in store.clients:
                 raise APIError(UNREGISTERED_CLIENT, "Unregistered client_id")
-            store.touch_client(client_id, now)
+            if touch:
+                store.touch_client(client_id, now)
         channels = []
         for name in names:
             channel = store.channels.get(name)
@@ -3114,7 +3246,8 @@ class Hub:
                     client_id is not None or not channel.options & SESSIONS
             ) and (not channel.options & PRIVATE or claims is not None and
                    claims.subscribe.covers(name)):
-                store.touch_channel(channel, now)
+                if touch:
+                    store.touch_channel(channel, now)
                 channels.append(channel)
         if not channels:
             raise APIError(NO_CHANNEL, "No valid channels")
@@ -3129,10 +3262,14 @@ class Hub:
         empty = True
         for channel in channels:
             newer = channel.since(since)
-            texts = [text for _, text in newer]
+            if channel.options & PRESENCE:
+                newer, dropped = self.with_presence(channel, since, newer)
+            else:
+                dropped = channel.dropped_id
+            texts = [entry[1] for entry in newer]
             if newer:
                 empty = False
-                if since and channel.dropped_id > since:
+                if since and dropped > since:
                     lost.append(channel.key)
             if passing is not None and passing[0] is channel and \
                     passing[1] > since:
@@ -3142,6 +3279,16 @@ class Hub:
         if empty:
             return None
         return self.reply_text(since, parts, lost)
+
+    def with_presence(self, channel, since, messages):
+        """A presence channel's messages and its join and leave entries
+        after ``since``, in id order, and the newest id either window
+        dropped."""
+        presence = self.store.presence[channel.name]
+        entries = presence.since(since)
+        if entries:
+            messages = sorted(messages + entries, key=lambda e: e[0])
+        return messages, max(channel.dropped_id, presence.dropped_id)
 
     @staticmethod
     def part(channel, texts=()):
@@ -3179,6 +3326,8 @@ class Hub:
             if channel.waiters is None:
                 channel.waiters = {}
             channel.waiters[waiter] = None
+            if channel.options & PRESENCE:
+                self.enter(channel, waiter.client_id, claims)
         if waiter.client_id is not None:
             reading = self.reading
             reading[waiter.client_id] = reading.get(waiter.client_id, 0) + 1
@@ -3194,11 +3343,14 @@ class Hub:
         else:
             self.streams.remove(waiter)
         store = self.store
+        claims = self.holders.get(waiter, (None,))[0] if self.holders else None
         for channel in waiter.channels:
             waiters = channel.waiters
             del waiters[waiter]
             if not waiters:
                 channel.waiters = None
+            if channel.options & PRESENCE:
+                self.leave(channel, waiter.client_id, claims)
             # Polls answered by one push share ``now``: one touch does.
             if channel.last_read != now and \
                     store.channels.get(channel.name) is channel:
@@ -3218,6 +3370,86 @@ class Hub:
                 store.touch_client(client_id, now)
         waiter.conn.held = None
 
+    # -- presence: who reads a presence channel -----------------------------
+    #
+    # A reader is its token's sub, else its client_id on a session
+    # channel, else anonymous (counted, never listed).  A user's first
+    # connection here makes it join (if it is not a member yet); once its
+    # last one has been gone for --presence-grace it leaves.  Both are
+    # writes of the store, which records and applies them as entries.
+
+    @staticmethod
+    def user_of(channel, client_id, claims):
+        if claims is not None and claims.sub is not None:
+            return claims.sub, claims.info_json
+        if client_id is not None and channel.options & SESSIONS:
+            return client_id, None
+        return None, None
+
+    def enter(self, channel, client_id, claims):
+        presence = self.store.presence[channel.name]
+        user, info = self.user_of(channel, client_id, claims)
+        if user is None:
+            presence.anonymous += 1
+            return
+        count = presence.connections.get(user, 0)
+        presence.connections[user] = count + 1
+        if not count:
+            self.leaving.remove((channel.name, user))
+            if user not in presence.members:
+                self.change_presence(channel.name, "join", user, info)
+
+    def leave(self, channel, client_id, claims, now=None):
+        presence = self.store.presence.get(channel.name)
+        if presence is None:
+            return                       # the channel is gone
+        user, _ = self.user_of(channel, client_id, claims)
+        if user is None:
+            presence.anonymous -= 1
+            return
+        count = presence.connections.get(user, 0) - 1
+        if count > 0:
+            presence.connections[user] = count
+            return
+        presence.connections.pop(user, None)
+        self.leaving.remove((channel.name, user))
+        self.leaving.add((channel.name, user), (now or self.loop.time()) +
+                         self.config.presence_grace)
+
+    def seen(self, channels, client_id, claims):
+        """A read answered at once counts for the grace, as a connection
+        that has just closed."""
+        for channel in channels:
+            if channel.options & PRESENCE:
+                self.enter(channel, client_id, claims)
+                self.leave(channel, client_id, claims)
+
+    def change_presence(self, name, kind, user, info=None):
+        task = self.loop.create_task(
+            self.store.change_presence(name, kind, user, info))
+        task.add_done_callback(lambda task: self.presence_changed(
+            task, name, kind, user))
+
+    def presence_changed(self, task, name, kind, user):
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            # Not stored (a full disk): a leave is tried again after
+            # another grace, a join at the user's next connection.
+            log.warning("presence of %s in %s not stored: %s", user, name,
+                        error)
+            if kind == "leave":
+                self.leaving.add((name, user), self.loop.time() +
+                                 self.config.presence_grace)
+
+    def sweep_presence(self, now):
+        for key in self.leaving.expired(now):
+            self.leaving.remove(key)
+            name, user = key
+            presence = self.store.presence.get(name)
+            if presence is not None and user not in presence.connections \
+                    and user in presence.members:
+                self.change_presence(name, "leave", user)
+
     def hold(self, poll, claims=None):
         # Answered by the sweep that follows the deadline, so never later
         # than --poll-timeout.
@@ -3235,8 +3467,11 @@ class Hub:
         self.answer(poll, self.empty_text(poll.channels, poll.since))
 
     def sweep(self):
-        for poll in self.polls.expired(self.loop.time()):
+        now = self.loop.time()
+        for poll in self.polls.expired(now):
             self.time_out(poll)
+        if self.leaving:
+            self.sweep_presence(now)
         self.sweeper = self.loop.call_later(self.sweep_interval, self.sweep)
 
     def open_stream(self, conn, channels, cursor, client_id, claims=None):
@@ -3244,13 +3479,22 @@ class Hub:
         bytes: ``lost`` first where history was dropped, then what is
         retained after the cursor, oldest first."""
         stream = Stream(conn, channels, client_id, cursor)
-        lost = [c.key for c in channels if cursor and c.dropped_id > cursor]
-        replay = [(message_id, channel, text) for channel in channels
-                  for message_id, text in channel.since(cursor)]
+        lost = []
+        replay = []
+        for channel in channels:
+            newer = channel.since(cursor)
+            if channel.options & PRESENCE:
+                newer, dropped = self.with_presence(channel, cursor, newer)
+            else:
+                dropped = channel.dropped_id
+            if cursor and dropped > cursor:
+                lost.append(channel.key)
+            replay += [(entry, channel) for entry in newer]
         if len(channels) > 1:
-            replay.sort(key=lambda item: item[0])
-        events = [event_bytes(channel, message_id, text)
-                  for message_id, channel, text in replay]
+            replay.sort(key=lambda item: item[0][0])
+        events = [event_bytes(channel, entry[0], entry[1],
+                              entry[2] if len(entry) > 2 else None)
+                  for entry, channel in replay]
         if lost:
             events.insert(0, b'event: lost\ndata: {"channels": [%s]}\n\n'
                           % ", ".join(lost).encode())
@@ -3323,6 +3567,8 @@ ROUTES = {
     r"/channels/(?P<names>[^/]*)\.(?P<fmt>jsonp?)": {
         "GET": ("read", PUBLIC), "POST": ("push", PUBLISH),
         "DELETE": ("delete", ADMIN), "OPTIONS": ("preflight", PUBLIC)},
+    r"/channels/(?P<names>[^/]*)/presence\.(?P<fmt>jsonp?)": {
+        "GET": ("presence", PUBLIC)},
     r"/channels/(?P<names>[^/]*)\.sse": {
         "GET": ("stream", PUBLIC), "OPTIONS": ("preflight", PUBLIC)},
     r"/channels\.(?P<fmt>jsonp?)": {"POST": ("register_channel", ADMIN)},
@@ -3594,11 +3840,12 @@ class App:
         params = request.params
         name = check_id(params.get("channel_id"), "channel_id", channel=True)
         options = SESSIONS * self.flag(params, "use_sessions") | \
-            PRIVATE * self.flag(params, "private")
+            PRIVATE * self.flag(params, "private") | \
+            PRESENCE * self.flag(params, "presence")
         if options & PRIVATE and self.tokens is None:
             raise APIError(BAD_PARAMETER, "private=1 needs tokens: start the "
                                           "server with --token-key-file")
-        if options == SESSIONS | PRIVATE:
+        if options & (SESSIONS | PRIVATE) == SESSIONS | PRIVATE:
             raise APIError(BAD_PARAMETER, "A channel cannot be both private "
                                           "and use_sessions")
         max_messages = self.config.messages_per_channel
@@ -3702,10 +3949,12 @@ class App:
             request.claims)
         # No await between this check and hold(): a push cannot slip between.
         text = hub.read_text(channels, since) if since < hub.last_id else None
+        if text is None and request.method == "HEAD":
+            text = hub.empty_text(channels, since)
         if text is not None:
+            if hub.store.presence:
+                hub.seen(channels, client_id, request.claims)
             return text
-        if request.method == "HEAD":
-            return hub.empty_text(channels, since)
         hub.hold(Poll(conn, channels, since, client_id, request.callback),
                  request.claims)
         return None
@@ -3764,6 +4013,36 @@ class App:
             extra += b"Access-Control-Allow-Headers: %s\r\n" % \
                 ", ".join(headers).encode()
         return 204, b"text/plain", b"", True, extra
+
+    async def presence(self, request, conn):
+        """Who is present on a presence channel now, with the cursor from
+        which a reader sees every later join and leave once.  Not a read:
+        it keeps nothing alive."""
+        name = check_id(decode_segment(request.match["names"]), "channel id",
+                        channel=True)
+        client_id = self.client_id(request.params)
+        channels, _ = await self.hub.view([name], 0, client_id,
+                                          request.claims, touch=False)
+        presence = self.store.presence.get(name)
+        if presence is None:
+            raise APIError(NO_CHANNEL, "Not a presence channel")
+        connections = presence.connections
+        users = []
+        total = 0
+        for user, info in presence.members.items():
+            count = connections.get(user, 0)
+            total += count
+            if len(users) < MAX_PRESENCE_LISTED:
+                users.append('%s: {"info": %s, "connections": %d}' % (
+                    json.dumps(user), "null" if info is None else info,
+                    count))
+        return ('{"return_code": 1, "error_message": "", "channel": %s, '
+                '"members": %d, "connections": %d, "anonymous": %d, '
+                '"users": {%s}%s, "last_id": %d}' % (
+                    channels[0].key, len(presence.members), total,
+                    presence.anonymous, ", ".join(users),
+                    ', "truncated": true' if len(presence.members) >
+                    MAX_PRESENCE_LISTED else "", self.store.last_id))
 
     async def health(self, request, conn):
         problem = self.hub.store.health()
@@ -4494,6 +4773,10 @@ def parse_args(argv):
       help="accept only tokens whose aud claim holds AUD")
     a("--token-issuer", metavar="ISS",
       help="accept only tokens whose iss claim is ISS")
+    a("--presence-grace", type=duration, default=d.presence_grace,
+      metavar="S", help="a user stays present S seconds after its last "
+                        "connection to a presence channel closed "
+                        "(default %(default)s)")
     a("--client-max-message", type=positive, default=d.client_max_message,
       metavar="BYTES", help="largest content of a push made with a token "
                             "(default %(default)s)")

@@ -9104,7 +9104,7 @@ class FakeHub:
         self.delivered = []
         self.removed = []
 
-    def deliver(self, channel, message_id, text):
+    def deliver(self, channel, message_id, text, ephemeral=False, kind=None):
         self.delivered.append((channel.name, message_id))
         return len(channel.waiters)
 

@@ -10929,6 +10929,212 @@ class BrowserPublishRedisTests(RedisTestCase):
         self.assertIn(b'"from": "hank"', history[-1])
 
 
+
+# ---------------------------------------------------------------------------
+# D2. Presence: who reads a channel, with join and leave
+# ---------------------------------------------------------------------------
+
+def presence_of(port, name, **params):
+    return api("GET", f"/channels/{quote(name, safe='')}/presence.json"
+               + ("?" + urlencode(params) if params else ""), port=port)
+
+
+def entries_since(port, name, since):
+    """The join and leave entries after ``since`` (a read that must not be
+    held: the caller knows there are some)."""
+    reply = read([name], port=port, since=since)
+    return [(e["event"], e["from"]) for e in reply["messages"][name]
+            if "event" in e], reply["last_id"]
+
+
+@needs_pyjwt
+class PresenceTests(unittest.TestCase):
+    """presence=1 channels: members, counts, join and leave in every form,
+    the grace, the snapshot's cursor."""
+
+    part = "C"                  # run by the second process, see main()
+    GRACE = 1.0
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory(prefix="comet-presence-")
+        cls.server = ServerProcess(
+            "--token-key-file=" + write_key_file(cls.dir.name, TOKEN_SECRET),
+            "--enable-status", "--poll-timeout=0.5",
+            f"--presence-grace={cls.GRACE}")
+        cls.port = cls.server.port
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        cls.dir.cleanup()
+
+    def room(self, **params):
+        return register(fresh("room:"), port=self.port, presence=1, **params)
+
+    def stream(self, name, user=None, info=None, since=None):
+        query = {}
+        if user is not None:
+            claims = {"sub": user}
+            if info is not None:
+                claims["info"] = info
+            query["token"] = token_for(**claims)
+        if since is not None:
+            query["since"] = since
+        return SSE(self.port, chan(name, ".sse") +
+                   ("?" + urlencode(query) if query else ""))
+
+    def wait_members(self, name, members):
+        return wait_for(lambda: (lambda p: p if p["members"] == members
+                                 else None)(presence_of(self.port, name)))
+
+    def test_members_and_counts(self):
+        name = self.room()
+        start = presence_of(self.port, name)["last_id"]
+        tabs = [self.stream(name, "alice", {"name": "Alice"}) for _ in (1, 2)]
+        bob = self.stream(name, "bob")
+        nobody = [self.stream(name), self.stream(name)]
+        snapshot = self.wait_members(name, 2)
+        wait_for(lambda: presence_of(self.port, name)["anonymous"] == 2)
+        snapshot = presence_of(self.port, name)
+        self.assertEqual(
+            {k: snapshot[k] for k in ("channel", "members", "connections",
+                                      "anonymous", "users")},
+            {"channel": name, "members": 2, "connections": 3, "anonymous": 2,
+             "users": {"alice": {"info": {"name": "Alice"}, "connections": 2},
+                       "bob": {"info": None, "connections": 1}}})
+        # One join each, in every form: JSON (and JSON-P) entries, and
+        # stream events with an event: line (which onmessage skips).
+        entries, _ = entries_since(self.port, name, start)
+        self.assertEqual(entries, [("join", "alice"), ("join", "bob")])
+        resp, body = call("GET", chan(name, f".jsonp?since={start}&cb=_JSONP_p"),
+                          port=self.port)
+        self.assertIn(b'"event": "join", "from": "alice"', body)
+        event = nobody[0].event()
+        self.assertEqual(event["event"], "join")
+        data = json.loads(event["data"])
+        self.assertEqual((data["channel"], data["from"], data["info"]),
+                         (name, "alice", {"name": "Alice"}))
+        self.assertEqual(event["id"], str(data["id"]))
+        for sse in tabs + [bob] + nobody:
+            sse.close()
+        self.wait_members(name, 0)
+        entries, _ = entries_since(self.port, name, start)
+        self.assertEqual(sorted(entries), [("join", "alice"), ("join", "bob"),
+                                           ("leave", "alice"),
+                                           ("leave", "bob")])
+        # Not a presence channel: -2.
+        plain = register(port=self.port)
+        self.assertEqual(presence_of(self.port, plain)["return_code"], -2)
+
+    def test_grace(self):
+        name = self.room()
+        start = presence_of(self.port, name)["last_id"]
+        first = self.stream(name, "carol")
+        self.wait_members(name, 1)
+        first.close()
+        # A reload: back well within the grace.
+        again = self.stream(name, "carol")
+        wait_for(lambda: presence_of(self.port, name)["connections"] == 1)
+        cursor = presence_of(self.port, name)["last_id"]
+        again.close()
+        left = self.wait_members(name, 0)
+        entries, _ = entries_since(self.port, name, start)
+        self.assertEqual(entries, [("join", "carol"), ("leave", "carol")])
+        self.assertGreater(left["last_id"], cursor)
+
+    def test_long_poller_in_a_loop(self):
+        """A user polling in a loop (0.5 s poll timeout here) stays one
+        member: one join, no leave while it polls, one leave after."""
+        name = self.room()
+        start = presence_of(self.port, name)["last_id"]
+        token = token_for(sub="dave")
+        since = start
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            reply = api("GET", with_token(chan(name), token, since=since),
+                        port=self.port)
+            since = reply["last_id"]
+        self.assertEqual(presence_of(self.port, name)["members"], 1)
+        self.wait_members(name, 0)
+        entries, _ = entries_since(self.port, name, start)
+        self.assertEqual(entries, [("join", "dave"), ("leave", "dave")])
+
+    def test_snapshot_cursor_lines_up_with_the_events(self):
+        name = self.room()
+        erin = self.stream(name, "erin")
+        self.wait_members(name, 1)
+        snapshot = presence_of(self.port, name)
+        follow = self.stream(name, since=snapshot["last_id"])
+        frank = self.stream(name, "frank")
+        erin.close()
+        frank.close()
+        seen = []
+        while len(seen) < 3:
+            event = follow.event(timeout=10)
+            if "event" in event:
+                seen.append((event["event"], json.loads(event["data"])["from"]))
+        follow.close()
+        self.assertEqual(sorted(seen), [("join", "frank"), ("leave", "erin"),
+                                        ("leave", "frank")])
+        self.assertEqual(seen[0], ("join", "frank"))
+
+    def test_sessions_identify_readers(self):
+        name = self.room(use_sessions=1)
+        client = fresh("client")
+        api("POST", "/clients.json", {"client_id": client}, port=self.port)
+        sse = SSE(self.port, chan(name, f".sse?client_id={client}"))
+        # presence.json follows the channel's read rules.
+        self.assertEqual(presence_of(self.port, name)["return_code"], -2)
+        got = wait_for(lambda: (lambda p: p if p["members"] == 1 else None)(
+            presence_of(self.port, name, client_id=client)))
+        self.assertEqual(list(got["users"]), [client])
+        sse.close()
+
+
+@needs_pyjwt
+class PresenceRestartTests(unittest.TestCase):
+    """A restart with --state-file within the grace changes nothing; a
+    reader that does not come back leaves, counted from the restart."""
+
+    part = "C"                  # run by the second process, see main()
+
+    def test_restart_within_the_grace(self):
+        with tempfile.TemporaryDirectory() as directory:
+            keys = write_key_file(directory, TOKEN_SECRET)
+            switches = (f"--token-key-file={keys}", "--presence-grace=3",
+                        "--state-file=" + os.path.join(directory, "state"))
+            server = ServerProcess(*switches)
+            name = fresh("room:")
+            try:
+                register(name, port=server.port, presence=1)
+                start = presence_of(server.port, name)["last_id"]
+                streams = [SSE(server.port, with_token(
+                    chan(name, ".sse"), token_for(sub=user)))
+                    for user in ("gina", "hank")]
+                wait_for(lambda: presence_of(server.port, name)["members"]
+                         == 2)
+            finally:
+                server.stop(signal.SIGKILL)
+                server.close()
+            for sse in streams:
+                sse.close()
+            server = ServerProcess(*switches)
+            try:
+                port = server.port
+                self.assertEqual(presence_of(port, name)["members"], 2)
+                back = SSE(port, with_token(chan(name, ".sse"),
+                                            token_for(sub="gina")))
+                wait_for(lambda: presence_of(port, name)["members"] == 1,
+                         timeout=10)
+                entries, _ = entries_since(port, name, start)
+                self.assertEqual(entries, [("join", "gina"), ("join", "hank"),
+                                           ("leave", "hank")])
+                back.close()
+            finally:
+                server.close()
+
+
 # ---------------------------------------------------------------------------
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown
 # ---------------------------------------------------------------------------

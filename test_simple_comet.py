@@ -11135,6 +11135,84 @@ class PresenceRestartTests(unittest.TestCase):
                 server.close()
 
 
+
+def readme_chat_page():
+    """The README's chat page: its one HTML block that holds a chat."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    for block in re.findall(r"^```html[ \t]*\n(.*?)^```", text, re.M | re.S):
+        if "<title>Chat</title>" in block:
+            return block
+    raise AssertionError("no chat page in the README")
+
+
+@needs_pyjwt
+@unittest.skipUnless(CHROMIUM, "Chromium not installed (apt-get install chromium)")
+class ChatPageTests(BrowserPages, unittest.TestCase):
+    """The README's chat page, copied as it stands, in two Chromium tabs of
+    another origin: messages with their senders, who is online, typing."""
+
+    def setUp(self):
+        directory = tempfile.TemporaryDirectory(prefix="comet-chat-")
+        self.addCleanup(directory.cleanup)
+        self.server = ServerProcess(
+            "--token-key-file=" + write_key_file(directory.name, TOKEN_SECRET),
+            "--presence-grace=1", "--client-publish-rate=5")
+        self.addCleanup(self.server.close)
+        self.room = fresh("chat")
+        register(self.room, port=self.server.port, presence=1)
+        page = readme_chat_page()
+        page = page.replace('"http://127.0.0.1:4080"',
+                            f'"http://127.0.0.1:{self.server.port}"')
+        page = page.replace('ROOM = "chat"', f'ROOM = "{self.room}"')
+        PageHandler.pages["/chat.html"] = page
+
+    def open(self, user):
+        tab = self.browser.new_tab()
+        self.addCleanup(tab.close)
+        token = token_for(sub=user, publish=[self.room],
+                          info={"name": user.title()}, exp=time.time() + 600)
+        tab.navigate(f"{self.page_origin}/chat.html#{token}")
+        return tab
+
+    def text_of(self, tab, element):
+        return tab.js(f"document.getElementById({element!r}).textContent")
+
+    def wait_text(self, tab, element, expected, timeout=10):
+        expression = (f"document.getElementById({element!r}).textContent"
+                      f".includes({json.dumps(expected)})")
+        self.assertTrue(tab.wait_for(expression, timeout),
+                        f"{element}: {self.text_of(tab, element)!r}")
+
+    def test_two_users_chat(self):
+        alice = self.open("alice")
+        self.wait_text(alice, "online", "Alice")
+        bob = self.open("bob")
+        self.wait_text(alice, "online", "Bob")
+        self.wait_text(bob, "online", "Alice")
+        # Bob types: Alice sees "typing…"; he sends: she sees his message
+        # with his name, and the typing line goes.
+        bob.js('document.getElementById("text").value = "hi Alice";'
+               'document.getElementById("text").dispatchEvent('
+               'new Event("input"))')
+        self.wait_text(alice, "typing", "bob typing")
+        bob.js('document.getElementById("say").requestSubmit()')
+        self.wait_text(alice, "log", "bobhi Alice")
+        self.assertNotIn("bob", self.text_of(alice, "typing"))
+        self.wait_text(bob, "log", "bobhi Alice")
+        # A reload replays the message, never the typing.
+        alice.navigate(f"{self.page_origin}/chat.html#" + alice.js(
+            "location.hash.slice(1)"))
+        self.wait_text(alice, "log", "bobhi Alice")
+        self.assertEqual(self.text_of(alice, "typing"), "")
+        # Bob leaves: once his grace is over, Alice sees him go.
+        bob.navigate("about:blank")
+        self.wait_text(alice, "online", "Online: Alice")
+        stored = read([self.room], port=self.server.port)["messages"][self.room]
+        contents = [m["content"] for m in stored if "content" in m]
+        self.assertEqual(contents, ['{"text":"hi Alice"}'])
+
+
 # ---------------------------------------------------------------------------
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown
 # ---------------------------------------------------------------------------

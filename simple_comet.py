@@ -62,10 +62,12 @@ The file reads top to bottom, a banner a section:
 
 import argparse
 import asyncio
+import base64
 import binascii
 import fcntl
 import gc
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import json
@@ -87,7 +89,7 @@ from logging.handlers import QueueHandler, QueueListener
 from typing import NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes
 
-__version__ = "2.0.0"
+__version__ = "3.0.0"
 
 log = logging.getLogger("simple_comet")
 
@@ -151,6 +153,9 @@ LOG_FLUSH_TIMEOUT = 2.0              # seconds to write the last lines at exit
 # Channels and clients made since the last gc.freeze() before the next one
 # (see Server.spare_the_collector).
 GC_FREEZE_AFTER = 20_000
+
+# Channels the dashboard lists (those with the most readers).
+TOP_CHANNELS = 20
 
 # Users listed by presence.json (the counts stay exact beyond it).
 MAX_PRESENCE_LISTED = 1000
@@ -1531,6 +1536,11 @@ class Core:
     async def catch_up(self):
         return True                      # this state is the whole truth
 
+    async def instances(self):
+        """The instances of a shared store: [(instance, seconds since its
+        last sign of life, whether it is this one)]; none here."""
+        return []
+
 
 # ---------------------------------------------------------------------------
 # Storage in memory
@@ -1540,6 +1550,8 @@ class MemoryStore(Core):
     """The store of one process: each write checks, is kept (a hook: the
     state file journals it there; raising refuses the write), and is
     applied."""
+
+    kind = "memory"                      # as the dashboard names it
 
     async def add_channel(self, name, max_messages, options):
         if name in self.channels:
@@ -2086,6 +2098,8 @@ class StateFileStore(MemoryStore):
     so a crash or SIGKILL loses nothing acknowledged; the journal fsyncs
     once a second, so a power loss costs at most about the last second.
     """
+
+    kind = "state_file"
 
     def __init__(self, config, loop):
         super().__init__(config, loop)
@@ -2759,6 +2773,8 @@ class RedisStore(Core):
     instance sends what it read once a second), so all instances agree.
     """
 
+    kind = "redis"
+
     def __init__(self, config, loop):
         super().__init__(config, loop)
         prefix = self.prefix = config.redis_prefix
@@ -2860,6 +2876,17 @@ class RedisStore(Core):
             # Not confirmed: Redis may or may not have stored it.
             raise unavailable(f"Redis did not confirm the write: {e}") \
                 from None
+
+    async def instances(self):
+        try:
+            seen = await self.run(None, ["ZRANGE", self.k["instances"], 0,
+                                         -1, "WITHSCORES"], ())
+        except HTTPError:
+            return []
+        now = time.time() * 1000
+        return [(name.decode(), max(0.0, (now - float(ms)) / 1000),
+                 name.decode() == self.instance)
+                for name, ms in zip(seen[::2], seen[1::2])]
 
     async def catch_up(self):
         try:
@@ -3142,6 +3169,10 @@ class Hub:
         # Waiters that read with a token -> (its claims, the timer that
         # ends them when it expires, or None).
         self.holders = {}
+        # Channels with readers -> pushes since they had them, for the
+        # dashboard's busiest channels (a million idle ones are not looked
+        # at: only transitions and pushes to read channels touch this).
+        self.busy = {}
         # (presence channel, user) whose last connection is gone, by the
         # end of its grace.  Members restored from a state file start so:
         # a reader back within the grace (counted from now) causes nothing.
@@ -3165,6 +3196,7 @@ class Hub:
         cache = {Poll: (channel, message_id, text)} if ephemeral else {}
         if kind is not None:
             cache[Presence] = kind
+        self.busy[channel] += 1
         now = self.loop.time()
         reached = 0
         for waiter in list(channel.waiters):
@@ -3176,6 +3208,7 @@ class Hub:
     def channel_removed(self, channel):
         for waiter in list(channel.waiters):
             waiter.channel_gone(self, channel)
+        self.busy.pop(channel, None)
 
     def revoked(self, kind, value, at):
         """A revocation was stored: its tokens' polls and streams end."""
@@ -3280,6 +3313,13 @@ class Hub:
             return None
         return self.reply_text(since, parts, lost)
 
+    def busiest(self, count):
+        """The ``count`` channels with the most readers: (channel, readers,
+        pushes since they had readers)."""
+        return [(channel, len(channel.waiters), pushes) for channel, pushes
+                in heapq.nlargest(count, self.busy.items(),
+                                  key=lambda item: len(item[0].waiters))]
+
     def with_presence(self, channel, since, messages):
         """A presence channel's messages and its join and leave entries
         after ``since``, in id order, and the newest id either window
@@ -3325,6 +3365,7 @@ class Hub:
         for channel in waiter.channels:
             if channel.waiters is None:
                 channel.waiters = {}
+                self.busy[channel] = 0
             channel.waiters[waiter] = None
             if channel.options & PRESENCE:
                 self.enter(channel, waiter.client_id, claims)
@@ -3349,6 +3390,7 @@ class Hub:
             del waiters[waiter]
             if not waiters:
                 channel.waiters = None
+                self.busy.pop(channel, None)
             if channel.options & PRESENCE:
                 self.leave(channel, waiter.client_id, claims)
             # Polls answered by one push share ``now``: one touch does.
@@ -3577,8 +3619,10 @@ ROUTES = {
     r"/health\.(?P<fmt>jsonp?)": {"GET": ("health", PUBLIC)},
     r"/(?:status|stats)\.(?P<fmt>jsonp?)": {"GET": ("status", ADMIN)},
     r"/metrics": {"GET": ("metrics", ADMIN)},
+    r"/dashboard": {"GET": ("dashboard", PUBLIC)},
+    r"/dashboard\.(?P<fmt>jsonp?)": {"GET": ("dashboard_json", ADMIN)},
 }
-STATUS_ROUTES = {"status", "metrics"}
+STATUS_ROUTES = {"status", "metrics", "dashboard", "dashboard_json"}
 
 # A stream refused before it starts, and a write with a token (a fetch from
 # the browser), get a real HTTP status: a browser's EventSource then stops
@@ -4107,6 +4151,48 @@ class App:
                 group, _, key = key.rpartition(".")
                 (status.setdefault(group, {}) if group else status)[key] = value
         return success_text(status=status)
+
+    async def dashboard_json(self, request, conn):
+        """What the dashboard shows, in one cheap answer: the figures of
+        the status page, the busiest channels, the store, the instances;
+        never a list of every channel."""
+        hub = self.hub
+        store = self.store
+        rows = {key: value for key, _, _, value in self.counters()
+                if key is not None}
+        problem = store.health()
+        store_info = {"kind": store.kind, "healthy": problem is None,
+                      "problem": problem}
+        for key, value in rows.items():
+            group, _, name = key.rpartition(".")
+            if group in ("state_file", "redis"):
+                store_info.setdefault(group, {})[name] = value
+        return api_text({
+            "return_code": 1, "error_message": "", "time": time.time(),
+            "uptime": rows["uptime"], "version": __version__,
+            "figures": {
+                "connections": rows["connections"],
+                "polls_held": rows["polls_held"],
+                "streams_open": rows["streams_open"],
+                "channels": rows["channels_count"],
+                "clients": rows["clients_count"],
+                "messages_pushed": rows["messages_pushed"],
+                "messages_delivered": rows["messages_delivered"],
+                "replies": rows["replies"],
+                "connections_refused": rows["connections_refused"]},
+            "top": [{"channel": channel.name, "readers": readers,
+                     "messages": len(channel.messages or ()),
+                     "pushes": pushes}
+                    for channel, readers, pushes in hub.busiest(TOP_CHANNELS)],
+            "store": store_info,
+            "instances": [{"instance": name, "seen": round(seen, 1),
+                           "self": own}
+                          for name, seen, own in await store.instances()],
+        })
+
+    async def dashboard(self, request, conn):
+        return 200, b"text/html; charset=utf-8", DASHBOARD_PAGE, False, \
+            DASHBOARD_HEADERS
 
     async def metrics(self, request, conn):
         lines = []
@@ -5808,6 +5894,583 @@ class RedisClient:
             failures = 0
             logged_reason = None
             await asyncio.sleep(backoff.next())
+
+
+# ===========================================================================
+# Lower level: the dashboard's page (GET /dashboard), served as it stands
+# ===========================================================================
+#
+# One self-contained page: HTML with one inline <style> and one inline
+# <script>, nothing fetched but "dashboard.json" (a relative URL, so that the
+# page keeps working under a path prefix behind nginx).  The page holds no
+# data: everything it shows comes from dashboard.json, asked once a second
+# (a setTimeout after each answer, so that a slow server is never piled up;
+# nothing while the tab is hidden, so that it costs nothing while nobody
+# looks).  The 5-minute history of each figure is kept in the page.
+#
+# The Content-Security-Policy allows the script and the style by their
+# SHA-256, computed below from the page's own text at import time, so an
+# edit of the page cannot leave a stale hash behind.  A hash covers only the
+# elements' text, hence no inline event handler and no style attribute
+# anywhere in the page; the script changes the page through the DOM only,
+# and inserts user data (channel names, error texts) with textContent.
+#
+# Kept ASCII-only and free of "//" (no line comments in the script) so that
+# a check for absolute URLs ("http://", "https://", "//host") finds nothing.
+
+DASHBOARD_HTML = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
+<title>Simple Comet dashboard</title>
+<link rel="icon" href="data:,">
+<style>
+:root {
+  color-scheme: light dark;
+  --bg: #ffffff; --fg: #1c1e21; --muted: #5d6470; --line: #dde0e5;
+  --card: #f6f7f9; --accent: #2f6fdf; --bad: #b42318; --ok: #11734b;
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans",
+        "DejaVu Sans", sans-serif;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #15171a; --fg: #e4e6ea; --muted: #9aa1ac; --line: #30343b;
+    --card: #1d2025; --accent: #6ea2ff; --bad: #ff8b7e; --ok: #6fd19c;
+  }
+}
+[hidden] { display: none !important; }
+body { margin: 0 auto; max-width: 76rem; padding: 1rem 1.25rem 2rem;
+       background: var(--bg); color: var(--fg); }
+header { display: flex; flex-wrap: wrap; align-items: baseline;
+         gap: .2rem 1rem; padding-bottom: .6rem;
+         border-bottom: 1px solid var(--line); }
+h1 { font-size: 1.2rem; margin: 0; font-weight: 650; }
+h2 { font-size: .78rem; font-weight: 600; letter-spacing: .05em;
+     text-transform: uppercase; color: var(--muted); margin: 1.4rem 0 .5rem; }
+h2 small { text-transform: none; letter-spacing: 0; font-weight: 400; }
+p { margin: 0; }
+#status { color: var(--muted); }
+#error { flex-basis: 100%; color: var(--bad); font-weight: 600; }
+main.stale { opacity: .55; }
+.figures { display: grid; gap: .5rem;
+           grid-template-columns: repeat(auto-fill, minmax(17rem, 1fr)); }
+.fig { display: grid; grid-template-columns: 8.5rem 1fr; gap: .6rem;
+       align-items: center; padding: .45rem .6rem; background: var(--card);
+       border: 1px solid var(--line); border-radius: 6px; }
+.fig span { display: block; }
+.fig .name { color: var(--muted); font-size: .8rem; }
+.fig .val { font-size: 1.35rem; font-weight: 600; line-height: 1.25;
+            font-variant-numeric: tabular-nums; }
+.fig .sub { color: var(--muted); font-size: .72rem;
+            font-variant-numeric: tabular-nums; }
+.fig.alarm .val { color: var(--bad); }
+canvas { display: block; width: 100%; height: 3rem; }
+.cols { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr);
+        gap: 0 2rem; }
+@media (max-width: 52rem) { .cols { grid-template-columns: minmax(0, 1fr); } }
+table { width: 100%; border-collapse: collapse;
+        font-variant-numeric: tabular-nums; }
+th, td { padding: .28rem .5rem; text-align: left; vertical-align: top;
+         border-bottom: 1px solid var(--line); }
+th { color: var(--muted); font-size: .78rem; font-weight: 600; }
+th.n, td.n { text-align: right; white-space: nowrap; }
+td.id { overflow-wrap: anywhere; font-family: ui-monospace, "SF Mono",
+        Menlo, Consolas, "DejaVu Sans Mono", monospace; font-size: .9em; }
+td.none { color: var(--muted); font-style: italic; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .28rem 1rem;
+     margin: 0; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.ok { color: var(--ok); font-weight: 600; }
+.bad { color: var(--bad); font-weight: 600; }
+form { margin: 2rem auto; max-width: 24rem; padding: 1rem 1.2rem;
+       background: var(--card); border: 1px solid var(--line);
+       border-radius: 6px; }
+form p { margin-bottom: .7rem; }
+form label { display: block; font-weight: 600; margin-bottom: .25rem; }
+form div { display: flex; gap: .5rem; }
+input, button { font: inherit; padding: .3rem .55rem; border-radius: 4px;
+                border: 1px solid var(--line); background: var(--bg);
+                color: var(--fg); }
+input { flex: 1; min-width: 0; }
+button { cursor: pointer; }
+#login-bad { color: var(--bad); }
+footer { margin-top: 1.6rem; color: var(--muted); font-size: .8rem; }
+footer button { font-size: .8rem; padding: .1rem .45rem; }
+</style>
+</head>
+<body>
+<header>
+<h1>Simple Comet</h1>
+<p id="status">Connecting&hellip;</p>
+<p id="error" role="alert" hidden></p>
+</header>
+
+<form id="login" hidden>
+<p>This server needs its admin token to show the dashboard. It is kept
+for this tab only.</p>
+<p id="login-bad" hidden>That token was refused. Try again.</p>
+<label for="token">Admin token</label>
+<div><input id="token" type="password" autocomplete="off"
+ spellcheck="false" required><button type="submit">Show</button></div>
+</form>
+
+<main id="main" hidden>
+<h2>Figures <small>(last 5 minutes; rates are a second)</small></h2>
+<div class="figures" id="figures"></div>
+<div class="cols">
+<section>
+<h2>Channels with the most readers</h2>
+<table>
+<thead><tr><th>Channel</th><th class="n">Readers</th>
+<th class="n">Retained</th><th class="n">Pushes/s</th></tr></thead>
+<tbody id="top"></tbody>
+</table>
+</section>
+<section>
+<h2>Store</h2>
+<dl id="store"></dl>
+<div id="instances-box" hidden>
+<h2>Instances</h2>
+<table>
+<thead><tr><th>Instance</th><th class="n">Last seen</th><th></th></tr></thead>
+<tbody id="instances"></tbody>
+</table>
+</div>
+</section>
+</div>
+<footer><span id="about"></span>
+<button id="forget" type="button" hidden>Forget the token</button></footer>
+</main>
+
+<script>
+(function () {
+"use strict";
+
+/* The figures, in the order shown.  A "gauge" is shown as it is; a "rate"
+   is a counter (a total since the server started) turned into a rate a
+   second: its change between two answers over the change of their "time".
+   Refused connections are shown as a rate too, with the total beside it. */
+var FIGURES = [
+  {key: "connections", label: "Connections", kind: "gauge"},
+  {key: "polls_held", label: "Held polls", kind: "gauge"},
+  {key: "streams_open", label: "Open streams", kind: "gauge"},
+  {key: "channels", label: "Channels", kind: "gauge"},
+  {key: "clients", label: "Clients", kind: "gauge"},
+  {key: "messages_pushed", label: "Pushes/s", kind: "rate"},
+  {key: "messages_delivered", label: "Deliveries/s", kind: "rate"},
+  {key: "4xx", label: "4xx replies/s", kind: "rate", reply: true},
+  {key: "5xx", label: "5xx replies/s", kind: "rate", reply: true, alarm: true},
+  {key: "connections_refused", label: "Refused connections/s", kind: "rate",
+   alarm: true, total: true}
+];
+var POLL_MS = 1000;          /* one answer a second, counted from the last */
+var TIMEOUT_MS = 5000;       /* a slower answer counts as none */
+var SPAN_S = 300;            /* the charts show the last 5 minutes... */
+var MAX_POINTS = 600;        /* ...of at most this many points */
+var GAP_S = 3.5;             /* points further apart are not joined */
+var TOKEN_KEY = "simple-comet-admin-token";
+var DASH = "\u2013";
+var KINDS = {memory: "memory", state_file: "state file", redis: "Redis"};
+
+var INT = new Intl.NumberFormat(undefined, {maximumFractionDigits: 0});
+var DEC = new Intl.NumberFormat(undefined, {maximumFractionDigits: 1});
+
+function $(id) { return document.getElementById(id); }
+function isNum(v) { return typeof v === "number" && isFinite(v); }
+function fmtInt(v) { return isNum(v) ? INT.format(v) : DASH; }
+function fmtRate(v) {
+  return isNum(v) ? (Math.abs(v) < 100 ? DEC : INT).format(v) : DASH;
+}
+function el(tag, text, cls) {
+  var e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  if (cls) e.className = cls;
+  return e;
+}
+function fmtBytes(b) {
+  if (!isNum(b)) return DASH;
+  var units = ["bytes", "KiB", "MiB", "GiB", "TiB"], i = 0, v = b;
+  while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  return (i ? DEC.format(v) + " " + units[i] + " (" + INT.format(b) + " bytes)"
+            : INT.format(b) + " bytes");
+}
+function fmtDuration(s) {
+  if (!isNum(s)) return DASH;
+  s = Math.floor(s);
+  var d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24,
+      m = Math.floor(s / 60) % 60;
+  if (d) return d + " d " + h + " h";
+  if (h) return h + " h " + m + " min";
+  if (m) return m + " min " + (s % 60) + " s";
+  return s + " s";
+}
+
+/* The token: in sessionStorage, so it lives as long as the tab and no
+   longer; a plain variable where storage is refused. */
+var token = null;
+try { token = sessionStorage.getItem(TOKEN_KEY); } catch (e) { token = null; }
+function keepToken(t) {
+  token = t;
+  try {
+    if (t === null) sessionStorage.removeItem(TOKEN_KEY);
+    else sessionStorage.setItem(TOKEN_KEY, t);
+  } catch (e) { }
+  $("forget").hidden = token === null;
+}
+
+/* One card per figure: its text beside its chart. */
+var cards = {};
+FIGURES.forEach(function (f) {
+  var card = el("div", undefined, "fig"), text = el("div");
+  card.setAttribute("data-figure", f.key);
+  text.appendChild(el("span", f.label, "name"));
+  var val = text.appendChild(el("span", DASH, "val"));
+  var sub = text.appendChild(el("span", "\u00a0", "sub"));
+  var canvas = el("canvas");
+  canvas.setAttribute("aria-hidden", "true");
+  card.appendChild(text);
+  card.appendChild(canvas);
+  $("figures").appendChild(card);
+  cards[f.key] = {card: card, val: val, sub: sub, canvas: canvas, points: []};
+});
+
+function niceCeil(m) {
+  if (!(m > 0)) return 1;
+  var p = Math.pow(10, Math.floor(Math.log10(m))), n = m / p;
+  return (n <= 1 ? 1 : n <= 2 ? 2 : n <= 5 ? 5 : 10) * p;
+}
+
+function cssVar(style, name) { return style.getPropertyValue(name).trim(); }
+
+/* A chart: the last SPAN_S seconds of [time, value] points, ending at `now`
+   (the server's time of the last answer), from 0 to a round ceiling. */
+function draw(c, now, style) {
+  var canvas = c.canvas, w = canvas.clientWidth, h = canvas.clientHeight;
+  if (!w || !h) return;
+  var dpr = window.devicePixelRatio || 1;
+  var W = Math.round(w * dpr), H = Math.round(h * dpr);
+  if (canvas.width !== W || canvas.height !== H) {
+    canvas.width = W; canvas.height = H;
+  }
+  var g = canvas.getContext("2d");
+  g.setTransform(dpr, 0, 0, dpr, 0, 0);
+  g.clearRect(0, 0, w, h);
+  var top = 0;
+  c.points.forEach(function (p) { if (isNum(p[1]) && p[1] > top) top = p[1]; });
+  var ceil = niceCeil(top), pad = 2;
+  function x(t) { return w - (now - t) / SPAN_S * w; }
+  function y(v) { return h - pad - v / ceil * (h - 2 * pad); }
+  g.lineWidth = 1;
+  g.strokeStyle = cssVar(style, "--line");
+  g.beginPath();
+  g.moveTo(0, h - .5); g.lineTo(w, h - .5);
+  g.moveTo(0, .5); g.lineTo(w, .5);
+  g.stroke();
+  /* Runs of points no further apart than GAP_S, each drawn as a line
+     over a faint area. */
+  var runs = [], run = [], last = null;
+  c.points.forEach(function (p) {
+    if (!isNum(p[1]) || (last && p[0] - last[0] > GAP_S)) {
+      if (run.length) runs.push(run);
+      run = [];
+    }
+    if (isNum(p[1])) run.push(p);
+    last = p;
+  });
+  if (run.length) runs.push(run);
+  var accent = cssVar(style, "--accent");
+  runs.forEach(function (r) {
+    g.beginPath();
+    r.forEach(function (p, i) {
+      if (i) g.lineTo(x(p[0]), y(p[1])); else g.moveTo(x(p[0]), y(p[1]));
+    });
+    if (r.length === 1) g.lineTo(x(r[0][0]) + 1.5, y(r[0][1]));
+    g.strokeStyle = accent;
+    g.lineWidth = 1.5;
+    g.stroke();
+    g.lineTo(x(r[r.length - 1][0]), h);
+    g.lineTo(x(r[0][0]), h);
+    g.closePath();
+    g.globalAlpha = .14;
+    g.fillStyle = accent;
+    g.fill();
+    g.globalAlpha = 1;
+  });
+  return top;
+}
+
+var lastNow = null;
+function drawAll() {
+  if (lastNow === null) return;
+  var style = getComputedStyle(document.documentElement);
+  FIGURES.forEach(function (f) { draw(cards[f.key], lastNow, style); });
+}
+
+/* The previous answer, for the rates. */
+var prev = null;
+
+function figureValue(f, figures) {
+  var v = f.reply ? (figures.replies || {})[f.key] : figures[f.key];
+  return isNum(v) ? v : null;
+}
+
+function update(d) {
+  var now = +d.time, figures = d.figures || {};
+  if (!isNum(now)) throw new Error("no time in the answer");
+  /* A clock that went back: the history no longer lines up. */
+  if (prev && now < prev.time) {
+    FIGURES.forEach(function (f) { cards[f.key].points = []; });
+  }
+  /* Counters restart from 0 with the server: no rate across a restart. */
+  var dt = prev && now > prev.time && !(d.uptime < prev.uptime) ?
+      now - prev.time : 0;
+  var values = {};
+  FIGURES.forEach(function (f) {
+    var c = cards[f.key], raw = figureValue(f, figures), v = raw;
+    values[f.key] = raw;
+    if (f.kind === "rate") {
+      var before = prev ? prev.values[f.key] : null;
+      v = dt > 0 && raw !== null && before !== null && raw >= before ?
+          (raw - before) / dt : null;
+    }
+    c.points.push([now, v]);
+    while (c.points.length > MAX_POINTS ||
+           (c.points.length && c.points[0][0] < now - SPAN_S)) {
+      c.points.shift();
+    }
+    c.val.textContent = f.kind === "rate" ? fmtRate(v) : fmtInt(v);
+    c.card.classList.toggle("alarm", !!(f.alarm && v > 0));
+  });
+  lastNow = now;
+  var style = getComputedStyle(document.documentElement);
+  FIGURES.forEach(function (f) {
+    var c = cards[f.key], top = draw(c, now, style);
+    var peak = "5 min peak " + (f.kind === "rate" ? fmtRate(top || 0)
+                                                  : fmtInt(top || 0));
+    c.sub.textContent = f.total ?
+        "total " + fmtInt(values[f.key]) + ", " + peak : peak;
+  });
+  renderTop(Array.isArray(d.top) ? d.top : [], dt);
+  renderStore(d.store || {});
+  renderInstances(d.instances);
+  prev = {time: now, uptime: d.uptime, values: values, pushes: pushesOf(d.top)};
+  $("status").textContent = "Updated " + new Date().toLocaleTimeString();
+  $("about").textContent = "Simple Comet " + String(d.version || "") +
+      ", up " + fmtDuration(d.uptime) + ".";
+  $("main").hidden = false;
+  $("main").classList.remove("stale");
+  $("error").hidden = true;
+}
+
+function pushesOf(top) {
+  var m = new Map();
+  (Array.isArray(top) ? top : []).forEach(function (c) {
+    if (c && isNum(c.pushes)) m.set(String(c.channel), c.pushes);
+  });
+  return m;
+}
+
+function renderTop(top, dt) {
+  var rows = [];
+  top.slice(0, 20).forEach(function (c) {
+    if (!c) return;
+    var name = String(c.channel), tr = el("tr");
+    var before = prev ? prev.pushes.get(name) : undefined;
+    var rate = dt > 0 && isNum(before) && isNum(c.pushes) && c.pushes >= before ?
+        (c.pushes - before) / dt : null;
+    tr.appendChild(el("td", name, "id"));
+    tr.appendChild(el("td", fmtInt(c.readers), "n"));
+    tr.appendChild(el("td", fmtInt(c.messages), "n"));
+    tr.appendChild(el("td", fmtRate(rate), "n"));
+    rows.push(tr);
+  });
+  if (!rows.length) {
+    var tr = el("tr"), td = tr.appendChild(el("td", "No channel has readers.",
+                                               "none"));
+    td.colSpan = 4;
+    rows.push(tr);
+  }
+  $("top").replaceChildren.apply($("top"), rows);
+}
+
+function renderStore(s) {
+  var items = [["Kind", KINDS[s.kind] || String(s.kind || DASH)]];
+  if (s.healthy && !s.problem) items.push(["Health", "healthy", "ok"]);
+  else items.push(["Health", s.problem ? String(s.problem) : "not healthy",
+                   "bad"]);
+  if (s.state_file) {
+    items.push(["State file", fmtBytes(s.state_file.bytes)]);
+    items.push(["Compactions", fmtInt(s.state_file.compactions)]);
+  }
+  if (s.redis) {
+    items.push(["Redis", s.redis.connected ? "connected" : "not connected",
+                s.redis.connected ? "ok" : "bad"]);
+    items.push(["Applied id", s.redis.applied_id === null ||
+                s.redis.applied_id === undefined ? DASH :
+                String(s.redis.applied_id)]);
+    items.push(["Last error", s.redis.last_error ?
+                String(s.redis.last_error) : "none"]);
+  }
+  var nodes = [];
+  items.forEach(function (it) {
+    nodes.push(el("dt", it[0]));
+    nodes.push(el("dd", it[1], it[2]));
+  });
+  $("store").replaceChildren.apply($("store"), nodes);
+}
+
+function renderInstances(list) {
+  $("instances-box").hidden = !Array.isArray(list);
+  if (!Array.isArray(list)) return;
+  var rows = list.map(function (i) {
+    var tr = el("tr");
+    tr.appendChild(el("td", String(i.instance), "id"));
+    tr.appendChild(el("td", isNum(i.seen) ?
+        DEC.format(i.seen) + " s ago" : DASH, "n"));
+    tr.appendChild(el("td", i.self ? "this one" : ""));
+    return tr;
+  });
+  $("instances").replaceChildren.apply($("instances"), rows);
+}
+
+/* No good answer: say so, keep the last figures (dimmed) and keep trying. */
+var failingSince = null;
+function failed(why) {
+  if (failingSince === null) failingSince = new Date();
+  $("error").textContent = "No update since " +
+      failingSince.toLocaleTimeString() + ": " + why +
+      ". Retrying every second.";
+  $("error").hidden = false;
+  $("main").classList.add("stale");
+}
+
+/* Asking for the token stops the polling until one is given. */
+var asking = false;
+function askToken(refused) {
+  asking = true;
+  keepToken(null);
+  $("main").hidden = true;
+  $("error").hidden = true;
+  $("status").textContent = "Admin token needed";
+  $("login-bad").hidden = !refused;
+  $("login").hidden = false;
+  $("token").focus();
+}
+$("login").addEventListener("submit", function (e) {
+  e.preventDefault();
+  var t = $("token").value.trim();
+  /* A header value must be printable ASCII; fetch would throw on others. */
+  if (!/^[!-~]+$/.test(t)) { $("login-bad").hidden = false; return; }
+  $("token").value = "";
+  keepToken(t);
+  $("login").hidden = true;
+  asking = false;
+  prev = null;
+  poll();
+});
+$("forget").addEventListener("click", function () {
+  keepToken(null);
+  location.reload();
+});
+
+var timer = 0, busy = false;
+function schedule() {
+  clearTimeout(timer);
+  timer = 0;
+  if (!document.hidden && !asking) timer = setTimeout(poll, POLL_MS);
+}
+
+async function poll() {
+  timer = 0;
+  if (busy || asking || document.hidden) return;
+  busy = true;
+  try { await ask(); } finally { busy = false; schedule(); }
+}
+
+async function ask() {
+  var ctl = new AbortController(), sent = token, reply, text;
+  var killer = setTimeout(function () { ctl.abort(); }, TIMEOUT_MS);
+  var headers = {Accept: "application/json"};
+  if (sent !== null) headers.Authorization = "Bearer " + sent;
+  try {
+    reply = await fetch("dashboard.json", {cache: "no-store", headers: headers,
+                                           signal: ctl.signal});
+    text = await reply.text();
+  } catch (e) {
+    failed(ctl.signal.aborted ? "no answer within " + TIMEOUT_MS / 1000 + " s"
+                              : "the server cannot be reached");
+    return;
+  } finally {
+    clearTimeout(killer);
+  }
+  if (reply.status === 401 || reply.status === 403) {
+    askToken(sent !== null);
+    return;
+  }
+  var d = null;
+  try { d = JSON.parse(text); } catch (e) { d = null; }
+  if (!reply.ok || !d || typeof d !== "object" || !(d.return_code > 0)) {
+    var why = "HTTP " + reply.status;
+    if (d && d.error_message) why += ", " + String(d.error_message);
+    failed(why);
+    return;
+  }
+  try { update(d); } catch (e) { failed("an answer the page cannot read (" +
+                                        e.message + ")"); return; }
+  failingSince = null;
+}
+
+document.addEventListener("visibilitychange", function () {
+  if (document.hidden) { clearTimeout(timer); timer = 0; }
+  else if (!busy && !timer) poll();
+});
+window.addEventListener("resize", drawAll);
+keepToken(token);
+poll();
+})();
+</script>
+</body>
+</html>
+"""
+
+
+def _element_text(page, tag):
+    """The text of the page's one <tag> element, as the browser hashes it."""
+    before, found, rest = page.partition("<%s>" % tag)
+    text, closed, _ = rest.partition("</%s>" % tag)
+    assert found and closed and ("<%s>" % tag) not in rest, tag
+    return text
+
+
+def _csp_hash(text):
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return "'sha256-%s'" % base64.b64encode(digest).decode("ascii")
+
+
+# Only the page's own script and style may run; it may talk to its own
+# origin only (dashboard.json); the data: image is the empty favicon that
+# keeps the browser from asking for /favicon.ico.  No framing, no forms
+# posting away, no <base> redirecting its relative URL.
+DASHBOARD_CSP = (
+    "default-src 'none'; "
+    "script-src %s; style-src %s; "
+    "connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    % (_csp_hash(_element_text(DASHBOARD_HTML, "script")),
+       _csp_hash(_element_text(DASHBOARD_HTML, "style"))))
+
+_DASHBOARD_HEADERS = (
+    "Content-Security-Policy: %s\r\n"
+    "X-Frame-Options: DENY\r\n"           # frame-ancestors, for old browsers
+    "Referrer-Policy: no-referrer\r\n" % DASHBOARD_CSP).encode("ascii")
+
+
+DASHBOARD_PAGE = DASHBOARD_HTML.encode()
+DASHBOARD_HEADERS = _DASHBOARD_HEADERS
 
 
 if __name__ == "__main__":

@@ -853,7 +853,17 @@ class RedisProcess:
         self.proc = self.log = None
         # A run cut short skips tearDownClass; redis-server would outlive it.
         atexit.register(self.stop)
-        self.start()
+        for attempt in range(5):
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                # A free port can be drawn by another process meanwhile.
+                self.stop()
+                if port is not None or attempt == 4 or \
+                        "in use" not in self.output():
+                    raise
+                self.port = free_port()
 
     def start(self):
         self.log = open(os.path.join(self.dir.name, "redis.log"), "ab")

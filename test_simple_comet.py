@@ -857,7 +857,17 @@ class RedisProcess:
         self.proc = self.log = None
         # A run cut short skips tearDownClass; redis-server would outlive it.
         atexit.register(self.stop)
-        self.start()
+        for attempt in range(5):
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                # A free port can be drawn by another process meanwhile.
+                self.stop()
+                if port is not None or attempt == 4 or \
+                        "in use" not in self.output():
+                    raise
+                self.port = free_port()
 
     def start(self):
         self.log = open(os.path.join(self.dir.name, "redis.log"), "ab")
@@ -4986,12 +4996,12 @@ class StateFileTests(unittest.TestCase):
         damaged["bad check"] = (full[:offset + flip] +
                                 bytes([record[flip] ^ 1]) +
                                 full[offset + flip + 1:])
-        for case, data in damaged.items():
-            with self.subTest(case=case):
-                restore_files(self.path, {**after, file: data})
-                dropped = len(data) - offset
-                server = self.start()
-                p = self.port
+        def check(case, data, path):
+            restore_files(path, {**after, file: data})
+            dropped = len(data) - offset
+            server = state_server(path)
+            try:
+                p = server.port
                 got = [m["content"] for m in messages_of(name, p)]
                 lines = [line for line in warning_lines(server.output())
                          if names_number(line, dropped) and
@@ -5006,16 +5016,31 @@ class StateFileTests(unittest.TestCase):
                     self.assertEqual(len(lines), 1, server.output())
                 push(name, "third", port=p)
                 expected = got + ["third"]
-                self.stop(server)
-                # The file was cut back: the next start is clean.
-                server = self.start()
-                p = self.port
+                server.stop_clean()
+            finally:
+                server.close()
+            # The file was cut back: the next start is clean.
+            server = state_server(path)
+            try:
+                p = server.port
                 self.assertEqual([m["content"] for m in messages_of(name, p)],
                                  expected)
                 self.assertEqual(messages_of(name, p)[0]["id"],
                                  first["message_id"])
                 self.assertEqual(warning_lines(server.output()), [])
-                self.stop(server)
+                server.stop_clean()
+            finally:
+                server.close()
+
+        # The cases are independent: each on its own copy, all at once.
+        jobs = {}
+        for i, (case, data) in enumerate(damaged.items()):
+            path = os.path.join(self.dir, f"case{i}", "comet.state")
+            os.mkdir(os.path.dirname(path))
+            jobs[case] = Background(check, case, data, path)
+        for case, job in jobs.items():
+            with self.subTest(case=case):
+                job.result(60)
 
     def test_damage_in_the_middle_exits_1_without_touching_files(self):
         """A bad record followed by good ones: exit 1 with one line naming

@@ -1553,6 +1553,16 @@ class MemoryStore(Core):
 
     kind = "memory"                      # as the dashboard names it
 
+    def __init__(self, config, loop):
+        super().__init__(config, loop)
+        self.leaving = Deadlines()       # (channel, user) by end of grace
+
+    def open(self):
+        grace = self.loop.time() + self.config.presence_grace
+        for name, presence in self.presence.items():
+            for user in presence.members:
+                self.leaving.add((name, user), grace)
+
     async def add_channel(self, name, max_messages, options):
         if name in self.channels:
             raise APIError(NO_CHANNEL, "Channel already exists")
@@ -1583,16 +1593,56 @@ class MemoryStore(Core):
         self.apply_remove(name)
         return True
 
+    # -- presence: decided here, for one process -------------------------
+    #
+    # A user's first connection makes it join (if it is not a member
+    # yet); once its last one has been gone for --presence-grace (a queue
+    # in deadline order, walked by the hub's sweep) it leaves.  Members
+    # restored from a state file start as gone: a reader back within the
+    # grace (counted from the start) causes nothing.
+
+    def presence_moved(self, name, user, info, seen=False):
+        presence = self.presence[name]
+        key = (name, user)
+        self.leaving.remove(key)
+        if user not in presence.connections:
+            self.leaving.add(key, self.loop.time() +
+                             self.config.presence_grace)
+            if not seen:
+                return
+        if user not in presence.members:
+            self.loop.create_task(self.change_presence(name, "join", user,
+                                                       info))
+
+    def sweep_presence(self, now):
+        for key in self.leaving.expired(now):
+            self.leaving.remove(key)
+            name, user = key
+            presence = self.presence.get(name)
+            if presence is not None and user not in presence.connections \
+                    and user in presence.members:
+                self.loop.create_task(self.change_presence(name, "leave",
+                                                           user))
+
     async def change_presence(self, name, kind, user, info=None):
-        """A user joins or leaves a presence channel, as this instance's
-        hub decided; nothing when that is so already (a join of a member,
-        a leave of a user who came back)."""
+        """A user joins or leaves; nothing when that is so already (a join
+        of a member, a leave of a user who came back).  One not stored (a
+        full disk) is tried again: a leave after another grace, a join at
+        the user's next connection."""
         presence = self.presence.get(name)
         if presence is None or (user in presence.members) == (kind == "join") \
                 or kind == "leave" and user in presence.connections:
             return
         text = presence_text(self.next_id(), kind, user, info)
-        self.keep_presence(name, kind, user, info, text)
+        try:
+            self.keep_presence(name, kind, user, info, text)
+        except HTTPError as e:
+            log.warning("presence of %s in %s not stored: %s", user, name,
+                        e.message)
+            if kind == "leave":
+                self.leaving.add((name, user), self.loop.time() +
+                                 self.config.presence_grace)
+            return
         self.apply_presence(name, kind, user, info, text)
 
     async def revoke(self, kind, value, until):
@@ -2107,6 +2157,7 @@ class StateFileStore(MemoryStore):
 
     def open(self):
         self.journal.open()
+        super().open()
         log.info("state file %s: %d channels, %d clients, %d messages",
                  self.journal.path, len(self.channels), len(self.clients),
                  sum(len(c.messages or ()) for c in self.channels.values()))
@@ -3173,14 +3224,6 @@ class Hub:
         # dashboard's busiest channels (a million idle ones are not looked
         # at: only transitions and pushes to read channels touch this).
         self.busy = {}
-        # (presence channel, user) whose last connection is gone, by the
-        # end of its grace.  Members restored from a state file start so:
-        # a reader back within the grace (counted from now) causes nothing.
-        self.leaving = Deadlines()
-        grace = loop.time() + config.presence_grace
-        for name, presence in store.presence.items():
-            for user in presence.members:
-                self.leaving.add((name, user), grace)
 
     @property
     def last_id(self):
@@ -3415,10 +3458,10 @@ class Hub:
     # -- presence: who reads a presence channel -----------------------------
     #
     # A reader is its token's sub, else its client_id on a session
-    # channel, else anonymous (counted, never listed).  A user's first
-    # connection here makes it join (if it is not a member yet); once its
-    # last one has been gone for --presence-grace it leaves.  Both are
-    # writes of the store, which records and applies them as entries.
+    # channel, else anonymous (counted, never listed).  The hub counts the
+    # connections here and tells the store when a user's count here goes
+    # from 0 to 1 or back (or when it reads without waiting); the store
+    # decides the joins and leaves (for one process, or in Redis for all).
 
     @staticmethod
     def user_of(channel, client_id, claims):
@@ -3437,60 +3480,34 @@ class Hub:
         count = presence.connections.get(user, 0)
         presence.connections[user] = count + 1
         if not count:
-            self.leaving.remove((channel.name, user))
-            if user not in presence.members:
-                self.change_presence(channel.name, "join", user, info)
+            self.store.presence_moved(channel.name, user, info)
 
-    def leave(self, channel, client_id, claims, now=None):
+    def leave(self, channel, client_id, claims):
         presence = self.store.presence.get(channel.name)
         if presence is None:
             return                       # the channel is gone
-        user, _ = self.user_of(channel, client_id, claims)
+        user, info = self.user_of(channel, client_id, claims)
         if user is None:
             presence.anonymous -= 1
             return
         count = presence.connections.get(user, 0) - 1
         if count > 0:
             presence.connections[user] = count
-            return
-        presence.connections.pop(user, None)
-        self.leaving.remove((channel.name, user))
-        self.leaving.add((channel.name, user), (now or self.loop.time()) +
-                         self.config.presence_grace)
+        else:
+            presence.connections.pop(user, None)
+            self.store.presence_moved(channel.name, user, info)
 
     def seen(self, channels, client_id, claims):
-        """A read answered at once counts for the grace, as a connection
-        that has just closed."""
+        """A read answered at once counts as a connection that has just
+        closed: present for the grace."""
         for channel in channels:
             if channel.options & PRESENCE:
-                self.enter(channel, client_id, claims)
-                self.leave(channel, client_id, claims)
-
-    def change_presence(self, name, kind, user, info=None):
-        task = self.loop.create_task(
-            self.store.change_presence(name, kind, user, info))
-        task.add_done_callback(lambda task: self.presence_changed(
-            task, name, kind, user))
-
-    def presence_changed(self, task, name, kind, user):
-        error = None if task.cancelled() else task.exception()
-        if error is not None:
-            # Not stored (a full disk): a leave is tried again after
-            # another grace, a join at the user's next connection.
-            log.warning("presence of %s in %s not stored: %s", user, name,
-                        error)
-            if kind == "leave":
-                self.leaving.add((name, user), self.loop.time() +
-                                 self.config.presence_grace)
-
-    def sweep_presence(self, now):
-        for key in self.leaving.expired(now):
-            self.leaving.remove(key)
-            name, user = key
-            presence = self.store.presence.get(name)
-            if presence is not None and user not in presence.connections \
-                    and user in presence.members:
-                self.change_presence(name, "leave", user)
+                user, info = self.user_of(channel, client_id, claims)
+                if user is not None and \
+                        user not in self.store.presence[
+                            channel.name].connections:
+                    self.store.presence_moved(channel.name, user, info,
+                                              seen=True)
 
     def hold(self, poll, claims=None):
         # Answered by the sweep that follows the deadline, so never later
@@ -3512,8 +3529,8 @@ class Hub:
         now = self.loop.time()
         for poll in self.polls.expired(now):
             self.time_out(poll)
-        if self.leaving:
-            self.sweep_presence(now)
+        if self.store.presence:
+            self.store.sweep_presence(now)
         self.sweeper = self.loop.call_later(self.sweep_interval, self.sweep)
 
     def open_stream(self, conn, channels, cursor, client_id, claims=None):

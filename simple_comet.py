@@ -1541,6 +1541,12 @@ class Core:
         last sign of life, whether it is this one)]; none here."""
         return []
 
+    async def presence_counts(self, name):
+        """A presence channel's connections: ({user: open polls and
+        streams}, anonymous ones), on every instance."""
+        presence = self.presence[name]
+        return presence.connections, presence.anonymous
+
 
 # ---------------------------------------------------------------------------
 # Storage in memory
@@ -2300,6 +2306,28 @@ local function append(log, id, prev, kind, rest)
   trim(log, redis.call('INCRBY', log .. ':bytes', #entry))
   return sid
 end
+local function presence_keys(prefix, name)
+  return prefix .. 'pm:' .. name, prefix .. 'pw:' .. name,
+         prefix .. 'pc:' .. name, prefix .. 'pa:' .. name
+end
+-- A join or leave entry: in the channel's window (pw:NAME, at most its
+-- max_messages) and in the log.
+local function presence_entry(counter, log, prefix, name, kind, user, info,
+                              max, seconds, floor)
+  local id, prev = next_id(counter, floor)
+  local sid = string.format('%d', id)
+  local text = '{"id": ' .. sid .. ', "ts": ' .. seconds .. ', "event": "' ..
+               kind .. '", "from": ' .. cjson.encode(user) ..
+               (info ~= '' and ', "info": ' .. info or '') .. '}'
+  local _, window = presence_keys(prefix, name)
+  if redis.call('RPUSH', window, text) > max then
+    local oldest = redis.call('LPOP', window)
+    redis.call('HSET', prefix .. 'c:' .. name, 'pdropped',
+               string.match(oldest, '^{"id": (%d+)'))
+  end
+  return append(log, id, prev, kind == 'join' and 'j' or 'l', name .. '\t' ..
+                kind .. '\t' .. user .. '\t' .. info .. '\t' .. text)
+end
 """.replace("@ENTRIES@", str(REDIS_LOG_LENGTH)).replace(
     "@BYTES@", str(REDIS_LOG_BYTES))
 
@@ -2367,10 +2395,10 @@ end
 return table.concat(out, '\n')
 """
 
-# KEYS: counter log channels meta history  ARGV: floor name
+# KEYS: counter log channels meta history  ARGV: floor name prefix
 REDIS_REMOVE_CHANNEL = REDIS_LUA_COMMON + r"""
 if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
-redis.call('DEL', KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[4], KEYS[5], presence_keys(ARGV[3], ARGV[2]))
 redis.call('ZREM', KEYS[3], ARGV[2])
 local id, prev = next_id(KEYS[1], ARGV[1])
 append(KEYS[2], id, prev, 'd', ARGV[2])
@@ -2417,6 +2445,9 @@ for i = 9, 8 + n do
   if redis.call('ZADD', KEYS[3], 'XX', 'CH', ms, ARGV[i]) == 1 then
     redis.call('PEXPIRE', prefix .. 'c:' .. ARGV[i], ARGV[5])
     redis.call('PEXPIRE', prefix .. 'h:' .. ARGV[i], ARGV[5])
+    for _, key in ipairs({presence_keys(prefix, ARGV[i])}) do
+      redis.call('PEXPIRE', key, ARGV[5])
+    end
   end
 end
 for i = 9 + n, #ARGV do
@@ -2426,7 +2457,8 @@ local gone = 0
 local names = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ms - tonumber(ARGV[3]),
                          'LIMIT', 0, tonumber(ARGV[7]))
 for _, name in ipairs(names) do
-  redis.call('DEL', prefix .. 'c:' .. name, prefix .. 'h:' .. name)
+  redis.call('DEL', prefix .. 'c:' .. name, prefix .. 'h:' .. name,
+             presence_keys(prefix, name))
   redis.call('ZREM', KEYS[3], name)
   local id, prev = next_id(KEYS[1], floor)
   floor = append(KEYS[2], id, prev, 'd', name)
@@ -2444,6 +2476,99 @@ redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
 return gone
 """
+
+# Presence, decided in Redis so that every instance sees one view.  Each
+# instance keeps its own connection count of each present user (pi:INSTANCE,
+# "NAME<TAB>USER" -> count), and their sum is pc:NAME; a user whose sum
+# reaches 0 goes into the gone set (score: since when), and PRESENCE_SWEEP
+# makes it leave once the grace has passed; a user whose sum leaves 0 and
+# who is not a member (pm:NAME) joins.
+# KEYS: counter log gone counts_of_this_instance  ARGV: floor prefix, then
+# name user info count seen ("1": a read without waiting) of each change
+REDIS_PRESENCE = REDIS_LUA_COMMON + r"""
+local ms, seconds = now_ms()
+local floor, prefix = ARGV[1], ARGV[2]
+for i = 3, #ARGV, 5 do
+  local name, user, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local count, seen = tonumber(ARGV[i + 3]), ARGV[i + 4] == '1'
+  local field = name .. '\t' .. user
+  local members, _, counts = presence_keys(prefix, name)
+  local max = tonumber(redis.call('HGET', prefix .. 'c:' .. name, 'max'))
+  if max then
+    local old = tonumber(redis.call('HGET', KEYS[4], field) or '0')
+    if count > 0 then
+      redis.call('HSET', KEYS[4], field, count)
+    else
+      redis.call('HDEL', KEYS[4], field)
+    end
+    local total = redis.call('HINCRBY', counts, user, count - old)
+    if total <= 0 then
+      redis.call('HDEL', counts, user)
+      if old > 0 or seen then redis.call('ZADD', KEYS[3], ms, field) end
+    else
+      redis.call('ZREM', KEYS[3], field)
+    end
+    if (total > 0 or seen) and redis.call('HSETNX', members, user, info) == 1 then
+      floor = presence_entry(KEYS[1], KEYS[2], prefix, name, 'join', user,
+                             info, max, seconds, floor)
+    end
+  end
+end
+redis.call('PEXPIRE', KEYS[4], 24 * 3600 * 1000)
+return tonumber(floor)
+"""
+
+# Run by every instance about once a second, after housekeeping: report
+# this instance's anonymous readers (pa:NAME, instance -> "COUNT<TAB>MS"),
+# take back the counts of instances silent for ARGV[5] ms (dead: they leave
+# after the grace unless they came back elsewhere), and make users gone
+# for the grace leave.  Returns 1 when this instance was taken for dead (it
+# was stalled): it then tells its counts again.
+# KEYS: counter log gone instances
+# ARGV: floor prefix instance grace_ms dead_ms limit, then name count of
+# this instance's anonymous readers on each presence channel
+REDIS_PRESENCE_SWEEP = REDIS_LUA_COMMON + r"""
+local ms, seconds = now_ms()
+local floor, prefix = ARGV[1], ARGV[2]
+for i = 7, #ARGV, 2 do
+  local _, _, _, anonymous = presence_keys(prefix, ARGV[i])
+  redis.call('HSET', anonymous, ARGV[3], ARGV[i + 1] .. '\t' .. ms)
+  redis.call('PEXPIRE', anonymous, 60000)
+end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf',
+                        ms - tonumber(ARGV[5]), 'WITHSCORES')
+for i = 1, #dead, 2 do
+  local theirs = prefix .. 'pi:' .. dead[i]
+  local all = redis.call('HGETALL', theirs)
+  for j = 1, #all, 2 do
+    local name, user = string.match(all[j], '^(.-)\t(.*)$')
+    local _, _, counts = presence_keys(prefix, name)
+    if redis.call('HINCRBY', counts, user, -tonumber(all[j + 1])) <= 0 then
+      redis.call('HDEL', counts, user)
+      redis.call('ZADD', KEYS[3], dead[i + 1], all[j])
+    end
+  end
+  redis.call('DEL', theirs)
+  redis.call('ZREM', KEYS[4], dead[i])
+  redis.call('SET', prefix .. 'dead:' .. dead[i], 1, 'PX', 60000)
+end
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf',
+                        ms - tonumber(ARGV[4]), 'LIMIT', 0, tonumber(ARGV[6]))
+for _, field in ipairs(gone) do
+  redis.call('ZREM', KEYS[3], field)
+  local name, user = string.match(field, '^(.-)\t(.*)$')
+  local members, _, counts = presence_keys(prefix, name)
+  local max = tonumber(redis.call('HGET', prefix .. 'c:' .. name, 'max'))
+  if max and redis.call('HEXISTS', counts, user) == 0 and
+      redis.call('HDEL', members, user) == 1 then
+    floor = presence_entry(KEYS[1], KEYS[2], prefix, name, 'leave', user, '',
+                           max, seconds, floor)
+  end
+end
+return redis.call('DEL', prefix .. 'dead:' .. ARGV[3])
+"""
+
+REDIS_DEAD_AFTER = 5000              # ms without a sign of life: dead
 
 # Run once on connecting: if no instance has been looking after this
 # deployment (all were stopped), its channels and clients get a fresh
@@ -2552,6 +2677,9 @@ class RedisReplica:
         elif kind == "r":
             kind, value, at, until = rest.split("\t")
             store.apply_revoke(kind, value, float(at), float(until))
+        elif kind == "j" or kind == "l":
+            name, kind, user, info, text = rest.split("\t", 4)
+            store.apply_presence(name, kind, user, info or None, text)
         store.apply_counter(position)
         self.advance(position)
 
@@ -2618,6 +2746,21 @@ class RedisReplica:
             except (RedisError, HTTPError):
                 await asyncio.sleep(0.1)  # the client reconnects meanwhile
 
+    async def load_presence(self, name):
+        store = self.store
+        members, window, dropped = await asyncio.gather(
+            self.client.execute("HGETALL", store.key("pm:", name)),
+            self.client.execute("LRANGE", store.key("pw:", name), 0, -1),
+            self.client.execute("HGET", store.key("c:", name), "pdropped"))
+        for text in window:
+            entry = json.loads(text)
+            store.apply_presence(name, entry["event"], entry["from"],
+                                 None, text.decode())
+        presence = store.presence[name]
+        presence.members = {user.decode(): info.decode() or None for
+                            user, info in zip(members[::2], members[1::2])}
+        presence.dropped_id = max(presence.dropped_id, int(dropped or 0))
+
     async def load(self):
         """Make the core what Redis holds, then follow the log from the
         entry that was last when loading began (entries applied twice
@@ -2654,6 +2797,8 @@ class RedisReplica:
             for text in history:
                 text = text.decode()
                 store.apply_push(channel, message_id_of(text), text)
+            if channel.options & PRESENCE:
+                await self.load_presence(name)
         clients = {c.decode() for c in clients}
         for client_id in [c for c in store.clients if c not in clients]:
             store.apply_forget(client_id)
@@ -2831,7 +2976,7 @@ class RedisStore(Core):
         prefix = self.prefix = config.redis_prefix
         self.k = {name: prefix + name for name in (
             "id", "log", "epoch", "channels", "clients", "instances",
-            "revoked")}
+            "revoked", "gone")}
         self.client = RedisClient(config.redis, on_connect=self.connected)
         self.instance = os.urandom(8).hex()
         # A safety net for a deployment that is gone for good; expiry
@@ -2842,6 +2987,8 @@ class RedisStore(Core):
         self.pushes = RedisPushes(self, self.replica)
         self.touched_channels = set()
         self.touched_clients = set()
+        self.moved = {}                  # (channel, user) -> (info, seen)
+        self.telling = set()             # presence scripts under way
         self.tail_task = None
         self.housekeeping_task = None
 
@@ -2855,8 +3002,13 @@ class RedisStore(Core):
         if self.tail_task is not None:
             self.tail_task.cancel()
         if self.client.connected:
-            # Gone: pushes elsewhere stop counting this instance at once.
+            # Gone: pushes elsewhere stop counting this instance at once,
+            # and its readers leave after the grace, unless they came back.
             try:
+                # Shutdown has closed every poll and stream: what they
+                # told is sent now, and waited for.
+                self.send_presence()
+                await asyncio.gather(*self.telling, return_exceptions=True)
                 await self.client.execute("ZREM", self.k["instances"],
                                           self.instance)
             except RedisError:
@@ -2898,6 +3050,8 @@ class RedisStore(Core):
         # at once that this instance is here, and what it read meanwhile.
         self.touched_channels.update(self.channels)
         self.touched_clients.update(self.clients)
+        if self.presence:
+            self.loop.call_soon(self.send_presence, True)
         await self.run(REDIS_REVIVE, [
             self.k["instances"], self.k["channels"], self.k["clients"]],
             [REDIS_INSTANCE_WINDOW], check=False)
@@ -2949,9 +3103,6 @@ class RedisStore(Core):
     # -- writes -------------------------------------------------------------
 
     async def add_channel(self, name, max_messages, options):
-        if options & PRESENCE:
-            raise APIError(BAD_PARAMETER, "presence=1 is not available with "
-                                          "--redis in this version")
         await self.change(REDIS_ADD_CHANNEL, [
             self.k["id"], self.k["log"], self.k["channels"],
             self.key("c:", name)],
@@ -2980,6 +3131,57 @@ class RedisStore(Core):
         return Pushed(message_id, replica.reached.pop(message_id, 0),
                       instances)
 
+    # -- presence: decided in Redis, for every instance ----------------------
+
+    def presence_moved(self, name, user, info, seen=False):
+        # The changes of one turn of the loop go in one script, with the
+        # counts they leave (a reconnect within the turn changes nothing).
+        if not self.moved:
+            self.loop.call_soon(self.send_presence)  # once per turn
+        old = self.moved.get((name, user))
+        self.moved[(name, user)] = (info, seen or old is not None and old[1])
+
+    def send_presence(self, everyone=False):
+        """Tell Redis this instance's counts of the users that moved (or of
+        every user here: after a reconnect, or when taken for dead)."""
+        moved, self.moved = self.moved, {}
+        if everyone:
+            for name, presence in self.presence.items():
+                for user in presence.connections:
+                    moved.setdefault((name, user), (None, False))
+        args = [self.floor(), self.prefix]
+        for (name, user), (info, seen) in moved.items():
+            presence = self.presence.get(name)
+            if presence is not None:
+                args += [name, user, info or "", presence.connections.get(
+                    user, 0), int(seen)]
+        if len(args) > 2:
+            task = self.loop.create_task(self.run_presence(args))
+            self.telling.add(task)
+            task.add_done_callback(self.telling.discard)
+
+    async def run_presence(self, args):
+        try:
+            await self.run(REDIS_PRESENCE, [
+                self.k["id"], self.k["log"], self.k["gone"],
+                self.key("pi:", self.instance)], args)
+        except HTTPError as e:
+            # Told again, every count, once Redis is back (connected()).
+            log.warning("redis: presence not told: %s", e.message)
+
+    def sweep_presence(self, now):
+        pass                             # decided in Redis (housekeeping)
+
+    async def presence_counts(self, name):
+        counts, anonymous = await asyncio.gather(
+            self.run(None, ["HGETALL", self.key("pc:", name)], ()),
+            self.run(None, ["HGETALL", self.key("pa:", name)], ()))
+        recent = time.time() * 1000 - REDIS_DEAD_AFTER
+        return ({user.decode(): int(count) for user, count
+                 in zip(counts[::2], counts[1::2])},
+                sum(int(value.split(b"\t")[0]) for value in anonymous[1::2]
+                    if float(value.split(b"\t")[1]) > recent))
+
     async def revoke(self, kind, value, until):
         now = time.time()
         position = await self.run(REDIS_REVOKE, [
@@ -2994,7 +3196,8 @@ class RedisStore(Core):
     async def remove_channel(self, name):
         removed = await self.run(REDIS_REMOVE_CHANNEL, [
             self.k["id"], self.k["log"], self.k["channels"],
-            self.key("c:", name), self.key("h:", name)], [self.floor(), name])
+            self.key("c:", name), self.key("h:", name)],
+            [self.floor(), name, self.prefix])
         if removed:
             await self.replica.applied(removed)
         return bool(removed)
@@ -3050,7 +3253,17 @@ class RedisStore(Core):
                     REDIS_EXPIRE_BATCH, len(some_channels), *some_channels,
                     *some_clients], check)
                 if not channels and not clients:
-                    return
+                    break
+            taken_for_dead = await self.run(REDIS_PRESENCE_SWEEP, [
+                self.k["id"], self.k["log"], self.k["gone"],
+                self.k["instances"]], [
+                self.floor(), self.prefix, self.instance,
+                int(config.presence_grace * 1000), REDIS_DEAD_AFTER,
+                REDIS_EXPIRE_BATCH, *[item for name, presence in
+                                      self.presence.items() for item in
+                                      (name, presence.anonymous)]], check)
+            if taken_for_dead:
+                self.send_presence(everyone=True)
         except HTTPError:
             # Told again next time.
             self.touched_channels.update(channels)
@@ -4087,7 +4300,7 @@ class App:
         presence = self.store.presence.get(name)
         if presence is None:
             raise APIError(NO_CHANNEL, "Not a presence channel")
-        connections = presence.connections
+        connections, anonymous = await self.store.presence_counts(name)
         users = []
         total = 0
         for user, info in presence.members.items():
@@ -4101,7 +4314,7 @@ class App:
                 '"members": %d, "connections": %d, "anonymous": %d, '
                 '"users": {%s}%s, "last_id": %d}' % (
                     channels[0].key, len(presence.members), total,
-                    presence.anonymous, ", ".join(users),
+                    anonymous, ", ".join(users),
                     ', "truncated": true' if len(presence.members) >
                     MAX_PRESENCE_LISTED else "", self.store.last_id))
 

@@ -11117,6 +11117,76 @@ class PresenceTests(unittest.TestCase):
         sse.close()
 
 
+
+@needs_pyjwt
+class PresenceRedisTests(unittest.TestCase):
+    """Presence across instances on one Redis: one view everywhere, each
+    event once, a user on two instances one member, and no ghost after an
+    instance is killed."""
+
+    part = "C"                  # run by the second process, see main()
+
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory(prefix="comet-presence-")
+        self.addCleanup(self.dir.cleanup)
+        self.redis = RedisProcess()
+        self.addCleanup(self.redis.close)
+        self.servers = comet_servers(
+            self.redis.url, 3, "--presence-grace=1", "--poll-timeout=20",
+            "--token-key-file=" + write_key_file(self.dir.name, TOKEN_SECRET))
+        for server in self.servers:
+            self.addCleanup(server.close)
+        self.ports = [server.port for server in self.servers]
+        for port in self.ports:
+            wait_for(lambda: can_write(port), 10)
+
+    def stream(self, port, name, user=None):
+        query = f"?token={token_for(sub=user)}" if user else ""
+        sse = SSE(port, chan(name, ".sse") + query)
+        self.addCleanup(sse.close)
+        return sse
+
+    def test_one_view_and_no_ghost(self):
+        a, b, c = self.ports
+        name = fresh("room:")
+        register(name, port=a, presence=1)
+        for port in self.ports:
+            wait_for(lambda: presence_of(port, name)["return_code"] == 1)
+        start = presence_of(a, name)["last_id"]
+        follow = self.stream(c, name)                 # anonymous, on C
+        ivy_a = self.stream(a, name, "ivy")
+        ivy_b = self.stream(b, name, "ivy")           # one user, two instances
+        jack = self.stream(a, name, "jack")
+        expected = {"members": 2, "connections": 3, "anonymous": 1}
+        for port in self.ports:
+            wait_for(lambda: all(presence_of(port, name)[k] == v
+                                 for k, v in expected.items()), 10)
+            users = presence_of(port, name)["users"]
+            self.assertEqual({u: d["connections"] for u, d in users.items()},
+                             {"ivy": 2, "jack": 1})
+        # Kill A: ivy stays (she is on B too), jack leaves after the grace
+        # plus the 5 s in which A is taken for dead.  No ghost stays.
+        killed_at = time.monotonic()
+        self.servers[0].stop(signal.SIGKILL)
+        for port in (b, c):
+            wait_for(lambda: presence_of(port, name)["members"] == 1, 15)
+        self.assertLess(time.monotonic() - killed_at, 12)
+        self.assertEqual(list(presence_of(b, name)["users"]), ["ivy"])
+        events = []
+        while len(events) < 3:
+            event = follow.event(timeout=15)
+            if "event" in event:
+                events.append((event["event"],
+                               json.loads(event["data"])["from"]))
+        # Each event once, on every instance, in one order.
+        self.assertEqual(sorted(events[:2]), [("join", "ivy"), ("join", "jack")])
+        self.assertEqual(events[2], ("leave", "jack"))
+        for port in (b, c):
+            entries, _ = entries_since(port, name, start)
+            self.assertEqual(entries, events)
+        ivy_a.close(), ivy_b.close(), jack.close()
+
+
 @needs_pyjwt
 class PresenceRestartTests(unittest.TestCase):
     """A restart with --state-file within the grace changes nothing; a

@@ -3921,8 +3921,8 @@ class App:
         self.token_refusals = dict.fromkeys(TOKEN_REASONS, 0)
         self.routes = []                 # (pattern, {method: entry})
         for path, methods in ROUTES.items():
-            entries = {method: (getattr(self, name), admin, "(?P<fmt>" in path)
-                       for method, (name, admin) in methods.items()
+            entries = {method: (getattr(self, name), access, "(?P<fmt>" in path)
+                       for method, (name, access) in methods.items()
                        if config.enable_status or name not in STATUS_ROUTES}
             if "GET" in entries:         # HEAD beside GET, in Allow too
                 entries = {m: e for method, e in entries.items() for m in
@@ -3945,12 +3945,12 @@ class App:
         if entry is None:
             raise HTTPError(405, f"{method} not allowed here", close=False,
                             headers=[("Allow", ", ".join(methods))])
-        handler, admin, api = entry
+        handler, access, api = entry
         request.match = match
         if not api or method == "OPTIONS":
-            if admin != PUBLIC:
+            if access != PUBLIC:
                 try:
-                    self.credentials(request, conn, {}, admin)
+                    self.credentials(request, conn, {}, access)
                 except TokenError as e:
                     raise self.unauthorized(e) from None
             return await handler(request, conn)
@@ -3970,7 +3970,8 @@ class App:
                         f"/* {refused} */".encode(), reading, b""
                 request.callback = callback
             try:
-                request.claims = self.credentials(request, conn, params, admin)
+                request.claims = self.credentials(request, conn, params,
+                                                  access)
                 text = await handler(request, conn)
             except TokenError as e:
                 if not reading:
@@ -4014,7 +4015,7 @@ class App:
         # As in the original, the query string counts too; the form wins.
         return {**params, **decode_params(form, "body")}
 
-    def credentials(self, request, conn, params, admin):
+    def credentials(self, request, conn, params, access):
         """Who asks: the claims of the token the request carries (the token
         parameter, or a bearer value of a JWT's form other than the admin
         token), judged by the token alone, from any address; else None.
@@ -4032,11 +4033,11 @@ class App:
         if token is not None:
             request.token = token
             claims = self.judge(token, conn)
-            if admin == ADMIN:
+            if access == ADMIN:
                 raise HTTPError(403, "A token gives no admin rights (send "
                                      "the admin token)", close=False)
             return claims
-        if admin == PUBLIC:
+        if access == PUBLIC:
             return None
         if self.token is not None:
             if bearer and self.is_admin(bearer):
@@ -4247,7 +4248,7 @@ class App:
                 cursor = self.cursor(params.get("since", "0"))
             client_id = self.client_id(params)
             try:
-                claims = self.credentials(request, conn, params, False)
+                claims = self.credentials(request, conn, params, PUBLIC)
             except TokenError as e:
                 raise self.unauthorized(e) from None
             channels, cursor = await self.hub.view(names, cursor, client_id,

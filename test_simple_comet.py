@@ -2088,7 +2088,7 @@ class LocalOnlyTests(unittest.TestCase):
         request = simple_comet.Request("POST", "/channels.json", "",
                                        "HTTP/1.1", {"host": "x"})
         with self.assertRaises(simple_comet.HTTPError) as caught:
-            app.credentials(request, Remote(), {}, admin=True)
+            app.credentials(request, Remote(), {}, simple_comet.ADMIN)
         self.assertEqual(caught.exception.status, 403)
         self.assertIn("--admin-token", caught.exception.message)
 

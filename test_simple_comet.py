@@ -2783,9 +2783,12 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     """The page's origin: simple-comet.js and the tests' pages."""
 
     pages = {}                        # path -> HTML, filled by the tests
+    minted = None                     # a tiny backend: GET /token mints one
 
     def do_GET(self):
-        if self.path == "/simple-comet.js":
+        if self.path == "/token" and self.minted is not None:
+            body, ctype = self.minted().encode(), "text/plain"
+        elif self.path == "/simple-comet.js":
             with open(CLIENT_JS, "rb") as f:
                 body, ctype = f.read(), "application/javascript"
         elif self.path in self.pages:
@@ -11239,6 +11242,91 @@ def readme_chat_page():
         if "<title>Chat</title>" in block:
             return block
     raise AssertionError("no chat page in the README")
+
+
+@needs_pyjwt
+@unittest.skipUnless(CHROMIUM, "Chromium not installed (apt-get install chromium)")
+class TokenBrowserTests(BrowserPages, unittest.TestCase):
+    """A page streams a private channel with a short-lived token: at its
+    expiry the stream says so, the page asks a tiny backend for a new token
+    and goes on from its cursor, with no gap and no duplicate; the JS
+    client does the same with a function for its URL."""
+
+    PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
+<script src="/simple-comet.js"></script><script>
+var COMET = "http://127.0.0.1:%(port)d/channels/%(name)s", got = [],
+    renewals = 0, token = %(token)s, last = 0;
+function open_stream() {
+  var events = new EventSource(COMET + ".sse?token=" + token + "&since=" + last);
+  events.onmessage = function (e) { last = e.lastEventId; got.push(+e.lastEventId); };
+  events.addEventListener("expired", function () {
+    events.close();
+    fetch("/token").then(function (r) { return r.text(); }).then(function (t) {
+      token = t; renewals++; open_stream(); });
+  });
+}
+%(script)s
+</script></head><body></body></html>"""
+
+    def setUp(self):
+        directory = tempfile.TemporaryDirectory(prefix="comet-token-page-")
+        self.addCleanup(directory.cleanup)
+        self.server = ServerProcess(
+            "--token-key-file=" + write_key_file(directory.name, TOKEN_SECRET),
+            "--enable-status", "--poll-timeout=20")
+        self.addCleanup(self.server.close)
+        self.name = fresh("user:")
+        register(self.name, port=self.server.port, private=1,
+                 max_messages=1000)
+        # Each token is valid for about 1.5 s (exp in the past, within the
+        # 5 s leeway), so the page renews it several times.
+        PageHandler.minted = staticmethod(lambda: token_for(
+            sub="alice", subscribe=[self.name], exp=time.time() - 3.5))
+        self.addCleanup(setattr, PageHandler, "minted", None)
+        self.tab = self.browser.new_tab()
+        self.addCleanup(self.tab.close)
+
+    def open_page(self, script):
+        path = "/%s.html" % self.id().rsplit(".", 1)[-1]
+        PageHandler.pages[path] = self.PAGE % {
+            "port": self.server.port, "name": self.name,
+            "token": json.dumps(PageHandler.minted()), "script": script}
+        self.tab.navigate(self.page_origin + path)
+        self.assertTrue(self.tab.wait_for("window.got !== undefined"))
+
+    def push_until(self, condition, timeout=20):
+        """Push a numbered message every 50 ms until the page says
+        ``condition``; the ids pushed."""
+        pushed = []
+        deadline = time.monotonic() + timeout
+        while not self.tab.js(condition):
+            self.assertLess(time.monotonic(), deadline, self.tab.js("got"))
+            pushed.append(push(self.name, str(len(pushed)),
+                               port=self.server.port)["message_id"])
+            time.sleep(0.05)
+        return pushed
+
+    def test_eventsource_renews_its_token(self):
+        self.open_page("open_stream();")
+        pushed = self.push_until("renewals >= 2")
+        wait_for(lambda: self.tab.js("got.length") >= len(pushed), 10)
+        self.assertEqual(self.tab.js("got"), pushed)
+
+    def test_js_client_url_function(self):
+        self.open_page(
+            "SimpleComet.backoff = 50;"
+            "SimpleComet.subscribe(function () {"
+            "  return COMET + '.jsonp?token=' + token; },"
+            " function (reply) { var m = reply.messages[Object.keys("
+            "  reply.messages)[0]]; for (var i = 0; i < m.length; i++)"
+            "  got.push(m[i].id); },"
+            " null, function (reply) { if (reply && reply.return_code === -4)"
+            "  fetch('/token').then(function (r) { return r.text(); })"
+            "  .then(function (t) { token = t; renewals++; }); });"
+            "SimpleComet.start();")
+        pushed = self.push_until("renewals >= 2")
+        wait_for(lambda: self.tab.js("got.length") >= len(pushed), 10)
+        self.assertEqual(self.tab.js("got"), pushed)
 
 
 @needs_pyjwt

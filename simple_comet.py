@@ -3395,6 +3395,8 @@ class Stream:
                 hub.end_stream(self, abort=True)
             return
         transport = self.conn.transport
+        if transport.is_closing():
+            return                       # gone; released when noticed
         transport.write(data)
         if transport.get_write_buffer_size() > SSE_MAX_UNSENT:
             # Too slow for its events: cut it rather than skip some.  The

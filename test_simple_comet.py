@@ -11396,6 +11396,130 @@ class ChatPageTests(BrowserPages, unittest.TestCase):
         self.assertEqual(contents, ['{"text":"hi Alice"}'])
 
 
+
+# ---------------------------------------------------------------------------
+# D4. The dashboard
+# ---------------------------------------------------------------------------
+
+# Put into every page before its own script: what the page did wrong
+# (errors, exceptions, CSP violations) lands in window.__problems.
+RECORD_PROBLEMS = """
+window.__problems = [];
+window.addEventListener("error", function (e) {
+  window.__problems.push("error: " + e.message); });
+window.addEventListener("securitypolicyviolation", function (e) {
+  window.__problems.push("CSP: " + e.violatedDirective + " " + e.blockedURI); });
+var __error = console.error;
+console.error = function () {
+  window.__problems.push("console.error: " + Array.from(arguments).join(" "));
+  return __error.apply(console, arguments); };
+"""
+
+# The figures the page shows: {name: text of its value}.
+DASHBOARD_FIGURES = """(function () {
+  var figs = {};
+  document.querySelectorAll("[data-figure]").forEach(function (c) {
+    figs[c.getAttribute("data-figure")] = c.querySelector(".val").textContent;
+  });
+  return figs; })()"""
+
+
+@unittest.skipUnless(CHROMIUM, "Chromium not installed (apt-get install chromium)")
+class DashboardTests(BrowserPages, unittest.TestCase):
+    """/dashboard in Chromium, on a real server: it loads clean, asks for
+    nothing outside the server, shows the status page's figures and moves
+    within two seconds; with an admin token it asks for it once."""
+
+    def open(self, port):
+        tab = self.browser.new_tab()
+        self.addCleanup(tab.close)
+        self.browser.send("Page.enable", {}, tab.session)
+        self.browser.send("Page.addScriptToEvaluateOnNewDocument",
+                          {"source": RECORD_PROBLEMS}, tab.session)
+        tab.navigate(f"http://127.0.0.1:{port}/dashboard")
+        return tab
+
+    def figures(self, tab):
+        return {name: int(re.sub(r"\D", "", text) or 0)
+                for name, text in tab.js(DASHBOARD_FIGURES).items()}
+
+    def clean(self, tab, port):
+        self.assertEqual(tab.js("window.__problems"), [])
+        urls = tab.js("performance.getEntriesByType('resource')"
+                      ".map(function (e) { return e.name; })")
+        self.assertTrue(urls)
+        for url in urls:
+            self.assertTrue(url.startswith(f"http://127.0.0.1:{port}/"), url)
+
+    def test_shows_the_server_as_it_happens(self):
+        server = ServerProcess("--enable-status")
+        self.addCleanup(server.close)
+        port = server.port
+        name = register(port=port)
+        push(name, "m", port=port)
+        tab = self.open(port)
+        self.assertTrue(tab.wait_for("document.querySelectorAll("
+                                     "'[data-figure]').length >= 5"))
+        self.assertTrue(tab.wait_for(
+            f"/^[0-9]/.test(({DASHBOARD_FIGURES}).channels)"))
+        now = status(port)
+        shown = self.figures(tab)
+        self.assertEqual(shown["channels"], now["channels_count"])
+        self.assertEqual(shown["streams_open"], now["streams_open"])
+        # A new stream and a push move the figures within two seconds.
+        stream = SSE(port, chan(name, ".sse"))
+        self.addCleanup(stream.close)
+        started = time.monotonic()
+        self.assertTrue(tab.wait_for(
+            f"({DASHBOARD_FIGURES}).streams_open === '1'", 5))
+        self.assertLess(time.monotonic() - started, 2.5)
+        self.assertTrue(tab.wait_for(
+            "document.getElementById('top').textContent.includes(%s)"
+            % json.dumps(name), 5))
+        self.clean(tab, port)
+        shot = tab.browser.send("Page.captureScreenshot", {}, tab.session)
+        path = os.path.join(tempfile.gettempdir(), "simple-comet-dashboard.png")
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(shot["data"]))
+        report(f"dashboard screenshot: {path}")
+
+    def test_access(self):
+        token = "dashboard-admin-token-for-the-test"
+        server = ServerProcess("--enable-status", f"--admin-token={token}")
+        self.addCleanup(server.close)
+        port = server.port
+        # The page holds no data; what it reads follows the status rules.
+        resp, _ = call("GET", "/dashboard.json", port=port)
+        self.assertEqual(resp.status, 403)
+        resp, _ = call("GET", "/dashboard", port=port)
+        self.assertEqual(resp.status, 200)
+        csp = resp.getheader("Content-Security-Policy")
+        self.assertIn("default-src 'none'", csp)
+        tab = self.open(port)
+        self.assertTrue(tab.wait_for(
+            "!document.getElementById('login').hidden"), "no token form")
+        tab.js("document.getElementById('token').value = %s;"
+               "document.getElementById('login').requestSubmit()"
+               % json.dumps(token))
+        self.assertTrue(tab.wait_for(
+            "!document.getElementById('main').hidden", 5))
+        self.assertEqual(tab.js("sessionStorage.getItem("
+                                "'simple-comet-admin-token')"), token)
+        self.clean(tab, port)
+
+    def test_from_another_address(self):
+        server = ServerProcess("--enable-status")
+        self.addCleanup(server.close)
+        resp, body = call_from_other("GET", "/dashboard.json", server.port)
+        self.assertEqual(resp.status, 403)
+        resp, body = call("GET", "/dashboard.json", port=server.port)
+        self.assertEqual(resp.status, 200)
+        reply = json.loads(body)
+        self.assertEqual(set(reply), {"return_code", "error_message", "time",
+                                      "uptime", "version", "figures", "top",
+                                      "store", "instances"})
+
+
 # ---------------------------------------------------------------------------
 # B. Reliability: slow clients, churn, exactly-once under load, shutdown
 # ---------------------------------------------------------------------------

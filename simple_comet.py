@@ -6185,28 +6185,36 @@ h2 { font-size: .78rem; font-weight: 600; letter-spacing: .05em;
      text-transform: uppercase; color: var(--muted); margin: 1.4rem 0 .5rem; }
 h2 small { text-transform: none; letter-spacing: 0; font-weight: 400; }
 p { margin: 0; }
-#status { color: var(--muted); }
+#about, #status { color: var(--muted); }
+#status { margin-left: auto; }
 #error { flex-basis: 100%; color: var(--bad); font-weight: 600; }
 main.stale { opacity: .55; }
 .figures { display: grid; gap: .5rem;
-           grid-template-columns: repeat(auto-fill, minmax(17rem, 1fr)); }
-.fig { display: grid; grid-template-columns: 8.5rem 1fr; gap: .6rem;
-       align-items: center; padding: .45rem .6rem; background: var(--card);
+           grid-template-columns: repeat(5, minmax(0, 1fr)); }
+@media (max-width: 62rem) {
+  .figures { grid-template-columns: repeat(2, minmax(0, 1fr)); }
+}
+@media (max-width: 22rem) {
+  .figures { grid-template-columns: minmax(0, 1fr); }
+}
+.fig { padding: .45rem .6rem .55rem; background: var(--card);
        border: 1px solid var(--line); border-radius: 6px; }
-.fig span { display: block; }
-.fig .name { color: var(--muted); font-size: .8rem; }
-.fig .val { font-size: 1.35rem; font-weight: 600; line-height: 1.25;
-            font-variant-numeric: tabular-nums; }
-.fig .sub { color: var(--muted); font-size: .72rem;
+.fig .name { display: block; color: var(--muted); font-size: .8rem;
+             white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.fig .line { display: flex; justify-content: space-between;
+             align-items: baseline; gap: .5rem; }
+.fig .val { font-size: 1.35rem; font-weight: 600; line-height: 1.3;
+            font-variant-numeric: tabular-nums; white-space: nowrap; }
+.fig .sub { color: var(--muted); font-size: .72rem; text-align: right;
             font-variant-numeric: tabular-nums; }
 .fig.alarm .val { color: var(--bad); }
-canvas { display: block; width: 100%; height: 3rem; }
+canvas { display: block; width: 100%; height: 2.6rem; margin-top: .3rem; }
 .cols { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr);
         gap: 0 2rem; }
 @media (max-width: 52rem) { .cols { grid-template-columns: minmax(0, 1fr); } }
 table { width: 100%; border-collapse: collapse;
         font-variant-numeric: tabular-nums; }
-th, td { padding: .28rem .5rem; text-align: left; vertical-align: top;
+th, td { padding: .28rem .5rem; text-align: left; vertical-align: baseline;
          border-bottom: 1px solid var(--line); }
 th { color: var(--muted); font-size: .78rem; font-weight: 600; }
 th.n, td.n { text-align: right; white-space: nowrap; }
@@ -6238,6 +6246,7 @@ footer button { font-size: .8rem; padding: .1rem .45rem; }
 <body>
 <header>
 <h1>Simple Comet</h1>
+<p id="about"></p>
 <p id="status">Connecting&hellip;</p>
 <p id="error" role="alert" hidden></p>
 </header>
@@ -6275,8 +6284,8 @@ for this tab only.</p>
 </div>
 </section>
 </div>
-<footer><span id="about"></span>
-<button id="forget" type="button" hidden>Forget the token</button></footer>
+<footer><button id="forget" type="button" hidden>Forget the token</button>
+</footer>
 </main>
 
 <script>
@@ -6311,12 +6320,17 @@ var KINDS = {memory: "memory", state_file: "state file", redis: "Redis"};
 
 var INT = new Intl.NumberFormat(undefined, {maximumFractionDigits: 0});
 var DEC = new Intl.NumberFormat(undefined, {maximumFractionDigits: 1});
+var DEC1 = new Intl.NumberFormat(undefined, {minimumFractionDigits: 1,
+                                             maximumFractionDigits: 1});
 
 function $(id) { return document.getElementById(id); }
 function isNum(v) { return typeof v === "number" && isFinite(v); }
 function fmtInt(v) { return isNum(v) ? INT.format(v) : DASH; }
+/* Rates keep one decimal below 100 (so that a column of them lines up),
+   but an idle 0 stays a plain 0. */
 function fmtRate(v) {
-  return isNum(v) ? (Math.abs(v) < 100 ? DEC : INT).format(v) : DASH;
+  if (!isNum(v)) return DASH;
+  return v === 0 ? "0" : (Math.abs(v) < 100 ? DEC1 : INT).format(v);
 }
 function el(tag, text, cls) {
   var e = document.createElement(tag);
@@ -6355,17 +6369,17 @@ function keepToken(t) {
   $("forget").hidden = token === null;
 }
 
-/* One card per figure: its text beside its chart. */
+/* One card per figure: its name, its value and 5-minute peak, its chart. */
 var cards = {};
 FIGURES.forEach(function (f) {
-  var card = el("div", undefined, "fig"), text = el("div");
+  var card = el("div", undefined, "fig"), line = el("div", undefined, "line");
   card.setAttribute("data-figure", f.key);
-  text.appendChild(el("span", f.label, "name"));
-  var val = text.appendChild(el("span", DASH, "val"));
-  var sub = text.appendChild(el("span", "\u00a0", "sub"));
+  card.appendChild(el("span", f.label, "name"));
+  var val = line.appendChild(el("span", DASH, "val"));
+  var sub = line.appendChild(el("span", "", "sub"));
   var canvas = el("canvas");
   canvas.setAttribute("aria-hidden", "true");
-  card.appendChild(text);
+  card.appendChild(line);
   card.appendChild(canvas);
   $("figures").appendChild(card);
   cards[f.key] = {card: card, val: val, sub: sub, canvas: canvas, points: []};
@@ -6383,7 +6397,7 @@ function cssVar(style, name) { return style.getPropertyValue(name).trim(); }
    (the server's time of the last answer), from 0 to a round ceiling. */
 function draw(c, now, style) {
   var canvas = c.canvas, w = canvas.clientWidth, h = canvas.clientHeight;
-  if (!w || !h) return;
+  if (!w || !h) return;               /* not laid out (hidden) */
   var dpr = window.devicePixelRatio || 1;
   var W = Math.round(w * dpr), H = Math.round(h * dpr);
   if (canvas.width !== W || canvas.height !== H) {
@@ -6393,8 +6407,10 @@ function draw(c, now, style) {
   g.setTransform(dpr, 0, 0, dpr, 0, 0);
   g.clearRect(0, 0, w, h);
   var top = 0;
-  c.points.forEach(function (p) { if (isNum(p[1]) && p[1] > top) top = p[1]; });
-  var ceil = niceCeil(top), pad = 2;
+  c.points.forEach(function (p) {
+    if (isNum(p[1]) && p[1] > top) top = p[1];
+  });
+  var ceil = niceCeil(top), pad = 2;   /* the scale: 0 to a round number */
   function x(t) { return w - (now - t) / SPAN_S * w; }
   function y(v) { return h - pad - v / ceil * (h - 2 * pad); }
   g.lineWidth = 1;
@@ -6433,7 +6449,6 @@ function draw(c, now, style) {
     g.fill();
     g.globalAlpha = 1;
   });
-  return top;
 }
 
 var lastNow = null;
@@ -6475,28 +6490,28 @@ function update(d) {
            (c.points.length && c.points[0][0] < now - SPAN_S)) {
       c.points.shift();
     }
-    c.val.textContent = f.kind === "rate" ? fmtRate(v) : fmtInt(v);
+    var fmt = f.kind === "rate" ? fmtRate : fmtInt, peak = 0;
+    c.points.forEach(function (q) {
+      if (isNum(q[1]) && q[1] > peak) peak = q[1];
+    });
+    c.val.textContent = fmt(v);
+    c.sub.textContent = (f.total ? "total " + fmtInt(raw) + ", " : "") +
+        "peak " + fmt(peak);
     c.card.classList.toggle("alarm", !!(f.alarm && v > 0));
-  });
-  lastNow = now;
-  var style = getComputedStyle(document.documentElement);
-  FIGURES.forEach(function (f) {
-    var c = cards[f.key], top = draw(c, now, style);
-    var peak = "5 min peak " + (f.kind === "rate" ? fmtRate(top || 0)
-                                                  : fmtInt(top || 0));
-    c.sub.textContent = f.total ?
-        "total " + fmtInt(values[f.key]) + ", " + peak : peak;
   });
   renderTop(Array.isArray(d.top) ? d.top : [], dt);
   renderStore(d.store || {});
   renderInstances(d.instances);
-  prev = {time: now, uptime: d.uptime, values: values, pushes: pushesOf(d.top)};
+  prev = {time: now, uptime: d.uptime, values: values,
+          pushes: pushesOf(d.top)};
   $("status").textContent = "Updated " + new Date().toLocaleTimeString();
-  $("about").textContent = "Simple Comet " + String(d.version || "") +
-      ", up " + fmtDuration(d.uptime) + ".";
-  $("main").hidden = false;
+  $("about").textContent = "version " + String(d.version || "") + ", up " +
+      fmtDuration(d.uptime);
+  $("main").hidden = false;         /* before drawing: charts need a size */
   $("main").classList.remove("stale");
   $("error").hidden = true;
+  lastNow = now;
+  drawAll();
 }
 
 function pushesOf(top) {
@@ -6513,8 +6528,8 @@ function renderTop(top, dt) {
     if (!c) return;
     var name = String(c.channel), tr = el("tr");
     var before = prev ? prev.pushes.get(name) : undefined;
-    var rate = dt > 0 && isNum(before) && isNum(c.pushes) && c.pushes >= before ?
-        (c.pushes - before) / dt : null;
+    var rate = dt > 0 && isNum(before) && isNum(c.pushes) &&
+        c.pushes >= before ? (c.pushes - before) / dt : null;
     tr.appendChild(el("td", name, "id"));
     tr.appendChild(el("td", fmtInt(c.readers), "n"));
     tr.appendChild(el("td", fmtInt(c.messages), "n"));
@@ -6574,7 +6589,7 @@ function renderInstances(list) {
 var failingSince = null;
 function failed(why) {
   if (failingSince === null) failingSince = new Date();
-  $("error").textContent = "No update since " +
+  $("error").textContent = "Failing since " +
       failingSince.toLocaleTimeString() + ": " + why +
       ". Retrying every second.";
   $("error").hidden = false;

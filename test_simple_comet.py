@@ -10958,6 +10958,118 @@ class BrowserPublishRedisTests(RedisTestCase):
 
 
 
+
+def readme_publish_nginx_conf():
+    """The README's nginx block for publishing from the browser."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    for block in re.findall(r"^```nginx[ \t]*\n(.*?)^```", text, re.M | re.S):
+        if "limit_except GET POST OPTIONS" in block:
+            return block
+    raise AssertionError("no publishing block for nginx in the README")
+
+
+@needs_pyjwt
+@unittest.skipIf(NGINX is None, "nginx is not installed (looked for nginx on "
+                 "PATH and in /usr/sbin)")
+class NginxPublishTests(unittest.TestCase):
+    """The README's public server for publishing from the browser, in a real
+    nginx, before a server with --admin-token and --token-key-file."""
+
+    part = "C"                  # run by the second process, see main()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="comet-nginx-publish-")
+        os.chmod(cls.tmp, 0o755)
+        cls.sock = os.path.join(cls.tmp, "comet.sock")
+        admin = os.path.join(cls.tmp, "admin-token")
+        with open(admin, "w") as f:
+            f.write("publish-admin-token-of-the-test\n")
+        cls.server = ServerProcess(
+            f"--unix-socket-path={cls.sock}", f"--admin-token-file={admin}",
+            "--token-key-file=" + write_key_file(cls.tmp, TOKEN_SECRET))
+        cls.port = free_port()
+        prefix = os.path.join(cls.tmp, "nginx")
+        os.mkdir(prefix, 0o755)
+        block = _replace(readme_publish_nginx_conf(), "    listen 80;\n",
+                         "    listen 127.0.0.1:%d;\n" % cls.port)
+        group = "nogroup"
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            group = "nobody"
+        temps = "".join("    %s_temp_path %s/%s_temp;\n" % (kind, prefix, kind)
+                        for kind in ("client_body", "proxy", "fastcgi",
+                                     "uwsgi", "scgi"))
+        conf = os.path.join(prefix, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write("daemon off;\nmaster_process on;\nworker_processes 1;\n"
+                    f"user nobody {group};\npid {prefix}/nginx.pid;\n"
+                    f"error_log {prefix}/error.log warn;\n"
+                    "events { worker_connections 64; }\n"
+                    "http {\n    access_log off;\n" + temps +
+                    "    upstream simple_comet {\n"
+                    f"        server unix:{cls.sock};\n"
+                    "        keepalive 4;\n    }\n" + block + "}\n")
+        cls.nginx = subprocess.Popen(
+            [NGINX, "-p", prefix, "-c", conf, "-e", prefix + "/error.log"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        wait_for(lambda: cls.answers(), 10)
+
+    @classmethod
+    def answers(cls):
+        try:
+            connect(cls.port, timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    @classmethod
+    def tearDownClass(cls):
+        stop_process(cls.nginx, signal.SIGQUIT)
+        cls.server.close()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_token_pushes_pass_and_nothing_else(self):
+        name = fresh("room:")
+        # The admin registers through the socket (or the private server).
+        resp, _ = call("POST", "/channels.json", {"channel_id": name},
+                       unix=self.sock, headers={
+                           "Authorization":
+                           "Bearer publish-admin-token-of-the-test"})
+        self.assertEqual(resp.status, 200)
+        token = token_for(sub="lena", publish=[name])
+        status_code, headers, reply = token_push(self.port, name, token,
+                                                 "through nginx")
+        self.assertEqual(status_code, 200, reply)
+        self.assertEqual(headers["access-control-allow-origin"], "*")
+        got = read([name], port=self.port)["messages"][name]
+        self.assertEqual([(m["from"], m["content"]) for m in got],
+                         [("lena", "through nginx")])
+        # Local to the server, yet refused: a push without a token, a
+        # registration, a token that does not cover the channel; DELETE
+        # does not even pass nginx.
+        for path, params in ((chan(name), {"content": "x"}),
+                             ("/channels.json", {"channel_id": fresh()})):
+            resp, _ = call("POST", path, params, port=self.port)
+            self.assertEqual(resp.status, 403 if path != "/channels.json"
+                             else 404, path)
+        other = token_for(sub="lena", publish=["elsewhere"])
+        self.assertEqual(token_push(self.port, name, other)[0], 403)
+        resp, _ = call("DELETE", chan(name), port=self.port)
+        self.assertEqual(resp.status, 403)
+        resp, _ = call("OPTIONS", chan(name), headers={
+            "Origin": "http://page.example", "Access-Control-Request-Method":
+            "POST", "Access-Control-Request-Headers": "authorization"},
+            port=self.port)
+        self.assertEqual(resp.status, 204)
+        self.assertIn("POST", resp.getheader("Access-Control-Allow-Methods"))
+        self.assertEqual(len(read([name], port=self.port)["messages"][name]),
+                         1)
+
+
 # ---------------------------------------------------------------------------
 # D2. Presence: who reads a channel, with join and leave
 # ---------------------------------------------------------------------------

@@ -1154,11 +1154,17 @@ class TokenCache:
                  size=TOKEN_CACHE_SIZE, leeway=TOKEN_LEEWAY):
         self.keys, self.audience, self.issuer = keys, audience, issuer
         self.size, self.leeway, self.entries = size, leeway, {}
+        self.valid = {}                  # token -> (claims, from, until)
 
     def __len__(self):
         return len(self.entries)
 
     def check(self, token, now):
+        # The usual hit: a token seen and found valid, within its times
+        # (its audience and issuer cannot change).
+        valid = self.valid.get(token)
+        if valid is not None and valid[1] <= now < valid[2]:
+            return valid[0]
         entry = self.entries.get(token)
         if entry is None:
             try:
@@ -1171,6 +1177,7 @@ class TokenCache:
                 # scans its deleted slots until it is resized).
                 for old in list(self.entries)[:max(1, self.size // 2)]:
                     del self.entries[old]
+                    self.valid.pop(old, None)
             self.entries[token] = entry
         if type(entry) is TokenError:
             # A new one: an exception raised again keeps its old traceback
@@ -1178,6 +1185,9 @@ class TokenCache:
             raise TokenError(entry.reason, entry.detail, entry.sub, entry.jti)
         check_claims(entry, now, audience=self.audience, issuer=self.issuer,
                      leeway=self.leeway)
+        self.valid[token] = (
+            entry, -math.inf if entry.nbf is None else entry.nbf - self.leeway,
+            math.inf if entry.exp is None else entry.exp + self.leeway)
         return entry
 
 
@@ -2595,6 +2605,20 @@ return 1
 SCRIPT_SHAS = {}                     # script -> the SHA1 Redis knows it by
 
 
+def redis_unavailable(error, write=True):
+    """What a client is told when Redis did not do as asked: a 503, in one
+    wording per case.  A write Redis did not confirm may or may not have
+    been stored (the README says so)."""
+    if isinstance(error, RedisReplyError):
+        what = "refused the write" if write else "refused"
+    elif isinstance(error, RedisConnectionError) and "not connected" in \
+            str(error):
+        what = "unreachable"
+    else:
+        what = "did not confirm the write" if write else "did not answer"
+    return unavailable(f"Redis {what}: {error}")
+
+
 class LogGap(Exception):
     """The shared log does not continue where this instance stopped."""
 
@@ -2868,7 +2892,7 @@ class RedisPushes:
             try:
                 reply = self.client.send(self.command(some, script))
             except RedisError as e:
-                self.fail(some, f"Redis unreachable: {e}")
+                self.fail(some, e)
                 continue
             self.replica.writing += 1
             reply.add_done_callback(
@@ -2900,15 +2924,11 @@ class RedisPushes:
         self.replica.answered()
         try:
             results = reply.result().decode().split("\n")
-        except RedisReplyError as e:
-            if e.code == "NOSCRIPT":
+        except RedisError as e:
+            if getattr(e, "code", None) == "NOSCRIPT":
                 self.send(batch, script=True)
             else:
-                self.fail(batch, f"Redis refused the write: {e}")
-            return
-        except RedisError as e:
-            # Not confirmed: Redis may or may not have stored them.
-            self.fail(batch, f"Redis did not confirm the write: {e}")
+                self.fail(batch, e)
             return
         try:
             self.apply(batch, results)
@@ -2945,12 +2965,12 @@ class RedisPushes:
                 future.set_result((message_id, instances))
 
     @staticmethod
-    def fail(batch, message):
+    def fail(batch, error):
         for *_, future in batch:
             if not future.done():
                 # One exception each: raised in many tasks, one instance
                 # would collect all their tracebacks.
-                future.set_exception(unavailable(message))
+                future.set_exception(redis_unavailable(error))
 
 
 # ---------------------------------------------------------------------------
@@ -3075,12 +3095,8 @@ class RedisStore(Core):
             if sha is None:
                 sha = SCRIPT_SHAS[script] = script_sha(script)
             return await self.client.evalsha(sha, script, keys, args)
-        except RedisReplyError as e:
-            raise unavailable(f"Redis refused the write: {e}") from None
         except RedisError as e:
-            # Not confirmed: Redis may or may not have stored it.
-            raise unavailable(f"Redis did not confirm the write: {e}") \
-                from None
+            raise redis_unavailable(e, script is not None) from None
 
     async def instances(self):
         try:

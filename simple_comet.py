@@ -275,14 +275,53 @@ class Request:
         self.body = b""
         self.callback = None             # set by App.route for JSON-P
         # HTTP/1.1 keeps the connection by default, HTTP/1.0 only on request.
-        connection = headers.get("connection", "").lower()
-        if version == "HTTP/1.1":
-            self.keep_alive = "close" not in connection
+        connection = headers.get("connection")
+        if connection is None:
+            self.keep_alive = version == "HTTP/1.1"
+        elif version == "HTTP/1.1":
+            self.keep_alive = "close" not in connection.lower()
         else:
-            self.keep_alive = "keep-alive" in connection
+            self.keep_alive = "keep-alive" in connection.lower()
+
+
+# The head nearly every client sends: CRLF lines, a method of capitals, an
+# origin-form target of printable ASCII with no fragment, HTTP/1.x, and
+# header lines of a token name and a value without control characters (tab
+# aside).  One match checks the whole head; one findall splits its header
+# lines (a value without its surrounding blanks).  parse_head() takes it
+# there and leaves every other head, and every error, to parse_any_head().
+_HEADER_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_HEADER_VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]"
+_COMMON_HEAD = re.compile(
+    r"([A-Z]+) (/[^\x00-\x20#?\x7f-\xff]*)\??([^\x00-\x20#\x7f-\xff]*) "
+    r"(HTTP/1\.[01])\r\n((?:%s:%s*\r\n)*)\r\n" % (_HEADER_NAME, _HEADER_VALUE))
+_COMMON_HEADER = re.compile(
+    r"(%s):[ \t]*([^\x00-\x20\x7f](?:%s*[^\x00-\x20\x7f])?)?[ \t]*\r\n"
+    % (_HEADER_NAME, _HEADER_VALUE))
 
 
 def parse_head(head):
+    """Parse a request line and headers (``head`` ends with an empty line);
+    the common shape of head (see _COMMON_HEAD) in one pass."""
+    # Up to this size no line or header limit can be passed (their count
+    # is checked below).
+    if len(head) <= MAX_REQUEST_LINE:
+        match = _COMMON_HEAD.fullmatch(head.decode("latin-1"))
+        if match is not None:
+            method, path, query, version, lines = match.groups()
+            headers = {}
+            count = 0
+            for name, value in _COMMON_HEADER.findall(lines):
+                headers[name.lower()] = value
+                count += 1
+            # A repeated header, too many or a missing Host: as below.
+            if len(headers) == count <= MAX_HEADER_LINES and (
+                    "host" in headers or version == "HTTP/1.0"):
+                return Request(method, path, query, version, headers)
+    return parse_any_head(head)
+
+
+def parse_any_head(head):
     """Parse a request line and headers (``head`` ends with an empty line).
 
     Lines end in CRLF or, as RFC 9112 section 2.2 allows, a bare LF.

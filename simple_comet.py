@@ -432,9 +432,14 @@ class HeadReader(asyncio.StreamReader):
             await self._wait_for_data("readhead")
         if end > self._limit:
             raise asyncio.LimitOverrunError("Request head too long", end)
-        head = bytes(buffer[:end])
-        del buffer[:end]
-        self._maybe_resume_transport()
+        if end == len(buffer):           # the usual: one head, nothing after
+            head = bytes(buffer)
+            buffer.clear()
+        else:
+            head = bytes(memoryview(buffer)[:end])
+            del buffer[:end]
+        if self._paused:
+            self._maybe_resume_transport()
         return head
 
 
@@ -496,6 +501,10 @@ def decode_params(text, where):
     """Decode an urlencoded query string or form into a dict of str."""
     if not text:
         return {}
+    if "&" not in text and "%" not in text and "+" not in text:
+        # The usual: one plain field (since=N, content=TEXT).
+        name, _, value = text.partition("=")
+        return {name: value}
     fields = text.split("&")
     if len(fields) > MAX_QUERY_FIELDS:
         raise HTTPError(400, f"More than {MAX_QUERY_FIELDS} fields in {where}")
@@ -2594,6 +2603,7 @@ TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"", "0", "false", "no", "off"}
 
 PUBLIC, ADMIN = False, True              # who may call a route
+FORM_TYPE = "application/x-www-form-urlencoded"
 
 # Path -> {method: (handler, access)}.  A path with a "fmt" group is an API
 # resource (JSON or JSON-P, failures as negative return codes) whose
@@ -2702,17 +2712,19 @@ class App:
         params = decode_params(request.query, "query string")
         if request.method != "POST" or not request.body:
             return params
-        content_type = request.headers.get("content-type", "")
-        mime = content_type.partition(";")[0].strip().lower()
-        if mime not in ("", "application/x-www-form-urlencoded"):
-            raise HTTPError(415, "Send application/x-www-form-urlencoded",
-                            close=False)
+        content_type = request.headers.get("content-type")
+        if content_type is not None and content_type != FORM_TYPE:
+            mime = content_type.partition(";")[0].strip().lower()
+            if mime not in ("", FORM_TYPE):
+                raise HTTPError(415, "Send application/x-www-form-urlencoded",
+                                close=False)
         try:
             form = request.body.decode("utf-8")
         except UnicodeDecodeError:
             raise HTTPError(400, "Invalid UTF-8 in body") from None
         # As in the original, the query string counts too; the form wins.
-        return {**params, **decode_params(form, "body")}
+        form = decode_params(form, "body")
+        return {**params, **form} if params else form
 
     def authorize(self, request, conn):
         """Writes and status need the admin token, or a local client."""

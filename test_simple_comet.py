@@ -1233,6 +1233,15 @@ class HeadParsingTests(unittest.TestCase):
         for head in self.TRICKY:
             self.check(head)
 
+    def test_one_plain_field(self):
+        # The short path of decode_params: what parse_qsl would give.
+        from urllib.parse import parse_qsl
+        for text in ("since=0", "content=hello world", "a", "=", "a=",
+                     "=b", "a=b=c", "cb=_JSONP_x.y", "a==", "since=-1"):
+            self.assertEqual(simple_comet.decode_params(text, "body"),
+                             dict(parse_qsl(text, keep_blank_values=True)),
+                             text)
+
     def test_every_byte_in_every_part(self):
         # One byte of each value put where the common shape has a path, a
         # query, a header name and a header value.

@@ -572,9 +572,22 @@ def frame_body(text, callback, quote):
 def render(status, content_type, body, keep_alive, version,
            cors=False, extra=b"", head_only=False):
     """The bytes of a whole response."""
-    out = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-           % (status, REASONS[status].encode(), content_type, len(body)),
-           NO_CACHE, b"X-Content-Type-Options: nosniff\r\n"]
+    if extra:
+        parts = head_parts(status, content_type, keep_alive, version, cors,
+                           extra)
+    else:
+        # Replies come in a few shapes, whose heads are built once.
+        key = (status, content_type, keep_alive, version, cors)
+        parts = _HEADS.get(key) or _HEADS.setdefault(
+            key, head_parts(*key, b""))
+    if head_only:
+        return b"%b%d%b" % (parts[0], len(body), parts[1])
+    return b"%b%d%b%b" % (parts[0], len(body), parts[1], body)
+
+
+def head_parts(status, content_type, keep_alive, version, cors, extra):
+    """A reply's head, before and after the body's length."""
+    out = [b"\r\n", NO_CACHE, b"X-Content-Type-Options: nosniff\r\n"]
     if cors:
         out.append(CORS)
     if extra:
@@ -584,9 +597,14 @@ def render(status, content_type, body, keep_alive, version,
     elif version == "HTTP/1.0":
         out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
-    if not head_only:
-        out.append(body)
-    return b"".join(out)
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: "
+            % (status, REASONS[status].encode(), content_type),
+            b"".join(out))
+
+
+# (status, content type, keep-alive, version, CORS) -> head_parts(): a
+# handful of shapes (statuses x content types x the two versions).
+_HEADS = {}
 
 
 def api_text(fields):

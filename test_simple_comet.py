@@ -1242,6 +1242,37 @@ class HeadParsingTests(unittest.TestCase):
                              dict(parse_qsl(text, keep_blank_values=True)),
                              text)
 
+    def test_prebuilt_reply_heads(self):
+        # render() builds each shape of head once: the bytes are those of
+        # a head built field by field, every time.
+        def reference(status, content_type, body, keep_alive, version,
+                      cors, extra, head_only):
+            out = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n"
+                   b"Content-Length: %d\r\n" % (
+                       status, simple_comet.REASONS[status].encode(),
+                       content_type, len(body)),
+                   b"Cache-Control: no-cache, no-store, no-transform\r\n",
+                   b"X-Content-Type-Options: nosniff\r\n"]
+            if cors:
+                out.append(b"Access-Control-Allow-Origin: *\r\n")
+            out.append(extra)
+            if not keep_alive:
+                out.append(b"Connection: close\r\n")
+            elif version == "HTTP/1.0":
+                out.append(b"Connection: keep-alive\r\n")
+            out.append(b"\r\n")
+            if not head_only:
+                out.append(body)
+            return b"".join(out)
+        for args in itertools.product(
+                (200, 204, 404, 503), (b"application/json", b"text/plain"),
+                (b"", b'{"a": "%d %s"}'), (True, False),
+                ("HTTP/1.1", "HTTP/1.0"), (True, False),
+                (b"", b"Allow: GET, HEAD\r\n"), (True, False)):
+            for _ in range(2):
+                self.assertEqual(simple_comet.render(*args), reference(*args),
+                                 args)
+
     def test_every_byte_in_every_part(self):
         # One byte of each value put where the common shape has a path, a
         # query, a header name and a header value.

@@ -109,6 +109,8 @@ MAX_ID_BYTES = 200                   # channel and client ids, UTF-8
 MAX_CHANNELS_PER_READ = 100
 MAX_CALLBACK_LENGTH = 64
 MAX_MESSAGES_PARAM = 10_000          # largest max_messages a POST may ask for
+MATCHED_PATHS = 256                  # paths whose route match is kept ...
+MATCHED_PATH_BYTES = 256             # ... if this short: 128 KiB at most
 JSONP_PREFIX = "_JSONP_"
 DEFAULT_CALLBACK = "_JSONP_comet_cb"
 
@@ -2668,6 +2670,7 @@ class App:
         self.server = server
         self.token = config.admin_token.encode() if config.admin_token else None
         self.routes = []                 # (pattern, {method: entry})
+        self.matched = {}                # path -> (match, {method: entry})
         for path, methods in ROUTES.items():
             entries = {method: (getattr(self, name), admin, "(?P<fmt>" in path)
                        for method, (name, admin) in methods.items()
@@ -2678,16 +2681,29 @@ class App:
             if entries:
                 self.routes.append((re.compile(path), entries))
 
-    async def route(self, request, conn):
-        """The reply: (status, content type, body, cors, extra headers), or
-        None when a read is held or a stream is open.  Raises HTTPError."""
+    def match(self, path):
+        """(The route's match, its methods) for a path; raises 404."""
+        found = self.matched.get(path)
+        if found is not None:
+            return found
         for pattern, methods in self.routes:
-            match = pattern.fullmatch(request.path)
+            match = pattern.fullmatch(path)
             if match is not None:
                 break
         else:
-            raise HTTPError(404, f"No resource at {request.path[:100]}",
-                            close=False)
+            raise HTTPError(404, f"No resource at {path[:100]}", close=False)
+        # Most requests go to paths seen before (a channel's readers, its
+        # publisher): each is matched once while the cache holds it.
+        if len(path) <= MATCHED_PATH_BYTES:
+            if len(self.matched) >= MATCHED_PATHS:
+                self.matched.clear()
+            self.matched[path] = found = match, methods
+        return match, methods
+
+    async def route(self, request, conn):
+        """The reply: (status, content type, body, cors, extra headers), or
+        None when a read is held or a stream is open.  Raises HTTPError."""
+        match, methods = self.match(request.path)
         method = request.method
         entry = methods.get(method)
         if entry is None:

@@ -82,6 +82,8 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from itertools import islice
+# What json.dumps() gives for a str, without its generic dispatch.
+from json.encoder import encode_basestring_ascii as json_string
 from logging.handlers import QueueHandler, QueueListener
 from typing import NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes
@@ -670,7 +672,7 @@ MESSAGE_JSON = '{"id": %d, "ts": %d, "content": %s}'
 
 def message_text(message_id, content):
     """A message's JSON, encoded once when it is pushed."""
-    return MESSAGE_JSON % (message_id, time.time(), json.dumps(content))
+    return MESSAGE_JSON % (message_id, time.time(), json_string(content))
 
 
 def message_id_of(text):

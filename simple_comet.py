@@ -70,6 +70,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import random
@@ -2259,6 +2260,13 @@ class Deadlines:
         return out
 
 
+# A read's reply; the hottest text, formatted directly rather than through
+# a dict.
+REPLY_JSON = ('{"return_code": 1, "error_message": "", "since": %d, '
+              '"last_id": %d, "messages": {%s}%s}')
+_TEXT = operator.itemgetter(1)           # the JSON of a retained (id, text)
+
+
 def event_bytes(channel, message_id, text):
     """A message as one EventSource event (the JSON gains its channel)."""
     return ('id: %d\ndata: {"channel": %s, %s\n\n' % (
@@ -2463,12 +2471,18 @@ class Hub:
         lost = []
         empty = True
         for channel in channels:
-            newer = channel.since(since)
-            if newer:
-                empty = False
-                if since and channel.dropped_id > since:
-                    lost.append(channel.key)
-            parts.append(self.part(channel, [text for _, text in newer]))
+            messages = channel.messages
+            if not messages or messages[-1][0] <= since:
+                parts.append(channel.key + ": []")
+                continue
+            empty = False
+            if since and channel.dropped_id > since:
+                lost.append(channel.key)
+            # All of the history (a first read, since=0) needs no search.
+            newer = messages if messages[0][0] > since else \
+                channel.since(since)
+            parts.append(channel.key + ": [" + ", ".join(map(_TEXT, newer))
+                         + "]")
         if empty:
             return None
         return self.reply_text(since, parts, lost)
@@ -2480,11 +2494,10 @@ class Hub:
 
     def reply_text(self, since, parts, lost=()):
         lost = ', "lost": [%s]' % ", ".join(lost) if lost else ""
+        last_id = self.store.last_id
         # A cursor ahead of this instance (see view) is kept, not sent back.
-        return ('{"return_code": 1, "error_message": "", "since": %d, '
-                '"last_id": %d, "messages": {%s}%s}' % (
-                    since, max(since, self.store.last_id), ", ".join(parts),
-                    lost))
+        return REPLY_JSON % (since, last_id if last_id > since else since,
+                             ", ".join(parts), lost)
 
     def empty_text(self, channels, since):
         """A read's reply with every list empty."""

@@ -1136,14 +1136,21 @@ class HeadParsingTests(unittest.TestCase):
         b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n",
         b"GET /x? HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET /x?a?b=c/d HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"GET / HTTP/1.1\r\nhOsT: x\r\nX-Empty:\r\nX-Blank:   \r\n"
-        b"X-Pad:  a  b \t\r\nX-Tab:\tv\r\n!#$%&'*+-.^_`|~09az: y\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhOsT: x\r\nX-Empty:\r\nX-Pad:   a  b\r\n"
+        b"X-Close:v\r\n!#$%&'*+-.^_`|~09az: y\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost: x\r\nX-Latin: caf\xe9 \xff\r\n\r\n",
+        b"GET /a/b.c;d,e@f!g$h&i'j(k)l*m+n:o=p~q HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x?a=/?b:c@d!e$f&g'h(i)j*k+l,m;n=o~p%20 HTTP/1.1\r\nHost: x\r\n"
+        b"\r\n",
         b"DELETE /channels/a.json HTTP/1.1\r\nHost: x\r\n"
         b"Authorization: Bearer abc==\r\nExpect: 100-continue\r\n\r\n",
-        b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"X-N: v\r\n" * 99 + b"\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: v\r\n" % i for i in range(99)) + b"\r\n",
     ]
     TRICKY = [
+        b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"X-N: v\r\n" * 99 + b"\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: v\r\n" % i for i in range(100)) + b"\r\n",
         # Bare LF and mixed line ends, bare CR
         b"GET /x HTTP/1.1\nHost: x\n\n",
         b"GET /x HTTP/1.1\r\nHost: x\n\r\n",
@@ -1197,6 +1204,13 @@ class HeadParsingTests(unittest.TestCase):
         b"GET /x HTTP/1.1\r\nH\xe9st: a\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost:a\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost:\t a \t \r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Blank:   \r\nX-Pad:  a  b \r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Tab:\tv\r\nX-T: a\tb\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX: \x80\x9f\xa0\xad\r\n\r\n",
+        b"GET /x HTTP/1.1 \r\n\r\n",
+        b"GET /x HTTP/1.0\r\nX: y\r\n",
+        b"GET /x HTTP/1.0\r\nX: y\r\n\r\nZ: w\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n\r\n",
         # Limits
         b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"X-N: v\r\n" * 100 + b"\r\n",
         b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"a:\r\n" * 2000 + b"\r\n",
@@ -1222,12 +1236,12 @@ class HeadParsingTests(unittest.TestCase):
                          self.outcome(simple_comet.parse_any_head, head), head)
 
     def test_common_heads_take_the_short_path(self):
+        from unittest import mock
         for head in self.COMMON:
-            self.assertIsNotNone(simple_comet._COMMON_HEAD.fullmatch(
-                head.decode("latin-1")), head)
             self.check(head)
-            self.assertNotEqual(self.outcome(simple_comet.parse_head,
-                                             head)[0], "refused", head)
+            with mock.patch.object(simple_comet, "parse_any_head",
+                                   side_effect=AssertionError("general")):
+                simple_comet.parse_head(head)
 
     def test_tricky_heads_parse_as_the_general_parser_does(self):
         for head in self.TRICKY:

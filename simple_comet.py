@@ -73,6 +73,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import random
@@ -85,6 +86,8 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from itertools import islice
+# What json.dumps() gives for a str, without its generic dispatch.
+from json.encoder import encode_basestring_ascii as json_string
 from logging.handlers import QueueHandler, QueueListener
 from typing import NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes
@@ -112,6 +115,8 @@ MAX_ID_BYTES = 200                   # channel and client ids, UTF-8
 MAX_CHANNELS_PER_READ = 100
 MAX_CALLBACK_LENGTH = 64
 MAX_MESSAGES_PARAM = 10_000          # largest max_messages a POST may ask for
+MATCHED_PATHS = 256                  # paths whose route match is kept ...
+MATCHED_PATH_BYTES = 256             # ... if this short: 128 KiB at most
 JSONP_PREFIX = "_JSONP_"
 DEFAULT_CALLBACK = "_JSONP_comet_cb"
 
@@ -301,14 +306,53 @@ class Request:
         self.token = None                # ... the token it carries, if any
         self.claims = None               # ... and its claims, once judged
         # HTTP/1.1 keeps the connection by default, HTTP/1.0 only on request.
-        connection = headers.get("connection", "").lower()
-        if version == "HTTP/1.1":
-            self.keep_alive = "close" not in connection
+        connection = headers.get("connection")
+        if connection is None:
+            self.keep_alive = version == "HTTP/1.1"
+        elif version == "HTTP/1.1":
+            self.keep_alive = "close" not in connection.lower()
         else:
-            self.keep_alive = "keep-alive" in connection
+            self.keep_alive = "keep-alive" in connection.lower()
+
+
+# The head nearly every client sends: CRLF lines, a method of capitals, an
+# origin-form target of printable ASCII with no fragment, HTTP/1.x, and
+# header lines of a token name and a value without control characters (tab
+# aside).  One match checks the whole head; one findall splits its header
+# lines (a value without its surrounding blanks).  parse_head() takes it
+# there and leaves every other head, and every error, to parse_any_head().
+_HEADER_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_HEADER_VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]"
+_COMMON_HEAD = re.compile(
+    r"([A-Z]+) (/[^\x00-\x20#?\x7f-\xff]*)\??([^\x00-\x20#\x7f-\xff]*) "
+    r"(HTTP/1\.[01])\r\n((?:%s:%s*\r\n)*)\r\n" % (_HEADER_NAME, _HEADER_VALUE))
+_COMMON_HEADER = re.compile(
+    r"(%s):[ \t]*([^\x00-\x20\x7f](?:%s*[^\x00-\x20\x7f])?)?[ \t]*\r\n"
+    % (_HEADER_NAME, _HEADER_VALUE))
 
 
 def parse_head(head):
+    """Parse a request line and headers (``head`` ends with an empty line);
+    the common shape of head (see _COMMON_HEAD) in one pass."""
+    # Up to this size no line or header limit can be passed (their count
+    # is checked below).
+    if len(head) <= MAX_REQUEST_LINE:
+        match = _COMMON_HEAD.fullmatch(head.decode("latin-1"))
+        if match is not None:
+            method, path, query, version, lines = match.groups()
+            headers = {}
+            count = 0
+            for name, value in _COMMON_HEADER.findall(lines):
+                headers[name.lower()] = value
+                count += 1
+            # A repeated header, too many or a missing Host: as below.
+            if len(headers) == count <= MAX_HEADER_LINES and (
+                    "host" in headers or version == "HTTP/1.0"):
+                return Request(method, path, query, version, headers)
+    return parse_any_head(head)
+
+
+def parse_any_head(head):
     """Parse a request line and headers (``head`` ends with an empty line).
 
     Lines end in CRLF or, as RFC 9112 section 2.2 allows, a bare LF.
@@ -419,9 +463,14 @@ class HeadReader(asyncio.StreamReader):
             await self._wait_for_data("readhead")
         if end > self._limit:
             raise asyncio.LimitOverrunError("Request head too long", end)
-        head = bytes(buffer[:end])
-        del buffer[:end]
-        self._maybe_resume_transport()
+        if end == len(buffer):           # the usual: one head, nothing after
+            head = bytes(buffer)
+            buffer.clear()
+        else:
+            head = bytes(memoryview(buffer)[:end])
+            del buffer[:end]
+        if self._paused:
+            self._maybe_resume_transport()
         return head
 
 
@@ -483,6 +532,10 @@ def decode_params(text, where):
     """Decode an urlencoded query string or form into a dict of str."""
     if not text:
         return {}
+    if "&" not in text and "%" not in text and "+" not in text:
+        # The usual: one plain field (since=N, content=TEXT).
+        name, _, value = text.partition("=")
+        return {name: value}
     fields = text.split("&")
     if len(fields) > MAX_QUERY_FIELDS:
         raise HTTPError(400, f"More than {MAX_QUERY_FIELDS} fields in {where}")
@@ -550,9 +603,22 @@ def frame_body(text, callback, quote):
 def render(status, content_type, body, keep_alive, version,
            cors=False, extra=b"", head_only=False):
     """The bytes of a whole response."""
-    out = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-           % (status, REASONS[status].encode(), content_type, len(body)),
-           NO_CACHE, b"X-Content-Type-Options: nosniff\r\n"]
+    if extra:
+        parts = head_parts(status, content_type, keep_alive, version, cors,
+                           extra)
+    else:
+        # Replies come in a few shapes, whose heads are built once.
+        key = (status, content_type, keep_alive, version, cors)
+        parts = _HEADS.get(key) or _HEADS.setdefault(
+            key, head_parts(*key, b""))
+    if head_only:
+        return b"%b%d%b" % (parts[0], len(body), parts[1])
+    return b"%b%d%b%b" % (parts[0], len(body), parts[1], body)
+
+
+def head_parts(status, content_type, keep_alive, version, cors, extra):
+    """A reply's head, before and after the body's length."""
+    out = [b"\r\n", NO_CACHE, b"X-Content-Type-Options: nosniff\r\n"]
     if cors:
         out.append(CORS)
     if extra:
@@ -562,9 +628,14 @@ def render(status, content_type, body, keep_alive, version,
     elif version == "HTTP/1.0":
         out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
-    if not head_only:
-        out.append(body)
-    return b"".join(out)
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: "
+            % (status, REASONS[status].encode(), content_type),
+            b"".join(out))
+
+
+# (status, content type, keep-alive, version, CORS) -> head_parts(): a
+# handful of shapes (statuses x content types x the two versions).
+_HEADS = {}
 
 
 def api_text(fields):
@@ -1215,9 +1286,9 @@ MESSAGE_FROM_JSON = '{"id": %d, "ts": %d, "from": %s, "content": %s}'
 def message_text(message_id, content, sender=None):
     """A message's JSON, encoded once when it is pushed."""
     if sender is None:
-        return MESSAGE_JSON % (message_id, time.time(), json.dumps(content))
-    return MESSAGE_FROM_JSON % (message_id, time.time(), json.dumps(sender),
-                                json.dumps(content))
+        return MESSAGE_JSON % (message_id, time.time(), json_string(content))
+    return MESSAGE_FROM_JSON % (message_id, time.time(), json_string(sender),
+                                json_string(content))
 
 
 def message_id_of(text):
@@ -3332,6 +3403,13 @@ class Deadlines:
         return out
 
 
+# A read's reply; the hottest text, formatted directly rather than through
+# a dict.
+REPLY_JSON = ('{"return_code": 1, "error_message": "", "since": %d, '
+              '"last_id": %d, "messages": {%s}%s}')
+_TEXT = operator.itemgetter(1)           # the JSON of a retained (id, text)
+
+
 def event_bytes(channel, message_id, text, kind=None):
     """A message as one EventSource event (the JSON gains its channel); a
     join or leave entry has its ``event:`` line, so onmessage skips it."""
@@ -3568,21 +3646,35 @@ class Hub:
         lost = []
         empty = True
         for channel in channels:
-            newer = channel.since(since)
-            if channel.options & PRESENCE:
-                newer, dropped = self.with_presence(channel, since, newer)
-            else:
-                dropped = channel.dropped_id
-            texts = [entry[1] for entry in newer]
-            if newer:
-                empty = False
-                if since and dropped > since:
-                    lost.append(channel.key)
-            if passing is not None and passing[0] is channel and \
-                    passing[1] > since:
-                texts.append(passing[2])
-                empty = False
-            parts.append(self.part(channel, texts))
+            if channel.options & PRESENCE or passing is not None:
+                newer = channel.since(since)
+                if channel.options & PRESENCE:
+                    newer, dropped = self.with_presence(channel, since, newer)
+                else:
+                    dropped = channel.dropped_id
+                texts = [entry[1] for entry in newer]
+                if newer:
+                    empty = False
+                    if since and dropped > since:
+                        lost.append(channel.key)
+                if passing is not None and passing[0] is channel and \
+                        passing[1] > since:
+                    texts.append(passing[2])
+                    empty = False
+                parts.append(self.part(channel, texts))
+                continue
+            messages = channel.messages
+            if not messages or messages[-1][0] <= since:
+                parts.append(channel.key + ": []")
+                continue
+            empty = False
+            if since and channel.dropped_id > since:
+                lost.append(channel.key)
+            # All of the history (a first read, since=0) needs no search.
+            newer = messages if messages[0][0] > since else \
+                channel.since(since)
+            parts.append(channel.key + ": [" + ", ".join(map(_TEXT, newer))
+                         + "]")
         if empty:
             return None
         return self.reply_text(since, parts, lost)
@@ -3611,11 +3703,10 @@ class Hub:
 
     def reply_text(self, since, parts, lost=()):
         lost = ', "lost": [%s]' % ", ".join(lost) if lost else ""
+        last_id = self.store.last_id
         # A cursor ahead of this instance (see view) is kept, not sent back.
-        return ('{"return_code": 1, "error_message": "", "since": %d, '
-                '"last_id": %d, "messages": {%s}%s}' % (
-                    since, max(since, self.store.last_id), ", ".join(parts),
-                    lost))
+        return REPLY_JSON % (since, last_id if last_id > since else since,
+                             ", ".join(parts), lost)
 
     def empty_text(self, channels, since):
         """A read's reply with every list empty."""
@@ -3847,6 +3938,7 @@ FALSE_WORDS = {"", "0", "false", "no", "off"}
 # Who may call a route: anyone; the admin; the admin, or a token whose
 # publish claim covers the channel (a push from the browser).
 PUBLIC, ADMIN, PUBLISH = "public", "admin", "publish"
+FORM_TYPE = "application/x-www-form-urlencoded"
 
 # Path -> {method: (handler, access)}.  A path with a "fmt" group is an API
 # resource (JSON or JSON-P, failures as negative return codes) whose
@@ -3938,6 +4030,7 @@ class App:
                                    2 * config.client_publish_rate)
         self.token_refusals = dict.fromkeys(TOKEN_REASONS, 0)
         self.routes = []                 # (pattern, {method: entry})
+        self.matched = {}                # path -> (match, {method: entry})
         for path, methods in ROUTES.items():
             entries = {method: (getattr(self, name), access, "(?P<fmt>" in path)
                        for method, (name, access) in methods.items()
@@ -3948,16 +4041,29 @@ class App:
             if entries:
                 self.routes.append((re.compile(path), entries))
 
-    async def route(self, request, conn):
-        """The reply: (status, content type, body, cors, extra headers), or
-        None when a read is held or a stream is open.  Raises HTTPError."""
+    def match(self, path):
+        """(The route's match, its methods) for a path; raises 404."""
+        found = self.matched.get(path)
+        if found is not None:
+            return found
         for pattern, methods in self.routes:
-            match = pattern.fullmatch(request.path)
+            match = pattern.fullmatch(path)
             if match is not None:
                 break
         else:
-            raise HTTPError(404, f"No resource at {request.path[:100]}",
-                            close=False)
+            raise HTTPError(404, f"No resource at {path[:100]}", close=False)
+        # Most requests go to paths seen before (a channel's readers, its
+        # publisher): each is matched once while the cache holds it.
+        if len(path) <= MATCHED_PATH_BYTES:
+            if len(self.matched) >= MATCHED_PATHS:
+                self.matched.clear()
+            self.matched[path] = found = match, methods
+        return match, methods
+
+    async def route(self, request, conn):
+        """The reply: (status, content type, body, cors, extra headers), or
+        None when a read is held or a stream is open.  Raises HTTPError."""
+        match, methods = self.match(request.path)
         method = request.method
         entry = methods.get(method)
         if entry is None:
@@ -4021,17 +4127,19 @@ class App:
         params = decode_params(request.query, "query string")
         if request.method != "POST" or not request.body:
             return params
-        content_type = request.headers.get("content-type", "")
-        mime = content_type.partition(";")[0].strip().lower()
-        if mime not in ("", "application/x-www-form-urlencoded"):
-            raise HTTPError(415, "Send application/x-www-form-urlencoded",
-                            close=False)
+        content_type = request.headers.get("content-type")
+        if content_type is not None and content_type != FORM_TYPE:
+            mime = content_type.partition(";")[0].strip().lower()
+            if mime not in ("", FORM_TYPE):
+                raise HTTPError(415, "Send application/x-www-form-urlencoded",
+                                close=False)
         try:
             form = request.body.decode("utf-8")
         except UnicodeDecodeError:
             raise HTTPError(400, "Invalid UTF-8 in body") from None
         # As in the original, the query string counts too; the form wins.
-        return {**params, **decode_params(form, "body")}
+        form = decode_params(form, "body")
+        return {**params, **form} if params else form
 
     def credentials(self, request, conn, params, access):
         """Who asks: the claims of the token the request carries (the token

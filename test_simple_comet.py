@@ -2131,6 +2131,185 @@ class HeaderTests(unittest.TestCase):
 # B. HTTP/1.1 by hand
 # ---------------------------------------------------------------------------
 
+class HeadParsingTests(unittest.TestCase):
+    """In-process: parse_head() takes the common shape of head on a short
+    path and must give exactly what the general parser gives: the same
+    fields, or the same refusal (status, message, close)."""
+
+    COMMON = [
+        b"GET /channels/a.json?since=0 HTTP/1.1\r\nHost: 127.0.0.1:4080\r\n\r\n",
+        b"POST /channels/a.json HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"application/x-www-form-urlencoded\r\nContent-Length: 13\r\n\r\n",
+        b"GET /channels/a%7Cb.jsonp?since=5&cb=_JSONP_x HTTP/1.0\r\n\r\n",
+        b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n",
+        b"GET /x? HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x?a?b=c/d HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhOsT: x\r\nX-Empty:\r\nX-Pad:   a  b\r\n"
+        b"X-Close:v\r\n!#$%&'*+-.^_`|~09az: y\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Latin: caf\xe9 \xff\r\n\r\n",
+        b"GET /a/b.c;d,e@f!g$h&i'j(k)l*m+n:o=p~q HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x?a=/?b:c@d!e$f&g'h(i)j*k+l,m;n=o~p%20 HTTP/1.1\r\nHost: x\r\n"
+        b"\r\n",
+        b"DELETE /channels/a.json HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer abc==\r\nExpect: 100-continue\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: v\r\n" % i for i in range(99)) + b"\r\n",
+    ]
+    TRICKY = [
+        b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"X-N: v\r\n" * 99 + b"\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: v\r\n" % i for i in range(100)) + b"\r\n",
+        # Bare LF and mixed line ends, bare CR
+        b"GET /x HTTP/1.1\nHost: x\n\n",
+        b"GET /x HTTP/1.1\r\nHost: x\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\rY: z\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\rY\r\n\r\n",
+        # Control characters, tab and non-ASCII where they may not be
+        b"GET /x HTTP/1.1\r\nHost: x\x00\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\x7f\r\n\r\n",
+        b"GET /x\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x\t HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /\xe9 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"G\xc3T /x HTTP/1.1\r\nHost: x\r\n\r\n",
+        # Request lines
+        b"GET  /x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x  HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/1.1 \r\nHost: x\r\n\r\n",
+        b" GET /x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x\r\nHost: x\r\n\r\n",
+        b"get /x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"M-SEARCH /x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"G(T /x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/2.0\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/1.2\r\nHost: x\r\n\r\n",
+        b"GET /x http/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/1.10\r\nHost: x\r\n\r\n",
+        b"GET x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET http://example.org/a/b?c=d HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET HTTPS://example.org HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET ftp://example.org/a HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x#frag HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x?a=b#frag HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x#f?a=b HTTP/1.1\r\nHost: x\r\n\r\n",
+        # Header lines
+        b"GET /x HTTP/1.1\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nX: y\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        b"Content-Length: 3\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        b"Content-Length: 4\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nx-a: 2\r\nX-A:\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost : a\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\n\tfolded\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost a\r\n\r\n",
+        b"GET /x HTTP/1.1\r\n: a\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nH(st: a\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nH\xe9st: a\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost:a\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost:\t a \t \r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Blank:   \r\nX-Pad:  a  b \r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Tab:\tv\r\nX-T: a\tb\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX: \x80\x9f\xa0\xad\r\n\r\n",
+        b"GET /x HTTP/1.1 \r\n\r\n",
+        b"GET /x HTTP/1.0\r\nX: y\r\n",
+        b"GET /x HTTP/1.0\r\nX: y\r\n\r\nZ: w\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n\r\n",
+        # Limits
+        b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"X-N: v\r\n" * 100 + b"\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"a:\r\n" * 2000 + b"\r\n",
+        b"GET /" + b"a" * (8 * 1024) + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /" + b"a" * (8 * 1024 - 16) + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX: " + b"v" * (16 * 1024)
+        + b"\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX: " + b"v" * (8 * 1024)
+        + b"\r\n\r\n",
+    ]
+
+    @staticmethod
+    def outcome(parse, head):
+        try:
+            r = parse(head)
+        except simple_comet.HTTPError as e:
+            return ("refused", e.status, e.message, e.close)
+        return (r.method, r.path, r.query, r.version, r.headers,
+                r.keep_alive, r.body, r.callback)
+
+    def check(self, head):
+        self.assertEqual(self.outcome(simple_comet.parse_head, head),
+                         self.outcome(simple_comet.parse_any_head, head), head)
+
+    def test_common_heads_take_the_short_path(self):
+        from unittest import mock
+        for head in self.COMMON:
+            self.check(head)
+            with mock.patch.object(simple_comet, "parse_any_head",
+                                   side_effect=AssertionError("general")):
+                simple_comet.parse_head(head)
+
+    def test_tricky_heads_parse_as_the_general_parser_does(self):
+        for head in self.TRICKY:
+            self.check(head)
+
+    def test_one_plain_field(self):
+        # The short path of decode_params: what parse_qsl would give.
+        from urllib.parse import parse_qsl
+        for text in ("since=0", "content=hello world", "a", "=", "a=",
+                     "=b", "a=b=c", "cb=_JSONP_x.y", "a==", "since=-1"):
+            self.assertEqual(simple_comet.decode_params(text, "body"),
+                             dict(parse_qsl(text, keep_blank_values=True)),
+                             text)
+
+    def test_prebuilt_reply_heads(self):
+        # render() builds each shape of head once: the bytes are those of
+        # a head built field by field, every time.
+        def reference(status, content_type, body, keep_alive, version,
+                      cors, extra, head_only):
+            out = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n"
+                   b"Content-Length: %d\r\n" % (
+                       status, simple_comet.REASONS[status].encode(),
+                       content_type, len(body)),
+                   b"Cache-Control: no-cache, no-store, no-transform\r\n",
+                   b"X-Content-Type-Options: nosniff\r\n"]
+            if cors:
+                out.append(b"Access-Control-Allow-Origin: *\r\n")
+            out.append(extra)
+            if not keep_alive:
+                out.append(b"Connection: close\r\n")
+            elif version == "HTTP/1.0":
+                out.append(b"Connection: keep-alive\r\n")
+            out.append(b"\r\n")
+            if not head_only:
+                out.append(body)
+            return b"".join(out)
+        for args in itertools.product(
+                (200, 204, 404, 503), (b"application/json", b"text/plain"),
+                (b"", b'{"a": "%d %s"}'), (True, False),
+                ("HTTP/1.1", "HTTP/1.0"), (True, False),
+                (b"", b"Allow: GET, HEAD\r\n"), (True, False)):
+            for _ in range(2):
+                self.assertEqual(simple_comet.render(*args), reference(*args),
+                                 args)
+
+    def test_every_byte_in_every_part(self):
+        # One byte of each value put where the common shape has a path, a
+        # query, a header name and a header value.
+        for byte in range(256):
+            b = bytes([byte])
+            for head in (b"GET /a" + b + b"b?c HTTP/1.1\r\nHost: x\r\n\r\n",
+                         b"GET /a?c" + b + b"d HTTP/1.1\r\nHost: x\r\n\r\n",
+                         b"GET /a HTTP/1.1\r\nHost: x\r\nX" + b + b"Y: z\r\n\r\n",
+                         b"GET /a HTTP/1.1\r\nHost: x\r\nX: y" + b + b"z\r\n\r\n",
+                         b"GET /a HTTP/1.1\r\nHost: x\r\nX: " + b + b"\r\n\r\n",
+                         b + b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"):
+                self.check(head)
+
+
 class HTTPTests(unittest.TestCase):
 
     def setUp(self):

@@ -11,18 +11,23 @@ POST.  Python 3.11+, standard library only:
 The REST API (every resource answers JSON with a ``.json`` suffix and
 JSON-P with ``.jsonp``; API failures are HTTP 200 with a negative
 ``return_code``: -1 bad parameter, -2 no such / already existing channel or
-client, -3 unregistered client):
+client, -3 unregistered client, -4 refused token):
 
-    POST   /channels.json        channel_id=ID [use_sessions=1] [max_messages=N]
-    POST   /channels/ID.json     content=TEXT        -> message_id, delivered
+    POST   /channels.json        channel_id=ID [use_sessions=1] [private=1]
+                                 [presence=1] [max_messages=N]
+    POST   /channels/ID.json     content=TEXT [from=S] [ephemeral=1]
+                                 -> message_id, delivered
     DELETE /channels/ID.json                         -> channel_id, removed
     POST   /clients.json         client_id=ID
-    GET    /channels/A%7CB.json  [since=N] [client_id=ID]
+    GET    /channels/A%7CB.json  [since=N] [client_id=ID] [token=JWT]
                                  -> since, last_id, messages {ID: [...]}, [lost]
-    GET    /channels/A%7CB.sse   [since=N] [client_id=ID]  (or Last-Event-ID)
+    GET    /channels/A%7CB.sse   [since=N] [client_id=ID] [token=JWT]
+                                 (or Last-Event-ID)
                                  -> text/event-stream, one event per message
+    GET    /channels/ID/presence.json                -> members, users, last_id
+    POST   /tokens/revoke.json   sub=S | jti=J [until=T]
     GET    /health.json          200 when writes are taken, else 503
-    GET    /status.json, /metrics  (with --enable-status)
+    GET    /status.json, /metrics, /dashboard  (with --enable-status)
 
 A read with nothing newer than ``since`` is held until a message is pushed
 to one of its channels or ``--poll-timeout`` passes (then every list is
@@ -31,7 +36,9 @@ message as it is pushed.  Message ids come from one counter shared by all
 channels; a reader passes the reply's ``last_id`` as its next ``since`` (a
 browser's EventSource sends ``Last-Event-ID``) and so sees every message
 once.  Writes and the status page need ``--admin-token`` or, without one, a
-client on loopback or the unix socket.
+client on loopback or the unix socket; a signed token (``--token-key-file``)
+opens private channels, names its holder in presence, and lets a page push
+where its ``publish`` claim allows, the server stamping the sender.
 
 Where messages are kept (memory; memory plus ``--state-file``; a replica
 of Redis with ``--redis``) is the store's business, behind one contract:
@@ -41,23 +48,28 @@ core.  How messages reach readers (held polls, streams) is the hub's.
 The file reads top to bottom, a banner a section:
 
     Configuration        limits and defaults, each with its reason
-    Errors               HTTPError (carries its status), APIError (-1..-3)
+    Errors               HTTPError (carries its status), APIError (-1..-4)
     HTTP parsing         the request head, bodies, parameters
     Replies              JSON, JSON-P and the bytes of a response
     Parameters           ids and counts
-    Storage              the change core (Core, Channel, Pushed); in
-                         memory; in a file (records, Journal,
+    Tokens               signed JWTs verified by hand: keys, claims,
+                         patterns, the verification cache
+    Storage              the change core (Core, Channel, Presence,
+                         Pushed); in memory; in a file (records, Journal,
                          StateFileStore); shared by instances (the Lua
                          scripts, RedisReplica, RedisPushes, RedisStore)
     The hub              Deadlines, the two kinds of waiter (Poll,
-                         Stream), Hub
-    Routes               the route table, App and its handlers, counters
+                         Stream), Reads, ReadersOfNote (presence, token
+                         ends), Hub
+    Routes               the route table, RateLimiter, Access, StatusPages
+                         (one table of counters), Writes, App
     Connection handling  one keep-alive loop per connection
     Logging              a writer thread, rate-limited client mistakes
     Server lifecycle     listening, housekeeping, shutdown
     Command line         switches, secrets, main()
     Lower level          a Redis client: errors, URLs, RESP2, one
-                         connection, a connection kept up
+                         connection, a connection kept up; the
+                         dashboard's page
 """
 
 import argparse
@@ -3506,84 +3518,10 @@ class Stream:
             hub.end_stream(self)
 
 
-class Hub:
-    """Delivery: who waits for which channel, in front of the store that
-    keeps the messages.  Routes read through the hub and write to the
-    store."""
-
-    def __init__(self, config, loop, store):
-        self.config = config
-        self.loop = loop
-        self.store = store
-        store.hub = self
-        self.polls = Deadlines()         # held polls, by their timeout
-        self.streams = Deadlines()       # open streams, by their heartbeat
-        self.reading = {}                # client id -> its polls and streams
-        self.delivered = 0
-        self.started = time.time()
-        self.sweep_interval = min(1.0, config.poll_timeout / 10)
-        self.sweeper = loop.call_later(self.sweep_interval, self.sweep)
-        self.heartbeat_interval = config.sse_heartbeat / 4
-        self.heartbeats = loop.call_later(self.heartbeat_interval,
-                                          self.heartbeat)
-        # Waiters that read with a token -> (its claims, the timer that
-        # ends them when it expires, or None).
-        self.holders = {}
-        # Channels with readers -> pushes since they had them, for the
-        # dashboard's busiest channels (a million idle ones are not looked
-        # at: only transitions and pushes to read channels touch this).
-        self.busy = {}
-
-    @property
-    def last_id(self):
-        return self.store.last_id
-
-    # -- told by the store --------------------------------------------------
-
-    def deliver(self, channel, message_id, text, ephemeral=False, kind=None):
-        """A message (or a join or leave entry, of ``kind``) was stored, or
-        is passing (ephemeral): every waiter on its channel gets it."""
-        # Waiters that get the same bytes share them; an ephemeral message
-        # is in no history, so polls are told of it here.
-        cache = {Poll: (channel, message_id, text)} if ephemeral else {}
-        if kind is not None:
-            cache[Presence] = kind
-        self.busy[channel] += 1
-        now = self.loop.time()
-        reached = 0
-        for waiter in list(channel.waiters):
-            reached += waiter.notify(self, channel, message_id, text, cache,
-                                     now)
-        self.delivered += reached
-        return reached
-
-    def channel_removed(self, channel):
-        for waiter in list(channel.waiters):
-            waiter.channel_gone(self, channel)
-        self.busy.pop(channel, None)
-
-    def revoked(self, kind, value, at):
-        """A revocation was stored: its tokens' polls and streams end."""
-        for waiter, (claims, _) in list(self.holders.items()):
-            if kind == "jti" and claims.jti == value or kind == "sub" and \
-                    claims.sub == value and (claims.iat is None or
-                                             claims.iat < at):
-                self.token_ended(waiter, "revoked")
-
-    def token_ended(self, waiter, reason):
-        """A waiter's token expired or was revoked: a poll is answered
-        -4, a stream told (``event: expired`` or ``revoked``) and closed.
-        The page goes on from its cursor with a new token."""
-        if waiter.conn.held is not waiter:
-            return
-        if waiter.__class__ is Poll:
-            self.answer(waiter, error_text(TOKEN_REFUSED,
-                                           f"Refused: token {reason}"))
-        else:
-            waiter.send(self, b"event: %s\ndata: {}\n\n" % reason.encode())
-            self.end_stream(waiter)
-
-    # -- reads --------------------------------------------------------------
+class Reads:
+    """What a reader may read and the replies it gets: its channels, their
+    messages (with a presence channel's join and leave entries) after its
+    cursor, the busiest channels.  Part of Hub."""
 
     async def view(self, names, since, client_id, claims=None, touch=True):
         """(The channels a reader may read, its cursor), once this instance
@@ -3712,6 +3650,143 @@ class Hub:
         """A read's reply with every list empty."""
         return self.reply_text(since, [self.part(c) for c in channels])
 
+
+class ReadersOfNote:
+    """Waiters that matter beyond their messages: who reads a presence
+    channel, and the waiters whose token expires or is revoked.  Part of
+    Hub.
+
+    A reader of a presence channel is its token's sub, else its client_id
+    on a session channel, else anonymous (counted, never listed).  The hub
+    counts the connections here and tells the store when a user's count
+    here goes from 0 to 1 or back (or when it reads without waiting); the
+    store decides the joins and leaves (for one process, or in Redis for
+    all)."""
+
+    def revoked(self, kind, value, at):
+        """A revocation was stored: its tokens' polls and streams end."""
+        for waiter, (claims, _) in list(self.holders.items()):
+            if kind == "jti" and claims.jti == value or kind == "sub" and \
+                    claims.sub == value and (claims.iat is None or
+                                             claims.iat < at):
+                self.token_ended(waiter, "revoked")
+
+    def token_ended(self, waiter, reason):
+        """A waiter's token expired or was revoked: a poll is answered
+        -4, a stream told (``event: expired`` or ``revoked``) and closed.
+        The page goes on from its cursor with a new token."""
+        if waiter.conn.held is not waiter:
+            return
+        if waiter.__class__ is Poll:
+            self.answer(waiter, error_text(TOKEN_REFUSED,
+                                           f"Refused: token {reason}"))
+        else:
+            waiter.send(self, b"event: %s\ndata: {}\n\n" % reason.encode())
+            self.end_stream(waiter)
+
+    @staticmethod
+    def user_of(channel, client_id, claims):
+        if claims is not None and claims.sub is not None:
+            return claims.sub, claims.info_json
+        if client_id is not None and channel.options & SESSIONS:
+            return client_id, None
+        return None, None
+
+    def enter(self, channel, client_id, claims):
+        presence = self.store.presence[channel.name]
+        user, info = self.user_of(channel, client_id, claims)
+        if user is None:
+            presence.anonymous += 1
+            return
+        count = presence.connections.get(user, 0)
+        presence.connections[user] = count + 1
+        if not count:
+            self.store.presence_moved(channel.name, user, info)
+
+    def leave(self, channel, client_id, claims):
+        presence = self.store.presence.get(channel.name)
+        if presence is None:
+            return                       # the channel is gone
+        user, info = self.user_of(channel, client_id, claims)
+        if user is None:
+            presence.anonymous -= 1
+            return
+        count = presence.connections.get(user, 0) - 1
+        if count > 0:
+            presence.connections[user] = count
+        else:
+            presence.connections.pop(user, None)
+            self.store.presence_moved(channel.name, user, info)
+
+    def seen(self, channels, client_id, claims):
+        """A read answered at once counts as a connection that has just
+        closed: present for the grace."""
+        for channel in channels:
+            if channel.options & PRESENCE:
+                user, info = self.user_of(channel, client_id, claims)
+                if user is not None and \
+                        user not in self.store.presence[
+                            channel.name].connections:
+                    self.store.presence_moved(channel.name, user, info,
+                                              seen=True)
+
+
+class Hub(Reads, ReadersOfNote):
+    """Delivery: who waits for which channel, in front of the store that
+    keeps the messages.  Routes read through the hub and write to the
+    store."""
+
+    def __init__(self, config, loop, store):
+        self.config = config
+        self.loop = loop
+        self.store = store
+        store.hub = self
+        self.polls = Deadlines()         # held polls, by their timeout
+        self.streams = Deadlines()       # open streams, by their heartbeat
+        self.reading = {}                # client id -> its polls and streams
+        self.delivered = 0
+        self.started = time.time()
+        self.sweep_interval = min(1.0, config.poll_timeout / 10)
+        self.sweeper = loop.call_later(self.sweep_interval, self.sweep)
+        self.heartbeat_interval = config.sse_heartbeat / 4
+        self.heartbeats = loop.call_later(self.heartbeat_interval,
+                                          self.heartbeat)
+        # Waiters that read with a token -> (its claims, the timer that
+        # ends them when it expires, or None).
+        self.holders = {}
+        # Channels with readers -> pushes since they had them, for the
+        # dashboard's busiest channels (a million idle ones are not looked
+        # at: only transitions and pushes to read channels touch this).
+        self.busy = {}
+
+    @property
+    def last_id(self):
+        return self.store.last_id
+
+    # -- told by the store --------------------------------------------------
+
+    def deliver(self, channel, message_id, text, ephemeral=False, kind=None):
+        """A message (or a join or leave entry, of ``kind``) was stored, or
+        is passing (ephemeral): every waiter on its channel gets it."""
+        # Waiters that get the same bytes share them; an ephemeral message
+        # is in no history, so polls are told of it here.
+        cache = {Poll: (channel, message_id, text)} if ephemeral else {}
+        if kind is not None:
+            cache[Presence] = kind
+        self.busy[channel] += 1
+        now = self.loop.time()
+        reached = 0
+        for waiter in list(channel.waiters):
+            reached += waiter.notify(self, channel, message_id, text, cache,
+                                     now)
+        self.delivered += reached
+        return reached
+
+    def channel_removed(self, channel):
+        for waiter in list(channel.waiters):
+            waiter.channel_gone(self, channel)
+        self.busy.pop(channel, None)
+
     # -- waiters ------------------------------------------------------------
 
     def attach(self, waiter, claims=None):
@@ -3776,60 +3851,6 @@ class Hub:
             if client_id in store.clients:
                 store.touch_client(client_id, now)
         waiter.conn.held = None
-
-    # -- presence: who reads a presence channel -----------------------------
-    #
-    # A reader is its token's sub, else its client_id on a session
-    # channel, else anonymous (counted, never listed).  The hub counts the
-    # connections here and tells the store when a user's count here goes
-    # from 0 to 1 or back (or when it reads without waiting); the store
-    # decides the joins and leaves (for one process, or in Redis for all).
-
-    @staticmethod
-    def user_of(channel, client_id, claims):
-        if claims is not None and claims.sub is not None:
-            return claims.sub, claims.info_json
-        if client_id is not None and channel.options & SESSIONS:
-            return client_id, None
-        return None, None
-
-    def enter(self, channel, client_id, claims):
-        presence = self.store.presence[channel.name]
-        user, info = self.user_of(channel, client_id, claims)
-        if user is None:
-            presence.anonymous += 1
-            return
-        count = presence.connections.get(user, 0)
-        presence.connections[user] = count + 1
-        if not count:
-            self.store.presence_moved(channel.name, user, info)
-
-    def leave(self, channel, client_id, claims):
-        presence = self.store.presence.get(channel.name)
-        if presence is None:
-            return                       # the channel is gone
-        user, info = self.user_of(channel, client_id, claims)
-        if user is None:
-            presence.anonymous -= 1
-            return
-        count = presence.connections.get(user, 0) - 1
-        if count > 0:
-            presence.connections[user] = count
-        else:
-            presence.connections.pop(user, None)
-            self.store.presence_moved(channel.name, user, info)
-
-    def seen(self, channels, client_id, claims):
-        """A read answered at once counts as a connection that has just
-        closed: present for the grace."""
-        for channel in channels:
-            if channel.options & PRESENCE:
-                user, info = self.user_of(channel, client_id, claims)
-                if user is not None and \
-                        user not in self.store.presence[
-                            channel.name].connections:
-                    self.store.presence_moved(channel.name, user, info,
-                                              seen=True)
 
     def hold(self, poll, claims=None):
         # Answered by the sweep that follows the deadline, so never later
@@ -4013,7 +4034,317 @@ class RateLimiter:
             del self.buckets[key]
 
 
-class App:
+class Access:
+    """Who asks, and what it may do: the admin token, a client on loopback or
+    the unix socket, or a signed token judged by itself alone.  Part of App."""
+
+    def credentials(self, request, conn, params, access):
+        """Who asks: the claims of the token the request carries (the token
+        parameter, or a bearer value of a JWT's form other than the admin
+        token), judged by the token alone, from any address; else None.
+        An admin route needs the admin token or, without one, a client on
+        loopback or the unix socket."""
+        token = params.get("token")
+        bearer = None
+        if token is None:
+            scheme, _, bearer = request.headers.get(
+                "authorization", "").partition(" ")
+            bearer = bearer.strip() if scheme.lower() == "bearer" else None
+            if bearer and not self.is_admin(bearer) and \
+                    looks_like_token(bearer):
+                token = bearer
+        if token is not None:
+            request.token = token
+            claims = self.judge(token, conn)
+            if access == ADMIN:
+                raise HTTPError(403, "A token gives no admin rights (send "
+                                     "the admin token)", close=False)
+            return claims
+        if access == PUBLIC:
+            return None
+        if self.token is not None:
+            if bearer and self.is_admin(bearer):
+                return None
+            raise HTTPError(403, "Missing or wrong admin token "
+                                 "(Authorization: Bearer ...)", close=False)
+        if not conn.local:
+            raise HTTPError(403, "Writes are accepted only from loopback and "
+                                 "the unix socket; set --admin-token to allow "
+                                 "them from elsewhere", close=False)
+        return None
+
+    def is_admin(self, credential):
+        return self.token is not None and hmac.compare_digest(
+            credential.encode(), self.token)
+
+    def judge(self, token, conn):
+        """A token's claims, or TokenError (counted, and logged with its
+        reason and sub or jti, never the token)."""
+        now = time.time()
+        try:
+            if self.tokens is None:
+                raise TokenError("disabled", "no token key is configured")
+            claims = self.tokens.check(token, now)
+            if self.store.is_revoked(claims, now):
+                raise TokenError("revoked", "revoked", claims.sub, claims.jti)
+        except TokenError as e:
+            self.token_refusals[e.reason] += 1
+            who = describe_token(e)
+            self.server.client_log.mistake(
+                "%s: token refused: %s%s", conn.peer_text(), e.reason,
+                f" ({who})" if who else "")
+            raise
+        return claims
+
+    @staticmethod
+    def unauthorized(error):
+        return HTTPError(401, f"Refused: token {error.reason}", close=False,
+                         headers=[("WWW-Authenticate", "Bearer")],
+                         return_code=TOKEN_REFUSED)
+
+
+class StatusPages:
+    """What the server tells about itself: health, the status page, the
+    metrics and the dashboard, all from one table of counters.  Part of
+    App."""
+
+    async def health(self, request, conn):
+        problem = self.hub.store.health()
+        if problem is not None:
+            raise HTTPError(503, problem, close=False)
+        return success_text()
+
+    def counters(self):
+        """Every figure of /status.json and /metrics, a row each: (status
+        key, dotted for a group; metric name, with its label name in
+        braces; help; value).  A row without a key is a metric only, one
+        without a name in the status only; a metric ending in _total is a
+        counter, any other a gauge."""
+        hub = self.hub
+        store = hub.store
+        server = self.server
+        return (
+            ("held_connections_count", None, None, len(hub.polls)),
+            ("uptime", None, None, round(time.time() - hub.started, 3)),
+            ("connections", "connections", "Open client connections.",
+             len(server.connections)),
+            ("polls_held", "polls_held",
+             "Long polls held, waiting for a message.", len(hub.polls)),
+            ("streams_open", "streams_open", "EventSource streams open.",
+             len(hub.streams)),
+            ("channels_count", "channels", "Registered channels.",
+             len(store.channels)),
+            ("clients_count", "clients", "Registered clients (sessions).",
+             len(store.clients)),
+            ("messages_pushed", "messages_pushed_total", "Messages pushed.",
+             store.pushed),
+            ("messages_delivered", "messages_delivered_total",
+             "Held polls answered and stream events sent by pushes.",
+             hub.delivered),
+            ("last_id", None, None, store.last_id),
+            ("replies", "requests_total{class}",
+             "Replies sent, by status class.",
+             {"%dxx" % n: server.replies[n] for n in (2, 3, 4, 5)}),
+            ("connections_refused", "connections_refused_total",
+             "Connections refused at the connection caps.", server.refused),
+            ("writable", "writable",
+             "1 when the server can take writes (see /health.json).",
+             store.health() is None),
+            ("log_records_dropped", "log_records_dropped_total",
+             "Log lines dropped because the log sink was not keeping up.",
+             DroppingQueueHandler.dropped),
+            ("tokens_refused", "tokens_refused_total{reason}",
+             "Requests refused for their token, by reason.",
+             self.token_refusals),
+            ("revocations", "revocations", "Token revocations kept.",
+             len(store.revoked)),
+        ) + tuple(store.counters())
+
+    async def status(self, request, conn):
+        store = self.hub.store
+        status = {"channels": list(store.channels),
+                  "clients": list(store.clients)}
+        for key, _, _, value in self.counters():
+            if key is not None:
+                group, _, key = key.rpartition(".")
+                (status.setdefault(group, {}) if group else status)[key] = value
+        return success_text(status=status)
+
+    async def metrics(self, request, conn):
+        lines = []
+        for _, name, text, value in self.counters():
+            if name is None:
+                continue
+            name, _, label = name.partition("{")
+            kind = "counter" if name.endswith("_total") else "gauge"
+            lines.append(f"# HELP simple_comet_{name} {text}")
+            lines.append(f"# TYPE simple_comet_{name} {kind}")
+            samples = value.items() if label else [("", value)]
+            for labels, number in samples:
+                if label:
+                    labels = '{%s="%s"}' % (label[:-1], labels)
+                lines.append(f"simple_comet_{name}{labels} {int(number)}")
+        return 200, METRICS_TYPE, ("\n".join(lines) + "\n").encode(), \
+            False, b""
+
+    async def dashboard_json(self, request, conn):
+        """What the dashboard shows, in one cheap answer: the figures of
+        the status page, the busiest channels, the store, the instances;
+        never a list of every channel."""
+        hub = self.hub
+        store = self.store
+        rows = {key: value for key, _, _, value in self.counters()
+                if key is not None}
+        problem = store.health()
+        store_info = {"kind": store.kind, "healthy": problem is None,
+                      "problem": problem}
+        for key, value in rows.items():
+            group, _, name = key.rpartition(".")
+            if group in ("state_file", "redis"):
+                store_info.setdefault(group, {})[name] = value
+        return api_text({
+            "return_code": 1, "error_message": "", "time": time.time(),
+            "uptime": rows["uptime"], "version": __version__,
+            "figures": {
+                "connections": rows["connections"],
+                "polls_held": rows["polls_held"],
+                "streams_open": rows["streams_open"],
+                "channels": rows["channels_count"],
+                "clients": rows["clients_count"],
+                "messages_pushed": rows["messages_pushed"],
+                "messages_delivered": rows["messages_delivered"],
+                "replies": rows["replies"],
+                "connections_refused": rows["connections_refused"]},
+            "top": [{"channel": channel.name, "readers": readers,
+                     "messages": len(channel.messages or ()),
+                     "pushes": pushes}
+                    for channel, readers, pushes in hub.busiest(TOP_CHANNELS)],
+            "store": store_info,
+            "instances": [{"instance": name, "seen": round(seen, 1),
+                           "self": own}
+                          for name, seen, own in await store.instances()],
+        })
+
+    async def dashboard(self, request, conn):
+        return 200, b"text/html; charset=utf-8", DASHBOARD_PAGE, False, \
+            DASHBOARD_HEADERS
+
+
+class Writes:
+    """The writes: registering channels and clients, pushes (the admin's,
+    or a page's with its token), deletions, revocations.  Part of App."""
+
+    @staticmethod
+    def flag(params, name):
+        word = params.get(name, "0").lower()
+        if word not in TRUE_WORDS and word not in FALSE_WORDS:
+            raise APIError(BAD_PARAMETER, f"Invalid {name}: use 1 or 0")
+        return word in TRUE_WORDS
+
+    async def register_channel(self, request, conn):
+        params = request.params
+        name = check_id(params.get("channel_id"), "channel_id", channel=True)
+        options = SESSIONS * self.flag(params, "use_sessions") | \
+            PRIVATE * self.flag(params, "private") | \
+            PRESENCE * self.flag(params, "presence")
+        if options & PRIVATE and self.tokens is None:
+            raise APIError(BAD_PARAMETER, "private=1 needs tokens: start the "
+                                          "server with --token-key-file")
+        if options & (SESSIONS | PRIVATE) == SESSIONS | PRIVATE:
+            raise APIError(BAD_PARAMETER, "A channel cannot be both private "
+                                          "and use_sessions")
+        max_messages = self.config.messages_per_channel
+        if "max_messages" in params:
+            max_messages = parse_count(params["max_messages"], "max_messages",
+                                       1)
+            if max_messages > MAX_MESSAGES_PARAM:
+                raise APIError(BAD_PARAMETER, "Invalid max_messages: above "
+                                              f"{MAX_MESSAGES_PARAM}")
+        await self.store.add_channel(name, max_messages, options)
+        return success_text(channel_id=name)
+
+    async def register_client(self, request, conn):
+        client_id = check_id(request.params.get("client_id"), "client_id")
+        await self.store.add_client(client_id)
+        return success_text(client_id=client_id)
+
+    async def push(self, request, conn):
+        params = request.params
+        name = decode_segment(request.match["names"])
+        content = params.get("content")
+        sender = params.get("from")
+        ephemeral = "ephemeral" in params and self.flag(params, "ephemeral")
+        claims = request.claims
+        if claims is not None:
+            sender = self.token_sender(claims, name, content, sender)
+        elif sender is not None:
+            check_id(sender, "from")     # a backend relaying for a user
+        if content is None:
+            self.store.channel(name)     # a missing channel is told first
+            raise APIError(BAD_PARAMETER, "Missing content")
+        pushed = await self.store.push(name, content, sender, ephemeral)
+        if claims is not None:
+            # A publisher is not told how many read a channel.
+            return ('{"return_code": 1, "error_message": "", "message_id": '
+                    '%d}' % pushed.id)
+        # The hottest write: formatted directly rather than through a dict.
+        return ('{"return_code": 1, "error_message": "", "message_id": %d, '
+                '"delivered": %d%s}' % (
+                    pushed.id, pushed.delivered, "" if pushed.instances is None
+                    else ', "instances": %d' % pushed.instances))
+
+    def token_sender(self, claims, name, content, sender):
+        """The sender of a push from the browser, once its token may make
+        it: a sub, a publish claim that covers the channel, a message within
+        --client-max-message, and the sub's rate."""
+        if sender is not None:
+            raise APIError(BAD_PARAMETER, "from is set by the server from "
+                                          "the token's sub")
+        if claims.sub is None:
+            raise HTTPError(403, "A token without sub cannot publish",
+                            close=False)
+        if not claims.publish.covers(name):
+            self.token_refusals["scope"] += 1
+            raise HTTPError(403, "The token's publish claim does not cover "
+                                 "this channel", close=False)
+        limit = self.config.client_max_message
+        if content is not None and len(content) > limit // 4 and \
+                len(content.encode()) > limit:
+            raise HTTPError(413, f"Message over {limit} bytes", close=False)
+        wait = self.senders.take(claims.sub, time.monotonic())
+        if wait:
+            raise HTTPError(429, f"More than {self.config.client_publish_rate}"
+                                 " pushes a second", close=False,
+                            headers=[("Retry-After",
+                                      "%d" % max(1, math.ceil(wait)))])
+        return claims.sub
+
+    async def delete(self, request, conn):
+        name = check_id(decode_segment(request.match["names"]), "channel id",
+                        channel=True)
+        removed = await self.store.remove_channel(name)
+        return success_text(2 if removed else 1, channel_id=name,
+                            removed=removed)
+
+    async def revoke(self, request, conn):
+        params = request.params
+        kinds = [kind for kind in ("sub", "jti") if kind in params]
+        if len(kinds) != 1:
+            raise APIError(BAD_PARAMETER, "Give sub or jti (one of them)")
+        kind = kinds[0]
+        value = check_id(params[kind], kind)
+        longest = int(time.time() + MAX_REVOCATION_TIME)
+        until = longest
+        if "until" in params:
+            until = parse_count(params["until"], "until", 0)
+            if until <= time.time():
+                raise APIError(BAD_PARAMETER, "Invalid until: in the past")
+            until = min(until, longest)
+        await self.store.revoke(kind, value, until)
+        return success_text(**{kind: value}, until=until)
+
+
+class App(Access, Writes, StatusPages):
     """Routes a parsed request to the hub and builds the reply.  Every
     handler is a coroutine ``handler(request, conn)``; the route's match,
     parameters and JSON-P callback are on the request."""
@@ -4141,70 +4472,6 @@ class App:
         form = decode_params(form, "body")
         return {**params, **form} if params else form
 
-    def credentials(self, request, conn, params, access):
-        """Who asks: the claims of the token the request carries (the token
-        parameter, or a bearer value of a JWT's form other than the admin
-        token), judged by the token alone, from any address; else None.
-        An admin route needs the admin token or, without one, a client on
-        loopback or the unix socket."""
-        token = params.get("token")
-        bearer = None
-        if token is None:
-            scheme, _, bearer = request.headers.get(
-                "authorization", "").partition(" ")
-            bearer = bearer.strip() if scheme.lower() == "bearer" else None
-            if bearer and not self.is_admin(bearer) and \
-                    looks_like_token(bearer):
-                token = bearer
-        if token is not None:
-            request.token = token
-            claims = self.judge(token, conn)
-            if access == ADMIN:
-                raise HTTPError(403, "A token gives no admin rights (send "
-                                     "the admin token)", close=False)
-            return claims
-        if access == PUBLIC:
-            return None
-        if self.token is not None:
-            if bearer and self.is_admin(bearer):
-                return None
-            raise HTTPError(403, "Missing or wrong admin token "
-                                 "(Authorization: Bearer ...)", close=False)
-        if not conn.local:
-            raise HTTPError(403, "Writes are accepted only from loopback and "
-                                 "the unix socket; set --admin-token to allow "
-                                 "them from elsewhere", close=False)
-        return None
-
-    def is_admin(self, credential):
-        return self.token is not None and hmac.compare_digest(
-            credential.encode(), self.token)
-
-    def judge(self, token, conn):
-        """A token's claims, or TokenError (counted, and logged with its
-        reason and sub or jti, never the token)."""
-        now = time.time()
-        try:
-            if self.tokens is None:
-                raise TokenError("disabled", "no token key is configured")
-            claims = self.tokens.check(token, now)
-            if self.store.is_revoked(claims, now):
-                raise TokenError("revoked", "revoked", claims.sub, claims.jti)
-        except TokenError as e:
-            self.token_refusals[e.reason] += 1
-            who = describe_token(e)
-            self.server.client_log.mistake(
-                "%s: token refused: %s%s", conn.peer_text(), e.reason,
-                f" ({who})" if who else "")
-            raise
-        return claims
-
-    @staticmethod
-    def unauthorized(error):
-        return HTTPError(401, f"Refused: token {error.reason}", close=False,
-                         headers=[("WWW-Authenticate", "Bearer")],
-                         return_code=TOKEN_REFUSED)
-
     # -- reading parameters -------------------------------------------------
 
     @staticmethod
@@ -4229,115 +4496,6 @@ class App:
         return check_id(params["client_id"], "client_id")
 
     # -- resources ----------------------------------------------------------
-
-    @staticmethod
-    def flag(params, name):
-        word = params.get(name, "0").lower()
-        if word not in TRUE_WORDS and word not in FALSE_WORDS:
-            raise APIError(BAD_PARAMETER, f"Invalid {name}: use 1 or 0")
-        return word in TRUE_WORDS
-
-    async def register_channel(self, request, conn):
-        params = request.params
-        name = check_id(params.get("channel_id"), "channel_id", channel=True)
-        options = SESSIONS * self.flag(params, "use_sessions") | \
-            PRIVATE * self.flag(params, "private") | \
-            PRESENCE * self.flag(params, "presence")
-        if options & PRIVATE and self.tokens is None:
-            raise APIError(BAD_PARAMETER, "private=1 needs tokens: start the "
-                                          "server with --token-key-file")
-        if options & (SESSIONS | PRIVATE) == SESSIONS | PRIVATE:
-            raise APIError(BAD_PARAMETER, "A channel cannot be both private "
-                                          "and use_sessions")
-        max_messages = self.config.messages_per_channel
-        if "max_messages" in params:
-            max_messages = parse_count(params["max_messages"], "max_messages",
-                                       1)
-            if max_messages > MAX_MESSAGES_PARAM:
-                raise APIError(BAD_PARAMETER, "Invalid max_messages: above "
-                                              f"{MAX_MESSAGES_PARAM}")
-        await self.store.add_channel(name, max_messages, options)
-        return success_text(channel_id=name)
-
-    async def register_client(self, request, conn):
-        client_id = check_id(request.params.get("client_id"), "client_id")
-        await self.store.add_client(client_id)
-        return success_text(client_id=client_id)
-
-    async def push(self, request, conn):
-        params = request.params
-        name = decode_segment(request.match["names"])
-        content = params.get("content")
-        sender = params.get("from")
-        ephemeral = "ephemeral" in params and self.flag(params, "ephemeral")
-        claims = request.claims
-        if claims is not None:
-            sender = self.token_sender(claims, name, content, sender)
-        elif sender is not None:
-            check_id(sender, "from")     # a backend relaying for a user
-        if content is None:
-            self.store.channel(name)     # a missing channel is told first
-            raise APIError(BAD_PARAMETER, "Missing content")
-        pushed = await self.store.push(name, content, sender, ephemeral)
-        if claims is not None:
-            # A publisher is not told how many read a channel.
-            return ('{"return_code": 1, "error_message": "", "message_id": '
-                    '%d}' % pushed.id)
-        # The hottest write: formatted directly rather than through a dict.
-        return ('{"return_code": 1, "error_message": "", "message_id": %d, '
-                '"delivered": %d%s}' % (
-                    pushed.id, pushed.delivered, "" if pushed.instances is None
-                    else ', "instances": %d' % pushed.instances))
-
-    def token_sender(self, claims, name, content, sender):
-        """The sender of a push from the browser, once its token may make
-        it: a sub, a publish claim that covers the channel, a message within
-        --client-max-message, and the sub's rate."""
-        if sender is not None:
-            raise APIError(BAD_PARAMETER, "from is set by the server from "
-                                          "the token's sub")
-        if claims.sub is None:
-            raise HTTPError(403, "A token without sub cannot publish",
-                            close=False)
-        if not claims.publish.covers(name):
-            self.token_refusals["scope"] += 1
-            raise HTTPError(403, "The token's publish claim does not cover "
-                                 "this channel", close=False)
-        limit = self.config.client_max_message
-        if content is not None and len(content) > limit // 4 and \
-                len(content.encode()) > limit:
-            raise HTTPError(413, f"Message over {limit} bytes", close=False)
-        wait = self.senders.take(claims.sub, time.monotonic())
-        if wait:
-            raise HTTPError(429, f"More than {self.config.client_publish_rate}"
-                                 " pushes a second", close=False,
-                            headers=[("Retry-After",
-                                      "%d" % max(1, math.ceil(wait)))])
-        return claims.sub
-
-    async def delete(self, request, conn):
-        name = check_id(decode_segment(request.match["names"]), "channel id",
-                        channel=True)
-        removed = await self.store.remove_channel(name)
-        return success_text(2 if removed else 1, channel_id=name,
-                            removed=removed)
-
-    async def revoke(self, request, conn):
-        params = request.params
-        kinds = [kind for kind in ("sub", "jti") if kind in params]
-        if len(kinds) != 1:
-            raise APIError(BAD_PARAMETER, "Give sub or jti (one of them)")
-        kind = kinds[0]
-        value = check_id(params[kind], kind)
-        longest = int(time.time() + MAX_REVOCATION_TIME)
-        until = longest
-        if "until" in params:
-            until = parse_count(params["until"], "until", 0)
-            if until <= time.time():
-                raise APIError(BAD_PARAMETER, "Invalid until: in the past")
-            until = min(until, longest)
-        await self.store.revoke(kind, value, until)
-        return success_text(**{kind: value}, until=until)
 
     async def read(self, request, conn):
         params = request.params
@@ -4444,130 +4602,6 @@ class App:
                     anonymous, ", ".join(users),
                     ', "truncated": true' if len(presence.members) >
                     MAX_PRESENCE_LISTED else "", self.store.last_id))
-
-    async def health(self, request, conn):
-        problem = self.hub.store.health()
-        if problem is not None:
-            raise HTTPError(503, problem, close=False)
-        return success_text()
-
-    # -- status and metrics ---------------------------------------------------
-
-    def counters(self):
-        """Every figure of /status.json and /metrics, a row each: (status
-        key, dotted for a group; metric name, with its label name in
-        braces; help; value).  A row without a key is a metric only, one
-        without a name in the status only; a metric ending in _total is a
-        counter, any other a gauge."""
-        hub = self.hub
-        store = hub.store
-        server = self.server
-        return (
-            ("held_connections_count", None, None, len(hub.polls)),
-            ("uptime", None, None, round(time.time() - hub.started, 3)),
-            ("connections", "connections", "Open client connections.",
-             len(server.connections)),
-            ("polls_held", "polls_held",
-             "Long polls held, waiting for a message.", len(hub.polls)),
-            ("streams_open", "streams_open", "EventSource streams open.",
-             len(hub.streams)),
-            ("channels_count", "channels", "Registered channels.",
-             len(store.channels)),
-            ("clients_count", "clients", "Registered clients (sessions).",
-             len(store.clients)),
-            ("messages_pushed", "messages_pushed_total", "Messages pushed.",
-             store.pushed),
-            ("messages_delivered", "messages_delivered_total",
-             "Held polls answered and stream events sent by pushes.",
-             hub.delivered),
-            ("last_id", None, None, store.last_id),
-            ("replies", "requests_total{class}",
-             "Replies sent, by status class.",
-             {"%dxx" % n: server.replies[n] for n in (2, 3, 4, 5)}),
-            ("connections_refused", "connections_refused_total",
-             "Connections refused at the connection caps.", server.refused),
-            ("writable", "writable",
-             "1 when the server can take writes (see /health.json).",
-             store.health() is None),
-            ("log_records_dropped", "log_records_dropped_total",
-             "Log lines dropped because the log sink was not keeping up.",
-             DroppingQueueHandler.dropped),
-            ("tokens_refused", "tokens_refused_total{reason}",
-             "Requests refused for their token, by reason.",
-             self.token_refusals),
-            ("revocations", "revocations", "Token revocations kept.",
-             len(store.revoked)),
-        ) + tuple(store.counters())
-
-    async def status(self, request, conn):
-        store = self.hub.store
-        status = {"channels": list(store.channels),
-                  "clients": list(store.clients)}
-        for key, _, _, value in self.counters():
-            if key is not None:
-                group, _, key = key.rpartition(".")
-                (status.setdefault(group, {}) if group else status)[key] = value
-        return success_text(status=status)
-
-    async def dashboard_json(self, request, conn):
-        """What the dashboard shows, in one cheap answer: the figures of
-        the status page, the busiest channels, the store, the instances;
-        never a list of every channel."""
-        hub = self.hub
-        store = self.store
-        rows = {key: value for key, _, _, value in self.counters()
-                if key is not None}
-        problem = store.health()
-        store_info = {"kind": store.kind, "healthy": problem is None,
-                      "problem": problem}
-        for key, value in rows.items():
-            group, _, name = key.rpartition(".")
-            if group in ("state_file", "redis"):
-                store_info.setdefault(group, {})[name] = value
-        return api_text({
-            "return_code": 1, "error_message": "", "time": time.time(),
-            "uptime": rows["uptime"], "version": __version__,
-            "figures": {
-                "connections": rows["connections"],
-                "polls_held": rows["polls_held"],
-                "streams_open": rows["streams_open"],
-                "channels": rows["channels_count"],
-                "clients": rows["clients_count"],
-                "messages_pushed": rows["messages_pushed"],
-                "messages_delivered": rows["messages_delivered"],
-                "replies": rows["replies"],
-                "connections_refused": rows["connections_refused"]},
-            "top": [{"channel": channel.name, "readers": readers,
-                     "messages": len(channel.messages or ()),
-                     "pushes": pushes}
-                    for channel, readers, pushes in hub.busiest(TOP_CHANNELS)],
-            "store": store_info,
-            "instances": [{"instance": name, "seen": round(seen, 1),
-                           "self": own}
-                          for name, seen, own in await store.instances()],
-        })
-
-    async def dashboard(self, request, conn):
-        return 200, b"text/html; charset=utf-8", DASHBOARD_PAGE, False, \
-            DASHBOARD_HEADERS
-
-    async def metrics(self, request, conn):
-        lines = []
-        for _, name, text, value in self.counters():
-            if name is None:
-                continue
-            name, _, label = name.partition("{")
-            kind = "counter" if name.endswith("_total") else "gauge"
-            lines.append(f"# HELP simple_comet_{name} {text}")
-            lines.append(f"# TYPE simple_comet_{name} {kind}")
-            samples = value.items() if label else [("", value)]
-            for labels, number in samples:
-                if label:
-                    labels = '{%s="%s"}' % (label[:-1], labels)
-                lines.append(f"simple_comet_{name}{labels} {int(number)}")
-        return 200, METRICS_TYPE, ("\n".join(lines) + "\n").encode(), \
-            False, b""
-
 
 # ---------------------------------------------------------------------------
 # Connection handling

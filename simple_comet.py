@@ -615,14 +615,14 @@ def frame_body(text, callback, quote):
 def render(status, content_type, body, keep_alive, version,
            cors=False, extra=b"", head_only=False):
     """The bytes of a whole response."""
-    if extra:
+    if extra and extra is not TOKEN_WRITE_EXPOSE:
         parts = head_parts(status, content_type, keep_alive, version, cors,
                            extra)
     else:
-        # Replies come in a few shapes, whose heads are built once.
-        key = (status, content_type, keep_alive, version, cors)
-        parts = _HEADS.get(key) or _HEADS.setdefault(
-            key, head_parts(*key, b""))
+        # Replies come in a few shapes, whose heads are built once (a
+        # token write's too; other extra headers vary, and are not kept).
+        key = (status, content_type, keep_alive, version, cors, extra)
+        parts = _HEADS.get(key) or _HEADS.setdefault(key, head_parts(*key))
     if head_only:
         return b"%b%d%b" % (parts[0], len(body), parts[1])
     return b"%b%d%b%b" % (parts[0], len(body), parts[1], body)
@@ -645,8 +645,8 @@ def head_parts(status, content_type, keep_alive, version, cors, extra):
             b"".join(out))
 
 
-# (status, content type, keep-alive, version, CORS) -> head_parts(): a
-# handful of shapes (statuses x content types x the two versions).
+# (status, content type, keep-alive, version, CORS, extra) -> head_parts():
+# a handful of shapes (statuses x content types x the two versions).
 _HEADS = {}
 
 

@@ -10819,10 +10819,8 @@ class TokenStateTests(unittest.TestCase):
                     server.close()
 
 
-@needs_pyjwt
-class TokenRedisTests(RedisTestCase):
-    """A revocation on one instance ends the polls and streams of its
-    tokens on every instance, and is refused there from then on."""
+class TokenRedisTestCase(RedisTestCase):
+    """Two instances on one Redis, with a token key."""
 
     instances = 2
 
@@ -10837,6 +10835,12 @@ class TokenRedisTests(RedisTestCase):
     def tearDownClass(cls):
         super().tearDownClass()
         cls.dir.cleanup()
+
+
+@needs_pyjwt
+class TokenRedisTests(TokenRedisTestCase):
+    """A revocation on one instance ends the polls and streams of its
+    tokens on every instance, and is refused there from then on."""
 
     def test_revocation_on_every_instance(self):
         a, b = self.ports
@@ -11096,22 +11100,8 @@ class BrowserPublishStateTests(unittest.TestCase):
 
 
 @needs_pyjwt
-class BrowserPublishRedisTests(RedisTestCase):
+class BrowserPublishRedisTests(TokenRedisTestCase):
     """from and ephemeral messages across instances on one Redis."""
-
-    instances = 2
-
-    @classmethod
-    def setUpClass(cls):
-        cls.dir = tempfile.TemporaryDirectory(prefix="comet-publish-")
-        cls.switches = ("--poll-timeout=20", "--token-key-file=" +
-                        write_key_file(cls.dir.name, TOKEN_SECRET))
-        super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        cls.dir.cleanup()
 
     def test_from_and_ephemeral_on_another_instance(self):
         a, b = self.ports

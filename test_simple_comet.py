@@ -11946,7 +11946,7 @@ class ReliabilityTests(unittest.TestCase):
             last = push(name, "x", port=server.port)["message_id"]
             request = get_request(f"/channels/{name}.json?since={last}")
             sizes = []
-            for _ in range(6):
+            for _ in range(12):
                 socks = [connect(server.port) for _ in range(500)]
                 for s in socks:
                     s.sendall(request)
@@ -11956,9 +11956,10 @@ class ReliabilityTests(unittest.TestCase):
                 wait_held(0, server.port)
                 sizes.append(rss_kib(server.proc.pid))
             self.assertEqual(status(server.port)["connections"], 1)
-            # After warm-up, the size stays flat.
-            self.assertLess(sizes[-1] - sizes[1], 1024, sizes)
-            report(f"churn: 6 rounds of 500 polls opened and dropped, "
+            # After warm-up (the allocator's and the interpreter's: up to
+            # eight rounds here), the size stays flat for four rounds.
+            self.assertLess(sizes[-1] - sizes[7], 1024, sizes)
+            report(f"churn: 12 rounds of 500 polls opened and dropped, "
                    f"RSS KiB per round {sizes}")
             self.assertEqual(push(name, "y", port=server.port)["delivered"], 0)
         finally:

@@ -942,8 +942,8 @@ PART = os.environ.get("SIMPLE_COMET_PART")
 
 def setUpModule():
     global MAIN
-    if PART == "C":
-        return                   # the other process runs the main server
+    if PART in ("C", "D"):
+        return                   # the first process runs the main server
     MAIN = ServerProcess("--enable-status",
                          f"--poll-timeout={MAIN_POLL_TIMEOUT}", port=PORT)
 
@@ -3017,6 +3017,8 @@ class BrowserPages:
 class BrowserTests(BrowserPages, unittest.TestCase):
     """simple-comet.js in a real browser, on a page of another origin."""
 
+    part = "D"                  # run by the third process, see main()
+
     def start_server(self, poll_timeout, port=FREE):
         server = ServerProcess("--enable-status",
                                f"--poll-timeout={poll_timeout}", port=port)
@@ -4567,6 +4569,8 @@ function listen(url) {
                      "Chromium not installed (apt-get install chromium)")
 class SSEBrowserTests(BrowserPages, unittest.TestCase):
     """EventSource in a real browser, on a page of another origin."""
+
+    part = "D"                  # run by the third process, see main()
 
     def setUp(self):
         self.port = None
@@ -9719,6 +9723,8 @@ def pem(der, label="PUBLIC KEY"):
 
 
 class TokenKeyFileTests(TokenTestCase):
+
+    part = "D"                  # run by the third process, see main()
     def test_several_keys_with_kids_and_comments(self):
         keys = self.keys
         self.assertEqual((len(keys.hmac), len(keys.rsa), len(keys)), (2, 2, 4))
@@ -9850,6 +9856,8 @@ class TokenKeyFileTests(TokenTestCase):
 
 @needs_pyjwt
 class TokenPyJWTTests(TokenTestCase):
+
+    part = "D"                  # run by the third process, see main()
     def test_hmac_algorithms(self):
         for alg in ("HS256", "HS384", "HS512"):
             token = pyjwt.encode(claims_payload(), SECRET1, algorithm=alg)
@@ -9925,6 +9933,8 @@ class TokenPyJWTTests(TokenTestCase):
 
 @needs_node
 class TokenJsonwebtokenTests(TokenTestCase):
+
+    part = "D"                  # run by the third process, see main()
     def test_all_algorithms_with_and_without_kid(self):
         payload = claims_payload(subscribe=["room:*"], jti="n1",
                                  info={"n": 1})
@@ -9966,6 +9976,8 @@ class TokenJsonwebtokenTests(TokenTestCase):
 # Refused tokens
 
 class TokenAlgorithmTests(TokenTestCase):
+
+    part = "D"                  # run by the third process, see main()
     def test_alg_none_and_others(self):
         for header in ({"alg": "none"}, {"alg": "None"}, {"alg": "NONE"},
                        {"alg": "nOnE"}, {"typ": "JWT"}, {"alg": None},
@@ -10008,6 +10020,8 @@ class TokenAlgorithmTests(TokenTestCase):
 
 
 class TokenSignatureTests(TokenTestCase):
+
+    part = "D"                  # run by the third process, see main()
     def test_wrong_secret(self):
         self.refuse(mint_hs(claims_payload(), SECRET3), "signature")
         error = self.refuse(mint_hs(claims_payload(jti="x"), SECRET3),
@@ -10135,6 +10149,8 @@ def cube_root(value):
 
 
 class TokenFormTests(TokenTestCase):
+
+    part = "D"                  # run by the third process, see main()
     def test_bad_base64(self):
         token = mint_hs(claims_payload())
         head, body, sig = token.split(".")
@@ -10256,6 +10272,8 @@ class TokenFormTests(TokenTestCase):
 
 
 class TokenTimeTests(TokenTestCase):
+
+    part = "D"                  # run by the third process, see main()
     def test_expiry_edge(self):
         exp = NOW + 100
         token = mint_hs({"sub": "a", "exp": exp})
@@ -10283,6 +10301,8 @@ class TokenTimeTests(TokenTestCase):
 
 
 class TokenAudienceIssuerTests(TokenTestCase):
+
+    part = "D"                  # run by the third process, see main()
     def test_audience(self):
         for aud in ("comet", ["x", "comet"], ["comet"]):
             self.accept(mint_hs({"aud": aud}), audience="comet")
@@ -10309,6 +10329,8 @@ class TokenAudienceIssuerTests(TokenTestCase):
 # Patterns, cache, timing
 
 class TokenPatternsTests(unittest.TestCase):
+
+    part = "D"                  # run by the third process, see main()
     def test_covers(self):
         patterns = simple_comet.Patterns(["room:*", "lobby", "a*"])
         for name in ("room:1", "room:", "room:x:y", "lobby", "a", "abc"):
@@ -10328,6 +10350,8 @@ class TokenPatternsTests(unittest.TestCase):
 
 
 class TokenCacheTests(TokenTestCase):
+
+    part = "D"                  # run by the third process, see main()
     def setUp(self):
         super().setUp()
         self.calls = 0
@@ -10398,6 +10422,8 @@ class TokenCacheTests(TokenTestCase):
 class TokenTimingTests(TokenTestCase):
     """Printed, not asserted tightly: SPEC wants HS256 well under 100 us
     and RS256 under 1 ms for a first check."""
+
+    part = "D"                  # run by the third process, see main()
 
     def per_call(self, function, runs):
         function()
@@ -10493,7 +10519,7 @@ class TokenServerTests(unittest.TestCase):
     """A server with --token-key-file: what a token lets a reader see, and
     every way a token is refused (never read as anonymous)."""
 
-    part = "C"                  # run by the second process, see main()
+    part = "D"                  # run by the third process, see main()
 
     @classmethod
     def setUpClass(cls):
@@ -10744,6 +10770,8 @@ class TokenSwitchTests(unittest.TestCase):
     """Key files that cannot be used stop the server with exit 2 and one
     line naming the file; without a key, tokens are disabled."""
 
+    part = "D"                  # run by the third process, see main()
+
     def test_bad_key_files(self):
         with tempfile.TemporaryDirectory() as directory:
             cases = {"missing": None, "short": "x" * 31,
@@ -10785,7 +10813,7 @@ class TokenStateTests(unittest.TestCase):
     """Revocations survive a restart with --state-file, and private
     channels stay private."""
 
-    part = "C"                  # run by the second process, see main()
+    part = "D"                  # run by the third process, see main()
 
     def test_revocation_survives_a_restart(self):
         with tempfile.TemporaryDirectory() as directory:
@@ -10841,6 +10869,8 @@ class TokenRedisTestCase(RedisTestCase):
 class TokenRedisTests(TokenRedisTestCase):
     """A revocation on one instance ends the polls and streams of its
     tokens on every instance, and is refused there from then on."""
+
+    part = "D"                  # run by the third process, see main()
 
     def test_revocation_on_every_instance(self):
         a, b = self.ports
@@ -10898,7 +10928,7 @@ class BrowserPublishTests(unittest.TestCase):
     """Token pushes, as a page's fetch makes them: the sender stamped by
     the server, real statuses, bounds, CORS; ephemeral messages."""
 
-    part = "C"                  # run by the second process, see main()
+    part = "D"                  # run by the third process, see main()
 
     @classmethod
     def setUpClass(cls):
@@ -11070,7 +11100,7 @@ class BrowserPublishTests(unittest.TestCase):
 class BrowserPublishStateTests(unittest.TestCase):
     """from survives a restart; an ephemeral message is not in the file."""
 
-    part = "C"                  # run by the second process, see main()
+    part = "D"                  # run by the third process, see main()
 
     def test_from_kept_and_ephemeral_not(self):
         with tempfile.TemporaryDirectory() as directory:
@@ -11102,6 +11132,8 @@ class BrowserPublishStateTests(unittest.TestCase):
 @needs_pyjwt
 class BrowserPublishRedisTests(TokenRedisTestCase):
     """from and ephemeral messages across instances on one Redis."""
+
+    part = "D"                  # run by the third process, see main()
 
     def test_from_and_ephemeral_on_another_instance(self):
         a, b = self.ports
@@ -11145,7 +11177,7 @@ class NginxPublishTests(unittest.TestCase):
     """The README's public server for publishing from the browser, in a real
     nginx, before a server with --admin-token and --token-key-file."""
 
-    part = "C"                  # run by the second process, see main()
+    part = "D"                  # run by the third process, see main()
 
     @classmethod
     def setUpClass(cls):
@@ -11261,7 +11293,7 @@ class PresenceTests(unittest.TestCase):
     """presence=1 channels: members, counts, join and leave in every form,
     the grace, the snapshot's cursor."""
 
-    part = "C"                  # run by the second process, see main()
+    part = "D"                  # run by the third process, see main()
     GRACE = 1.0
 
     @classmethod
@@ -11408,7 +11440,7 @@ class PresenceRedisTests(unittest.TestCase):
     event once, a user on two instances one member, and no ghost after an
     instance is killed."""
 
-    part = "C"                  # run by the second process, see main()
+    part = "D"                  # run by the third process, see main()
 
     def setUp(self):
         self.dir = tempfile.TemporaryDirectory(prefix="comet-presence-")
@@ -11476,7 +11508,7 @@ class PresenceRestartTests(unittest.TestCase):
     """A restart with --state-file within the grace changes nothing; a
     reader that does not come back leaves, counted from the restart."""
 
-    part = "C"                  # run by the second process, see main()
+    part = "D"                  # run by the third process, see main()
 
     def test_restart_within_the_grace(self):
         with tempfile.TemporaryDirectory() as directory:
@@ -11532,6 +11564,8 @@ class TokenBrowserTests(BrowserPages, unittest.TestCase):
     expiry the stream says so, the page asks a tiny backend for a new token
     and goes on from its cursor, with no gap and no duplicate; the JS
     client does the same with a function for its URL."""
+
+    part = "D"                  # run by the third process, see main()
 
     PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
 <script src="/simple-comet.js"></script><script>
@@ -11615,6 +11649,8 @@ function open_stream() {
 class ChatPageTests(BrowserPages, unittest.TestCase):
     """The README's chat page, copied as it stands, in two Chromium tabs of
     another origin: messages with their senders, who is online, typing."""
+
+    part = "D"                  # run by the third process, see main()
 
     def setUp(self):
         directory = tempfile.TemporaryDirectory(prefix="comet-chat-")
@@ -11710,6 +11746,8 @@ class DashboardTests(BrowserPages, unittest.TestCase):
     """/dashboard in Chromium, on a real server: it loads clean, asks for
     nothing outside the server, shows the status page's figures and moves
     within two seconds; with an admin token it asks for it once."""
+
+    part = "D"                  # run by the third process, see main()
 
     def open(self, port):
         tab = self.browser.new_tab()
@@ -11850,6 +11888,8 @@ class Subscriber(threading.Thread):
 
 
 class ReliabilityTests(unittest.TestCase):
+
+    part = "D"                  # run by the third process, see main()
 
     def test_stalled_clients_do_not_slow_others_and_are_closed(self):
         server = ServerProcess("--enable-status",
@@ -12069,11 +12109,13 @@ class ReliabilityTests(unittest.TestCase):
             server.close()
 
 
-# The suite runs in two processes at once (the machine has two cores and
+# The suite runs in three processes at once (the machine has two cores and
 # most tests wait on servers): this one runs parts A and B with the main
 # server, a second one (PART == "C") the classes that say part = "C":
 # streams read over sockets and nginx, the state file and Redis
-# instances, which start servers of their own (about half the time).
+# instances, and a third (PART == "D") those that say part = "D": tokens,
+# presence, publishing from the browser, the dashboard; the last two start
+# servers of their own.
 
 def part_of(cls):
     return getattr(cls, "part", "AB")
@@ -12095,35 +12137,45 @@ def run(classes, stream):
 
 def main():
     """Run every test; print one closing line with the counts.  With
-    SIMPLE_COMET_NO_SKIP set (CI), a skipped test is a failure."""
+    SIMPLE_COMET_NO_SKIP set (CI), a skipped test is a failure.  The
+    classes that say part = "C" or part = "D" run in processes of their
+    own, beside this one (most tests wait on servers, so three processes
+    share two cores well)."""
     classes = [c for c in globals().values() if isinstance(c, type)
                and issubclass(c, unittest.TestCase) and c.__module__ == __name__
                and unittest.defaultTestLoader.getTestCaseNames(c)]
-    if PART == "C":
-        counts = run([c for c in classes if part_of(c) == "C"],
-                     sys.stderr)
-        print("part C: %d passed, %d failed, %d skipped" % counts)
+    if PART in ("C", "D"):
+        counts = run([c for c in classes if part_of(c) == PART], sys.stderr)
+        print("part %s: %d passed, %d failed, %d skipped" % (PART, *counts))
         return 0
-    with tempfile.TemporaryFile("w+") as out:
-        child = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__)], stdout=out,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "SIMPLE_COMET_PART": "C"})
+    children = []
+    with tempfile.TemporaryFile("w+") as out_c, \
+            tempfile.TemporaryFile("w+") as out_d:
         try:
-            counts = run([c for c in classes if part_of(c) != "C"],
+            for part, out in (("C", out_c), ("D", out_d)):
+                children.append((part, out, subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__)], stdout=out,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env={**os.environ, "SIMPLE_COMET_PART": part})))
+            counts = run([c for c in classes if part_of(c) == "AB"],
                          sys.stderr)
-            child.wait(timeout=600)
+            for _, _, child in children:
+                child.wait(timeout=600)
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        out.seek(0)
-        child_output = out.read()
-    print(child_output, end="", file=sys.stderr)
-    found = re.search(r"^part C: (\d+) passed, (\d+) failed, (\d+) skipped$",
-                      child_output, re.M)
-    child_counts = tuple(map(int, found.groups())) if found else (0, 1, 0)
-    passed, failed, skipped = (a + b for a, b in zip(counts, child_counts))
+            for _, _, child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        for part, out, _ in children:
+            out.seek(0)
+            output = out.read()
+            print(output, end="", file=sys.stderr)
+            found = re.search(r"^part %s: (\d+) passed, (\d+) failed, "
+                              r"(\d+) skipped$" % part, output, re.M)
+            part_counts = tuple(map(int, found.groups())) if found \
+                else (0, 1, 0)
+            counts = tuple(a + b for a, b in zip(counts, part_counts))
+    passed, failed, skipped = counts
     print(f"{passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 

@@ -9531,7 +9531,6 @@ class StoreContractTests(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(again.health(), "state file not writable: test")
 
 
-
 # ---------------------------------------------------------------------------
 # D1. Tokens in process: key files, verification, interop with PyJWT and
 # Node's jsonwebtoken, forgeries, limits, the cache
@@ -10463,7 +10462,6 @@ class TokenTimingTests(TokenTestCase):
             pass
 
 
-
 # ---------------------------------------------------------------------------
 # D1. Tokens on a server: private channels, refusals, expiry, revocation
 # ---------------------------------------------------------------------------
@@ -10765,7 +10763,6 @@ def jwt_none(claims):
         json.dumps(claims).encode()).rstrip(b"=").decode() + ".")
 
 
-
 class TokenSwitchTests(unittest.TestCase):
     """Key files that cannot be used stop the server with exit 2 and one
     line naming the file; without a key, tokens are disabled."""
@@ -10894,7 +10891,6 @@ class TokenRedisTests(TokenRedisTestCase):
         for port in (a, b):
             self.assertEqual(api("GET", with_token(chan(name), token),
                                  port=port)["return_code"], -4)
-
 
 
 # ---------------------------------------------------------------------------
@@ -11158,16 +11154,20 @@ class BrowserPublishRedisTests(TokenRedisTestCase):
         self.assertIn(b'"from": "hank"', history[-1])
 
 
+def readme_block(kind, needle):
+    """The README's ```kind block that holds ``needle``."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    for block in re.findall(r"^```%s[ \t]*\n(.*?)^```" % kind, text,
+                            re.M | re.S):
+        if needle in block:
+            return block
+    raise AssertionError(f"no {kind} block with {needle!r} in the README")
 
 
 def readme_publish_nginx_conf():
     """The README's nginx block for publishing from the browser."""
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    for block in re.findall(r"^```nginx[ \t]*\n(.*?)^```", text, re.M | re.S):
-        if "limit_except GET POST OPTIONS" in block:
-            return block
-    raise AssertionError("no publishing block for nginx in the README")
+    return readme_block("nginx", "limit_except GET POST OPTIONS")
 
 
 @needs_pyjwt
@@ -11433,7 +11433,6 @@ class PresenceTests(unittest.TestCase):
         sse.close()
 
 
-
 @needs_pyjwt
 class PresenceRedisTests(unittest.TestCase):
     """Presence across instances on one Redis: one view everywhere, each
@@ -11546,15 +11545,9 @@ class PresenceRestartTests(unittest.TestCase):
                 server.close()
 
 
-
 def readme_chat_page():
     """The README's chat page: its one HTML block that holds a chat."""
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    for block in re.findall(r"^```html[ \t]*\n(.*?)^```", text, re.M | re.S):
-        if "<title>Chat</title>" in block:
-            return block
-    raise AssertionError("no chat page in the README")
+    return readme_block("html", "<title>Chat</title>")
 
 
 @needs_pyjwt
@@ -11711,7 +11704,6 @@ class ChatPageTests(BrowserPages, unittest.TestCase):
         stored = read([self.room], port=self.server.port)["messages"][self.room]
         contents = [m["content"] for m in stored if "content" in m]
         self.assertEqual(contents, ['{"text":"hi Alice"}'])
-
 
 
 # ---------------------------------------------------------------------------

@@ -191,6 +191,7 @@ STATE_FSYNC_INTERVAL = 1.0           # seconds: a power loss costs at most this
 STATE_COMPACT_RATIO = 4              # compact when the file is this many times
 STATE_COMPACT_SLACK = 64 * 1024      # ... the live state, plus this
 STATE_COMPACT_SLICE = 0.005          # seconds of work between yields while compacting
+STATE_COMPACT_CATCH_UPS = 3          # copies of what arrived, in a thread, before the swap
 
 
 class Config:
@@ -2156,8 +2157,9 @@ class Journal:
             fd = self.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
                                 os.O_APPEND)
             size = live = await self.snapshot(fd)
-            # What arrived meanwhile, until little is left to copy.
-            while True:
+            # What arrived meanwhile, a few times over (under a steady flow
+            # of pushes it would never run dry); the rest goes below.
+            for _ in range(STATE_COMPACT_CATCH_UPS):
                 during, self.during = self.during, []
                 size += await run(None, self.write_all, fd, b"".join(during))
                 if len(during) < 100:

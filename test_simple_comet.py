@@ -10787,6 +10787,31 @@ class TokenSwitchTests(unittest.TestCase):
                 self.assertIn(path, lines[0])
                 self.assertNotIn("Traceback", result.stderr)
 
+    def test_audience_and_issuer_switches(self):
+        with tempfile.TemporaryDirectory() as directory:
+            server = ServerProcess(
+                "--token-key-file=" + write_key_file(directory, TOKEN_SECRET),
+                "--token-audience=comet", "--token-issuer=backend")
+            try:
+                name = register(port=server.port)
+                push(name, "m", port=server.port)
+                cases = {
+                    "audience": token_for(sub="x", iss="backend"),
+                    "issuer": token_for(sub="x", aud="comet"),
+                    None: token_for(sub="x", aud=["web", "comet"],
+                                    iss="backend"),
+                }
+                for reason, token in cases.items():
+                    reply = api("GET", with_token(chan(name), token),
+                                port=server.port)
+                    if reason is None:
+                        self.assertEqual(reply["return_code"], 1)
+                    else:
+                        self.assertEqual(reply["error_message"],
+                                         f"Refused: token {reason}")
+            finally:
+                server.close()
+
     def test_without_a_key_tokens_are_disabled(self):
         server = ServerProcess()
         port = server.port

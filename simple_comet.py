@@ -355,8 +355,10 @@ def parse_head(head):
             method, path, query, version, lines = match.groups()
             headers = {}
             count = 0
-            for name, value in _COMMON_HEADER.findall(lines):
-                headers[name.lower()] = value
+            # The match checked every line, so splitting is enough.
+            for line in lines.split("\r\n")[:-1]:
+                name, _, value = line.partition(":")
+                headers[name.lower()] = value.strip(" \t")
                 count += 1
             # A repeated header, too many or a missing Host: as below.
             if len(headers) == count <= MAX_HEADER_LINES and (
@@ -476,15 +478,23 @@ class HeadReader(asyncio.StreamReader):
             await self._wait_for_data("readhead")
         if end > self._limit:
             raise asyncio.LimitOverrunError("Request head too long", end)
-        if end == len(buffer):           # the usual: one head, nothing after
-            head = bytes(buffer)
+        return self.take(end)
+
+    def take(self, size):
+        """``size`` bytes if the buffer holds them, else b"" (then
+        readexactly() waits for them)."""
+        buffer = self._buffer
+        if len(buffer) < size or self._exception is not None:
+            return b""
+        if size == len(buffer):          # the usual: nothing after it
+            data = bytes(buffer)
             buffer.clear()
         else:
-            head = bytes(memoryview(buffer)[:end])
-            del buffer[:end]
+            data = bytes(memoryview(buffer)[:size])
+            del buffer[:size]
         if self._paused:
             self._maybe_resume_transport()
-        return head
+        return data
 
 
 def body_length(request, max_body):
@@ -4004,6 +4014,8 @@ SSE_HEAD = (b"HTTP/1.1 200 OK\r\n"
 # The comment makes proxies pass the head on at once.
 SSE_START = SSE_HEAD + b"retry: %d\n: stream open\n\n" % SSE_RETRY_MS
 
+HELD = "held"                            # a read that now waits
+
 TOKEN_WRITE_EXPOSE = b"Access-Control-Expose-Headers: Retry-After\r\n"
 
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -4387,17 +4399,35 @@ class App(Access, Writes, StatusPages):
             raise HTTPError(404, f"No resource at {path[:100]}", close=False)
         # Most requests go to paths seen before (a channel's readers, its
         # publisher): each is matched once while the cache holds it.
+        # The channel resource with one plain name takes the short path.
+        name = match["names"] if methods.get("GET", ("",))[0] == \
+            self.read else None
+        if name is not None and ("%" in name or "|" in name):
+            name = None
+        found = match, methods, name
         if len(path) <= MATCHED_PATH_BYTES:
             if len(self.matched) >= MATCHED_PATHS:
                 self.matched.clear()
-            self.matched[path] = found = match, methods
-        return match, methods
+            self.matched[path] = found
+        return found
 
     async def route(self, request, conn):
         """The reply: (status, content type, body, cors, extra headers), or
         None when a read is held or a stream is open.  Raises HTTPError."""
-        match, methods = self.match(request.path)
+        match, methods, name = self.match(request.path)
         method = request.method
+        if name is not None:
+            # The commonest requests, on a short path when they are plain.
+            if method == "GET":
+                reply = self.short_read(request, conn, name, match)
+                if reply is not None:
+                    return None if reply is HELD else reply
+            elif method == "POST" and match["fmt"] == "json":
+                text = await self.short_push(request, conn, name)
+                if text is not None:
+                    return (200, *frame_body(text, None,
+                                             self.config.quote_json),
+                            False, b"")
         entry = methods.get(method)
         if entry is None:
             raise HTTPError(405, f"{method} not allowed here", close=False,
@@ -4519,6 +4549,67 @@ class App(Access, Writes, StatusPages):
         hub.hold(Poll(conn, channels, since, client_id, request.callback),
                  request.claims)
         return None
+
+    def short_read(self, request, conn, name, match):
+        """A read of one channel without options, with nothing but since
+        and a JSON-P callback: route()'s reply, HELD, or None when the
+        general route must answer."""
+        if "authorization" in request.headers:
+            return None
+        try:
+            params = decode_params(request.query, "query string")
+        except (HTTPError, APIError):
+            return None                  # told by the general route
+        since = params.pop("since", "0")
+        callback = params.pop("cb", DEFAULT_CALLBACK) \
+            if match["fmt"] == "jsonp" else None
+        if params or len(since) > 16 or not since.isdigit() or \
+                not since.isascii():
+            return None
+        since = int(since)
+        store = self.store
+        channel = store.channels.get(name)
+        if channel is None or channel.options or since > store.last_id or \
+                callback is not None and callback_error(callback):
+            return None
+        store.touch_channel(channel, self.hub.loop.time())
+        hub = self.hub
+        channels = (channel,)
+        text = hub.read_text(channels, since) if since < store.last_id \
+            else None
+        if text is None:
+            hub.hold(Poll(conn, channels, since, None, callback))
+            return HELD
+        return (200, *frame_body(text, callback, self.config.quote_json),
+                True, b"")
+
+    async def short_push(self, request, conn, name):
+        """A push by the admin on loopback with nothing but content to a
+        channel that exists: its reply text, or None when the general route
+        must answer."""
+        store = self.store
+        if request.query or name not in store.channels or \
+                self.token is not None or not conn.local or \
+                "authorization" in request.headers:
+            return None
+        content_type = request.headers.get("content-type")
+        if content_type is not None and content_type != FORM_TYPE:
+            return None
+        try:
+            params = decode_params(request.body.decode("utf-8"), "body")
+        except (UnicodeDecodeError, HTTPError, APIError):
+            return None
+        content = params.get("content")
+        if content is None or len(params) != 1:
+            return None
+        try:
+            pushed = await store.push(name, content)
+        except APIError as e:
+            return error_text(e.return_code, e.message)
+        return ('{"return_code": 1, "error_message": "", "message_id": %d, '
+                '"delivered": %d%s}' % (
+                    pushed.id, pushed.delivered, "" if pushed.instances is None
+                    else ', "instances": %d' % pushed.instances))
 
     async def stream(self, request, conn):
         """Start an EventSource stream: write the head and the opening
@@ -4745,7 +4836,9 @@ class Connection:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             if length:
-                request.body = await reader.readexactly(length)
+                # Usually the body came with its head: taken at once.
+                request.body = reader.take(length) or \
+                    await reader.readexactly(length)
             elif length is None:
                 request.body = await read_chunked(reader, max_body)
         except asyncio.LimitOverrunError:

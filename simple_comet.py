@@ -4301,7 +4301,11 @@ class Writes:
             # A publisher is not told how many read a channel.
             return ('{"return_code": 1, "error_message": "", "message_id": '
                     '%d}' % pushed.id)
-        # The hottest write: formatted directly rather than through a dict.
+        return self.pushed_text(pushed)
+
+    @staticmethod
+    def pushed_text(pushed):
+        """An admin push's reply, formatted directly (the hottest write)."""
         return ('{"return_code": 1, "error_message": "", "message_id": %d, '
                 '"delivered": %d%s}' % (
                     pushed.id, pushed.delivered, "" if pushed.instances is None
@@ -4387,7 +4391,9 @@ class App(Access, Writes, StatusPages):
                 self.routes.append((re.compile(path), entries))
 
     def match(self, path):
-        """(The route's match, its methods) for a path; raises 404."""
+        """(The route's match, its methods, and the channel's name when the
+        path is the channel resource with one plain name, which takes the
+        short path) for a path; raises 404."""
         found = self.matched.get(path)
         if found is not None:
             return found
@@ -4397,14 +4403,13 @@ class App(Access, Writes, StatusPages):
                 break
         else:
             raise HTTPError(404, f"No resource at {path[:100]}", close=False)
-        # Most requests go to paths seen before (a channel's readers, its
-        # publisher): each is matched once while the cache holds it.
-        # The channel resource with one plain name takes the short path.
         name = match["names"] if methods.get("GET", ("",))[0] == \
             self.read else None
         if name is not None and ("%" in name or "|" in name):
             name = None
         found = match, methods, name
+        # Most requests go to paths seen before (a channel's readers, its
+        # publisher): each is matched once while the cache holds it.
         if len(path) <= MATCHED_PATH_BYTES:
             if len(self.matched) >= MATCHED_PATHS:
                 self.matched.clear()
@@ -4606,10 +4611,7 @@ class App(Access, Writes, StatusPages):
             pushed = await store.push(name, content)
         except APIError as e:
             return error_text(e.return_code, e.message)
-        return ('{"return_code": 1, "error_message": "", "message_id": %d, '
-                '"delivered": %d%s}' % (
-                    pushed.id, pushed.delivered, "" if pushed.instances is None
-                    else ', "instances": %d' % pushed.instances))
+        return self.pushed_text(pushed)
 
     async def stream(self, request, conn):
         """Start an EventSource stream: write the head and the opening

@@ -2310,6 +2310,106 @@ class HeadParsingTests(unittest.TestCase):
                 self.check(head)
 
 
+class ShortPathTests(unittest.TestCase):
+    """Plain reads and admin pushes of one channel take a short path in
+    App.route(); a parameter nobody reads (x) sends the same request down
+    the general route, and both must answer the same bytes."""
+
+    def one(self, s, f, data):
+        s.sendall(data)
+        return read_response(f)
+
+    def pair(self, request, version="1.1", extra=""):
+        """(short, general) replies to GET ``request`` (a path and query)."""
+        with connect() as s:
+            f = s.makefile("rb")
+            return [self.one(s, f, (
+                f"GET {path} HTTP/{version}\r\nHost: localhost\r\n"
+                f"{extra}\r\n").encode())
+                for path in (request, request + "&x=1")]
+
+    def test_reads_answer_as_the_general_route(self):
+        name = register()
+        ids = [push(name, f"m{i} \u00e9\"<>").get("message_id")
+               for i in range(3)]
+        for query in ("since=0", f"since={ids[0]}", f"since={ids[2] - 1}",
+                      "since=0&cb=_JSONP_x.y"):
+            for suffix in (".json", ".jsonp"):
+                for version, extra in (("1.1", ""), ("1.0", "keep"),
+                                       ("1.1", "Connection: close\r\n")):
+                    with self.subTest(query=query, suffix=suffix,
+                                      version=version, extra=extra):
+                        if extra == "keep":
+                            replies = self.pair(
+                                f"/channels/{name}{suffix}?{query}",
+                                version, "Connection: keep-alive\r\n")
+                        elif extra:
+                            replies = [exchange(get_request(
+                                f"/channels/{name}{suffix}?{query}" + q,
+                                extra)) for q in ("", "&x=1")]
+                        else:
+                            replies = self.pair(
+                                f"/channels/{name}{suffix}?{query}",
+                                version)
+                        self.assertEqual(replies[0], replies[1])
+                        self.assertIn(b"m2", replies[0][0][-1]
+                                      if extra == "Connection: close\r\n"
+                                      else replies[0][-1])
+
+    def test_refusals_and_held_polls_answer_as_the_general_route(self):
+        name = register()
+        last = push(name, "one")["message_id"]
+        for query in (f"since={last + 10 ** 9}", "since=-1", "since=",
+                      "since=1&since=2", "since=1e3", "cb=x"):
+            with self.subTest(query=query):
+                short, general = self.pair(f"/channels/{name}.jsonp?{query}")
+                self.assertEqual(short, general)
+        short, general = self.pair(f"/channels/{fresh()}.json?since=0")
+        self.assertEqual(short, general)
+        self.assertIn(b"-2", short[-1])
+        # Two held polls, one down each path: the same reply to one push.
+        held = []
+        for q in ("", "&x=1"):
+            s = connect()
+            s.sendall(get_request(f"/channels/{name}.json?since={last}{q}"))
+            held.append(s)
+        wait_held(2)
+        push(name, "two")
+        replies = [read_response(s.makefile("rb")) for s in held]
+        for s in held:
+            s.close()
+        self.assertEqual(replies[0], replies[1])
+        self.assertIn(b'"two"', replies[0][-1])
+
+    def test_pushes_answer_as_the_general_route(self):
+        name = register()
+        with connect() as s:
+            f = s.makefile("rb")
+            replies = [self.one(s, f, post_request(
+                f"/channels/{name}.json", params))
+                for params in ({"content": "a b+c%d\u00e9"},
+                               {"content": "a b+c%d\u00e9", "x": ""})]
+        bodies = [json.loads(r[2]) for r in replies]
+        self.assertEqual(bodies[1]["message_id"], bodies[0]["message_id"] + 1)
+        for r, b in zip(replies, bodies):
+            del b["message_id"]
+            self.assertEqual(len(r[2]), len(replies[0][2]))
+        self.assertEqual(replies[0][:2], replies[1][:2])
+        self.assertEqual(bodies[0], bodies[1])
+        messages = read([name])["messages"][name]
+        self.assertEqual([m["content"] for m in messages],
+                         ["a b+c%d\u00e9"] * 2)
+        # A push to no channel, and one with no content: as before.
+        for params in ({"content": "x"}, {}):
+            with self.subTest(params=params):
+                other = fresh() if params else name
+                short = api("POST", f"/channels/{other}.json", params)
+                general = api("POST", f"/channels/{other}.json",
+                              {**params, "x": ""})
+                self.assertEqual(short, general)
+                self.assertLess(short["return_code"], 0)
+
+
 class HTTPTests(unittest.TestCase):
 
     def setUp(self):

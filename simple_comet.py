@@ -1390,10 +1390,6 @@ class Channel:
         self.key = key = json.dumps(self.name)
         return key
 
-    @property
-    def newest_id(self):
-        return self.messages[-1][0] if self.messages else 0
-
     def add(self, message_id, text):
         messages = self.messages
         if messages is None:
@@ -1466,7 +1462,8 @@ class Core:
         returns how many waiters it reached."""
         if message_id > self.last_id:
             self.last_id = message_id
-        if channel is None or channel.newest_id >= message_id:
+        if channel is None or channel.messages and \
+                channel.messages[-1][0] >= message_id:
             return 0
         if not ephemeral:
             channel.add(message_id, text)

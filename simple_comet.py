@@ -62,7 +62,8 @@ The file reads top to bottom, a banner a section:
                          Stream), Reads, ReadersOfNote (presence, token
                          ends), Hub
     Routes               the route table, RateLimiter, Access, StatusPages
-                         (one table of counters), Writes, App
+                         (one table of counters), Writes, Shortcuts (the
+                         commonest requests on a short path), App
     Connection handling  one keep-alive loop per connection
     Logging              a writer thread, rate-limited client mistakes
     Server lifecycle     listening, housekeeping, shutdown
@@ -1917,6 +1918,33 @@ def replay(core, data, path):
     return position
 
 
+def live_records(core):
+    """The records of the core's live state, each as it is when reached
+    (what compaction writes; replay() reads them back)."""
+    yield counter_record(core.last_id)
+    for channel in list(core.channels.values()):
+        if core.channels.get(channel.name) is channel:  # not removed since
+            yield channel_record(channel.name, channel.max_messages,
+                                 channel.options, channel.dropped_id)
+            for message_id, text in tuple(channel.messages or ()):
+                yield message_record(channel, message_id, text)
+            presence = core.presence.get(channel.name)
+            if presence is not None:
+                for event_id, text, kind in tuple(presence.events):
+                    user = json.loads(text)["from"]
+                    yield presence_record(channel.name, kind, user,
+                                          presence.members.get(user), text)
+                for user, info in list(presence.members.items()):
+                    yield member_record(channel.name, user, info)
+    for client_id in list(core.clients):
+        if client_id in core.clients:
+            yield client_record(client_id)
+    now = time.time()
+    for (kind, value), (at, until) in list(core.revoked.items()):
+        if until > now:
+            yield revocation_record(kind, value, at, until)
+
+
 def channel_bytes(channel):
     """About what a channel and its messages take in a snapshot."""
     overhead = 30 + len(channel.key)
@@ -1930,8 +1958,8 @@ class Journal:
     Its state is one of OK, REFUSING (a write failed, a full disk: the
     server reports itself unable to take writes, and each write is still
     tried, until one as big as the refused one goes through; the sync loop
-    probes with such a write once a second) and BROKEN (a failed fsync or cut-back: PATH cannot be trusted
-    until compaction has rewritten it).  Files: PATH, PATH.tmp while
+    probes with such a write once a second) and BROKEN (a failed fsync or
+    cut-back: PATH cannot be trusted until compaction has rewritten it).  Files: PATH, PATH.tmp while
     compacting, PATH.lock (held with flock while the server runs); all
     mode 0600.  Compaction copies the list of channels and clients, writes
     each one as it is when reached, a slice at a time, appends what arrived
@@ -2108,39 +2136,12 @@ class Journal:
     def start_compaction(self):
         self.compacting = self.loop.create_task(self.compact())
 
-    def live_records(self):
-        """The records of the live state, each as it is when reached."""
-        core = self.core
-        yield counter_record(core.last_id)
-        for channel in list(core.channels.values()):
-            if core.channels.get(channel.name) is channel:  # not removed since
-                yield channel_record(channel.name, channel.max_messages,
-                                     channel.options, channel.dropped_id)
-                for message_id, text in tuple(channel.messages or ()):
-                    yield message_record(channel, message_id, text)
-                presence = core.presence.get(channel.name)
-                if presence is not None:
-                    for event_id, text, kind in tuple(presence.events):
-                        user = json.loads(text)["from"]
-                        yield presence_record(channel.name, kind, user,
-                                              presence.members.get(user),
-                                              text)
-                    for user, info in list(presence.members.items()):
-                        yield member_record(channel.name, user, info)
-        for client_id in list(core.clients):
-            if client_id in core.clients:
-                yield client_record(client_id)
-        now = time.time()
-        for (kind, value), (at, until) in list(core.revoked.items()):
-            if until > now:
-                yield revocation_record(kind, value, at, until)
-
     async def snapshot(self, fd):
         """Write the live state to ``fd`` a slice at a time; its size."""
         size = 0
         chunk = []
         deadline = time.perf_counter() + STATE_COMPACT_SLICE
-        for data in self.live_records():
+        for data in live_records(self.core):
             chunk.append(data)
             if len(chunk) >= 100 and time.perf_counter() > deadline:
                 size += self.write_all(fd, b"".join(chunk))
@@ -4359,7 +4360,72 @@ class Writes:
         return success_text(**{kind: value}, until=until)
 
 
-class App(Access, Writes, StatusPages):
+class Shortcuts:
+    """The commonest requests, a plain read and an admin's push of one
+    channel, answered without the general route's steps (parameters, the
+    callback's checks, credentials, the hub's view).  Anything else, and
+    every refusal, goes the general way.  Part of App."""
+
+    def short_read(self, request, conn, name, match):
+        """A read of one channel without options, with nothing but since
+        and a JSON-P callback: route()'s reply, HELD, or None when the
+        general route must answer."""
+        if "authorization" in request.headers:
+            return None
+        try:
+            params = decode_params(request.query, "query string")
+        except (HTTPError, APIError):
+            return None                  # told by the general route
+        since = params.pop("since", "0")
+        callback = params.pop("cb", DEFAULT_CALLBACK) \
+            if match["fmt"] == "jsonp" else None
+        if params or len(since) > 16 or not since.isdigit() or \
+                not since.isascii():
+            return None
+        since = int(since)
+        store = self.store
+        channel = store.channels.get(name)
+        if channel is None or channel.options or since > store.last_id or \
+                callback is not None and callback_error(callback):
+            return None
+        hub = self.hub
+        store.touch_channel(channel, hub.loop.time())
+        channels = (channel,)
+        text = hub.read_text(channels, since) if since < store.last_id \
+            else None
+        if text is None:
+            hub.hold(Poll(conn, channels, since, None, callback))
+            return HELD
+        return (200, *frame_body(text, callback, self.config.quote_json),
+                True, b"")
+
+    async def short_push(self, request, conn, name):
+        """A push by the admin on loopback with nothing but content to a
+        channel that exists: its reply text, or None when the general route
+        must answer."""
+        store = self.store
+        if request.query or name not in store.channels or \
+                self.token is not None or not conn.local or \
+                "authorization" in request.headers:
+            return None
+        content_type = request.headers.get("content-type")
+        if content_type is not None and content_type != FORM_TYPE:
+            return None
+        try:
+            params = decode_params(request.body.decode("utf-8"), "body")
+        except (UnicodeDecodeError, HTTPError, APIError):
+            return None
+        content = params.get("content")
+        if content is None or len(params) != 1:
+            return None
+        try:
+            pushed = await store.push(name, content)
+        except APIError as e:
+            return error_text(e.return_code, e.message)
+        return self.pushed_text(pushed)
+
+
+class App(Access, Writes, StatusPages, Shortcuts):
     """Routes a parsed request to the hub and builds the reply.  Every
     handler is a coroutine ``handler(request, conn)``; the route's match,
     parameters and JSON-P callback are on the request."""
@@ -4551,64 +4617,6 @@ class App(Access, Writes, StatusPages):
         hub.hold(Poll(conn, channels, since, client_id, request.callback),
                  request.claims)
         return None
-
-    def short_read(self, request, conn, name, match):
-        """A read of one channel without options, with nothing but since
-        and a JSON-P callback: route()'s reply, HELD, or None when the
-        general route must answer."""
-        if "authorization" in request.headers:
-            return None
-        try:
-            params = decode_params(request.query, "query string")
-        except (HTTPError, APIError):
-            return None                  # told by the general route
-        since = params.pop("since", "0")
-        callback = params.pop("cb", DEFAULT_CALLBACK) \
-            if match["fmt"] == "jsonp" else None
-        if params or len(since) > 16 or not since.isdigit() or \
-                not since.isascii():
-            return None
-        since = int(since)
-        store = self.store
-        channel = store.channels.get(name)
-        if channel is None or channel.options or since > store.last_id or \
-                callback is not None and callback_error(callback):
-            return None
-        store.touch_channel(channel, self.hub.loop.time())
-        hub = self.hub
-        channels = (channel,)
-        text = hub.read_text(channels, since) if since < store.last_id \
-            else None
-        if text is None:
-            hub.hold(Poll(conn, channels, since, None, callback))
-            return HELD
-        return (200, *frame_body(text, callback, self.config.quote_json),
-                True, b"")
-
-    async def short_push(self, request, conn, name):
-        """A push by the admin on loopback with nothing but content to a
-        channel that exists: its reply text, or None when the general route
-        must answer."""
-        store = self.store
-        if request.query or name not in store.channels or \
-                self.token is not None or not conn.local or \
-                "authorization" in request.headers:
-            return None
-        content_type = request.headers.get("content-type")
-        if content_type is not None and content_type != FORM_TYPE:
-            return None
-        try:
-            params = decode_params(request.body.decode("utf-8"), "body")
-        except (UnicodeDecodeError, HTTPError, APIError):
-            return None
-        content = params.get("content")
-        if content is None or len(params) != 1:
-            return None
-        try:
-            pushed = await store.push(name, content)
-        except APIError as e:
-            return error_text(e.return_code, e.message)
-        return self.pushed_text(pushed)
 
     async def stream(self, request, conn):
         """Start an EventSource stream: write the head and the opening

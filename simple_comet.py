@@ -332,17 +332,14 @@ class Request:
 # The head nearly every client sends: CRLF lines, a method of capitals, an
 # origin-form target of printable ASCII with no fragment, HTTP/1.x, and
 # header lines of a token name and a value without control characters (tab
-# aside).  One match checks the whole head; one findall splits its header
-# lines (a value without its surrounding blanks).  parse_head() takes it
+# aside).  One match checks the whole head; its header lines are then only
+# split (a value without its surrounding blanks).  parse_head() takes it
 # there and leaves every other head, and every error, to parse_any_head().
 _HEADER_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _HEADER_VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]"
 _COMMON_HEAD = re.compile(
     r"([A-Z]+) (/[^\x00-\x20#?\x7f-\xff]*)\??([^\x00-\x20#\x7f-\xff]*) "
     r"(HTTP/1\.[01])\r\n((?:%s:%s*\r\n)*)\r\n" % (_HEADER_NAME, _HEADER_VALUE))
-_COMMON_HEADER = re.compile(
-    r"(%s):[ \t]*([^\x00-\x20\x7f](?:%s*[^\x00-\x20\x7f])?)?[ \t]*\r\n"
-    % (_HEADER_NAME, _HEADER_VALUE))
 
 
 def parse_head(head):
@@ -356,7 +353,6 @@ def parse_head(head):
             method, path, query, version, lines = match.groups()
             headers = {}
             count = 0
-            # The match checked every line, so splitting is enough.
             for line in lines.split("\r\n")[:-1]:
                 name, _, value = line.partition(":")
                 headers[name.lower()] = value.strip(" \t")

@@ -452,6 +452,9 @@ class HeadReader(asyncio.StreamReader):
         if self._exception is not None:
             raise self._exception
         buffer = self._buffer
+        if not buffer and not self._eof:
+            # The usual, between requests: nothing to scan yet.
+            await self._wait_for_data("readhead")
         offset = 0
         while True:
             crlf = buffer.find(b"\n\r\n", offset)

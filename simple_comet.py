@@ -4360,17 +4360,15 @@ class Writes:
 
 
 class Shortcuts:
-    """The commonest requests, a plain read and an admin's push of one
-    channel, answered without the general route's steps (parameters, the
-    callback's checks, credentials, the hub's view).  Anything else, and
-    every refusal, goes the general way.  Part of App."""
+    """The commonest requests, a read and an admin's push of one channel,
+    answered without the general route's steps (parameters in general, the
+    hub's view).  Anything else, and every refusal but a token's, goes the
+    general way.  Part of App."""
 
     def short_read(self, request, conn, name, match):
-        """A read of one channel without options, with nothing but since
-        and a JSON-P callback: route()'s reply, HELD, or None when the
-        general route must answer."""
-        if "authorization" in request.headers:
-            return None
+        """A read of one channel, public or private, with nothing but since,
+        a JSON-P callback and a token: route()'s reply, HELD, or None when
+        the general route must answer."""
         try:
             params = decode_params(request.query, "query string")
         except (HTTPError, APIError):
@@ -4378,14 +4376,23 @@ class Shortcuts:
         since = params.pop("since", "0")
         callback = params.pop("cb", DEFAULT_CALLBACK) \
             if match["fmt"] == "jsonp" else None
-        if params or len(since) > 16 or not since.isdigit() or \
-                not since.isascii():
+        if len(since) > 16 or not since.isdigit() or not since.isascii() or \
+                callback is not None and callback_error(callback) or \
+                params and (len(params) > 1 or "token" not in params):
             return None
+        claims = None
+        if params or "authorization" in request.headers:
+            try:
+                claims = self.credentials(request, conn, params, PUBLIC)
+            except TokenError as e:      # judged (and counted) once: here
+                return self.framed(error_text(
+                    TOKEN_REFUSED, f"Refused: token {e.reason}"), callback)
         since = int(since)
         store = self.store
         channel = store.channels.get(name)
-        if channel is None or channel.options or since > store.last_id or \
-                callback is not None and callback_error(callback):
+        if channel is None or since > store.last_id or channel.options and (
+                channel.options != PRIVATE or claims is None or
+                not claims.subscribe.covers(name)):
             return None
         hub = self.hub
         store.touch_channel(channel, hub.loop.time())
@@ -4393,8 +4400,11 @@ class Shortcuts:
         text = hub.read_text(channels, since) if since < store.last_id \
             else None
         if text is None:
-            hub.hold(Poll(conn, channels, since, None, callback))
+            hub.hold(Poll(conn, channels, since, None, callback), claims)
             return HELD
+        return self.framed(text, callback)
+
+    def framed(self, text, callback):
         return (200, *frame_body(text, callback, self.config.quote_json),
                 True, b"")
 

@@ -1958,12 +1958,13 @@ class Journal:
     server reports itself unable to take writes, and each write is still
     tried, until one as big as the refused one goes through; the sync loop
     probes with such a write once a second) and BROKEN (a failed fsync or
-    cut-back: PATH cannot be trusted until compaction has rewritten it).  Files: PATH, PATH.tmp while
-    compacting, PATH.lock (held with flock while the server runs); all
-    mode 0600.  Compaction copies the list of channels and clients, writes
-    each one as it is when reached, a slice at a time, appends what arrived
-    meanwhile, fsyncs and renames the result over PATH; while the rename
-    runs (off the event loop) every record goes to both files.
+    cut-back: PATH cannot be trusted until compaction has rewritten it).
+    Files: PATH, PATH.tmp while compacting, PATH.lock (held with flock
+    while the server runs); all mode 0600.  Compaction copies the list of
+    channels and clients, writes each one as it is when reached, a slice at
+    a time, appends what arrived meanwhile, fsyncs and renames the result
+    over PATH; while the rename runs (off the event loop) every record goes
+    to both files.
     """
 
     OK, REFUSING, BROKEN = "ok", "refusing", "broken"
@@ -4405,6 +4406,7 @@ class Shortcuts:
         return self.framed(text, callback)
 
     def framed(self, text, callback):
+        """A read's reply, as route() gives it, for a JSON text."""
         return (200, *frame_body(text, callback, self.config.quote_json),
                 True, b"")
 
@@ -4475,8 +4477,9 @@ class App(Access, Writes, StatusPages, Shortcuts):
                 break
         else:
             raise HTTPError(404, f"No resource at {path[:100]}", close=False)
-        name = match["names"] if methods.get("GET", ("",))[0] == \
-            self.read else None
+        # The channel resource (the reads' route) with one plain name.
+        name = match["names"] if "GET" in methods and \
+            methods["GET"][0] == self.read else None
         if name is not None and ("%" in name or "|" in name):
             name = None
         found = match, methods, name
@@ -4494,7 +4497,8 @@ class App(Access, Writes, StatusPages, Shortcuts):
         match, methods, name = self.match(request.path)
         method = request.method
         if name is not None:
-            # The commonest requests, on a short path when they are plain.
+            # The commonest requests, on a short path when they have the
+            # common shape (see Shortcuts).
             if method == "GET":
                 reply = self.short_read(request, conn, name, match)
                 if reply is not None:

@@ -3098,7 +3098,9 @@ class BrowserPages:
         cls.page_origin = "http://127.0.0.1:%d" % cls.pages.server_address[1]
         try:
             cls.browser = Chromium(CHROMIUM)
-            cls.browser.send("Target.getTargets")
+            # Its first start on a busy machine (fonts, a new profile) can
+            # take longer than any later command.
+            cls.browser.send("Target.getTargets", timeout=30)
         except Exception:
             if hasattr(cls, "browser"):
                 cls.browser.close()
@@ -5482,7 +5484,14 @@ class StateFileTests(unittest.TestCase):
         self.assertEqual(len(retained), 150)
         live = sum(len(json.dumps(m)) for m in retained)
         self.assertTrue(any(b < a for a, b in zip(sizes, sizes[1:])), sizes)
-        self.assertLess(sizes[-1], 10 * live + 64 * 1024, (sizes, live))
+        # Once the compaction under way (if any) is done: a sample taken
+        # while one runs also counts what arrived meanwhile.
+        try:
+            wait_for(lambda: sum(state_sizes(self.path).values()) <
+                     10 * live + 64 * 1024, timeout=10)
+        except AssertionError:
+            self.fail(f"over 10 times the {live} bytes retained: {sizes}")
+        sizes.append(sum(state_sizes(self.path).values()))
         report(f"state file under 6,000 pushes of 0.5 KB to 3 channels of "
                f"50: {live // 1024} KiB retained, files {max(sizes) // 1024} "
                f"KiB at most, {sizes[-1] // 1024} KiB at the end")

@@ -4405,10 +4405,11 @@ class Shortcuts:
             return HELD
         return self.framed(text, callback)
 
-    def framed(self, text, callback):
-        """A read's reply, as route() gives it, for a JSON text."""
+    def framed(self, text, callback=None, reading=True):
+        """route()'s reply for a JSON text (a read's may be read by any
+        page)."""
         return (200, *frame_body(text, callback, self.config.quote_json),
-                True, b"")
+                reading, b"")
 
     async def short_push(self, request, conn, name):
         """A push by the admin on loopback with nothing but content to a
@@ -4511,9 +4512,7 @@ class App(Access, Writes, StatusPages, Shortcuts):
             elif method == "POST" and match["fmt"] == "json":
                 text = await self.short_push(request, conn, name)
                 if text is not None:
-                    return (200, *frame_body(text, None,
-                                             self.config.quote_json),
-                            False, b"")
+                    return self.framed(text, reading=False)
         entry = methods.get(method)
         if entry is None:
             raise HTTPError(405, f"{method} not allowed here", close=False,

@@ -1408,6 +1408,15 @@ class CommandLineTests(unittest.TestCase):
             self.assertTrue(text.startswith("/*-secure- "), text)
             self.assertTrue(text.endswith(" */"), text)
             self.assertEqual(json.loads(text[11:-3])["channel_id"], "q")
+            # A push and a read (the commonest requests, on the short path)
+            # are wrapped too.
+            for method, path, params in (
+                    ("POST", "/channels/q.json", {"content": "m"}),
+                    ("GET", "/channels/q.json?since=0", None)):
+                resp, body = call(method, path, params, port=server.port)
+                text = body.decode()
+                self.assertTrue(text.startswith("/*-secure- "), text)
+                self.assertEqual(json.loads(text[11:-3])["return_code"], 1)
             # JSON-P is already a script and is not wrapped.
             resp, body = call("GET", "/channels/q.jsonp?since=99999999999999",
                               port=server.port)

@@ -307,14 +307,15 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 class Request:
     __slots__ = ("method", "path", "query", "version", "headers", "body",
                  "keep_alive", "match", "params", "callback", "token",
-                 "claims")
+                 "claims", "kept")
 
-    def __init__(self, method, path, query, version, headers):
+    def __init__(self, method, path, query, version, headers, kept=None):
         self.method = method
         self.path = path
         self.query = query
         self.version = version
         self.headers = headers
+        self.kept = kept                 # (header lines, headers): see below
         self.body = b""
         self.callback = None             # set by App.route for JSON-P
         self.token = None                # ... the token it carries, if any
@@ -337,18 +338,34 @@ class Request:
 # there and leaves every other head, and every error, to parse_any_head().
 _HEADER_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _HEADER_VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]"
-_COMMON_HEAD = re.compile(
-    r"([A-Z]+) (/[^\x00-\x20#?\x7f-\xff]*)\??([^\x00-\x20#\x7f-\xff]*) "
-    r"(HTTP/1\.[01])\r\n((?:%s:%s*\r\n)*)\r\n" % (_HEADER_NAME, _HEADER_VALUE))
+_REQUEST_LINE = (r"([A-Z]+) (/[^\x00-\x20#?\x7f-\xff]*)\??"
+                 r"([^\x00-\x20#\x7f-\xff]*) (HTTP/1\.[01])\r\n")
+_COMMON_HEAD = re.compile(_REQUEST_LINE + r"((?:%s:%s*\r\n)*)\r\n" % (
+    _HEADER_NAME, _HEADER_VALUE))
+_COMMON_LINE = re.compile(_REQUEST_LINE)
 
 
-def parse_head(head):
+def parse_head(head, kept=None):
     """Parse a request line and headers (``head`` ends with an empty line);
-    the common shape of head (see _COMMON_HEAD) in one pass."""
+    the common shape of head (see _COMMON_HEAD) in one pass.
+
+    A client sends the same header lines with every request of a
+    connection: ``kept``, the previous request's ``kept`` (its header lines
+    as text and their dict, for a head of the common shape), spares such a
+    head all but its request line's check.
+    """
     # Up to this size no line or header limit can be passed (their count
     # is checked below).
     if len(head) <= MAX_REQUEST_LINE:
-        match = _COMMON_HEAD.fullmatch(head.decode("latin-1"))
+        text = head.decode("latin-1")
+        if kept is not None and text.endswith(kept[0]):
+            match = _COMMON_LINE.fullmatch(text, 0, len(text) - len(kept[0]))
+            if match is not None:
+                method, path, query, version = match.groups()
+                headers = kept[1]
+                if "host" in headers or version == "HTTP/1.0":
+                    return Request(method, path, query, version, headers, kept)
+        match = _COMMON_HEAD.fullmatch(text)
         if match is not None:
             method, path, query, version, lines = match.groups()
             headers = {}
@@ -360,7 +377,8 @@ def parse_head(head):
             # A repeated header, too many or a missing Host: as below.
             if len(headers) == count <= MAX_HEADER_LINES and (
                     "host" in headers or version == "HTTP/1.0"):
-                return Request(method, path, query, version, headers)
+                return Request(method, path, query, version, headers,
+                               (text[match.start(5):], headers))
     return parse_any_head(head)
 
 
@@ -4747,7 +4765,7 @@ class Connection:
 
     __slots__ = ("server", "reader", "writer", "transport", "local", "peer",
                  "held", "keep_alive", "version", "deadline",
-                 "waiter", "busy")
+                 "waiter", "busy", "kept")
 
     def __init__(self, server, reader, writer, peer, local):
         self.server = server
@@ -4761,6 +4779,9 @@ class Connection:
         self.version = "HTTP/1.1"
         self.waiter = None               # set while a request waits on a poll
         self.busy = False                # a request read but not answered
+        # The last request's header lines (parse_head()'s kept), while
+        # nothing is held: the many held polls and streams keep none.
+        self.kept = None
         # When it is idle for --http-timeout, Server.tick() closes it.
         self.deadline = server.loop.time() + server.config.http_timeout
 
@@ -4847,7 +4868,7 @@ class Connection:
         if self.transport.is_closing():
             return False
         self.busy = True
-        request = parse_head(head)
+        request = parse_head(head, self.kept)
         self.version = request.version
         self.keep_alive = request.keep_alive
         max_body = server.config.max_body
@@ -4869,10 +4890,12 @@ class Connection:
             raise HTTPError(400, "Chunk size line too long") from None
         reply = await server.app.route(request, self)
         if reply is None:
+            self.kept = None
             self.busy = False
             # Held, or streaming: keep reading, so a client that leaves is
             # noticed at once.
             return True
+        self.kept = request.kept
         status, content_type, body, cors, extra = reply
         self.send(render(status, content_type, body, self.keep_alive,
                          self.version, cors, extra, request.method == "HEAD"),

@@ -2265,6 +2265,36 @@ class HeadParsingTests(unittest.TestCase):
         for head in self.TRICKY:
             self.check(head)
 
+    def test_a_connection_s_next_head_parses_alike(self):
+        # The previous request's header lines kept (parse_head's kept): a
+        # head with the same lines is checked by its request line alone,
+        # and must still give what the general parser gives, whatever its
+        # request line (a bad one, HTTP/1.1 after lines without Host).
+        lines = {head.partition(b"\n")[0] + b"\n"
+                 for head in self.COMMON + self.TRICKY}
+        lines |= {b"GET /x HTTP/1.1\r\n", b"GET /x HTTP/1.0\r\n",
+                  b"GET /x HTTP/1.1\n", b"GET /x HTTP/1.1\r\r\n", b"\r\n"}
+        for previous in self.COMMON:
+            kept = simple_comet.parse_head(previous).kept
+            self.assertIsNotNone(kept, previous)
+            block = previous.partition(b"\r\n")[2]
+            for line in sorted(lines):
+                head = line + block
+                with self.subTest(previous=previous[:40], head=head[:60]):
+                    self.assertEqual(
+                        self.outcome(lambda h: simple_comet.parse_head(
+                            h, kept), head),
+                        self.outcome(simple_comet.parse_any_head, head))
+            # A request line of the common shape reuses the kept lines.
+            head = b"GET /other?since=1 HTTP/1.1\r\n" + block
+            if b"host" in block.lower():
+                self.assertIs(simple_comet.parse_head(head, kept).kept, kept)
+        # Other lines are parsed whole, and are kept in their turn.
+        kept = simple_comet.parse_head(self.COMMON[0]).kept
+        request = simple_comet.parse_head(self.COMMON[1], kept)
+        self.assertIsNot(request.kept, kept)
+        self.assertEqual(request.headers["content-length"], "13")
+
     def test_one_plain_field(self):
         # The short path of decode_params: what parse_qsl would give.
         from urllib.parse import parse_qsl
@@ -2417,6 +2447,30 @@ class ShortPathTests(unittest.TestCase):
                               {**params, "x": ""})
                 self.assertEqual(short, general)
                 self.assertLess(short["return_code"], 0)
+
+
+    def test_a_connection_s_repeated_header_lines_are_judged_alike(self):
+        # A connection keeps its last header lines (HeadParsingTests):
+        # behind the same lines, a bad request line is still refused, and
+        # HTTP/1.1 still needs the Host that HTTP/1.0 did without.
+        name = register()
+        push(name, "one")
+        for first, second, status in (
+                (f"GET /channels/{name}.json?since=0 HTTP/1.1",
+                 f"GET  /channels/{name}.json?since=0 HTTP/1.1", 400),
+                (f"GET /channels/{name}.json?since=0 HTTP/1.1",
+                 f"GET /channels/{name}.json?since=0 HTTP/1.2", 505),
+                (f"GET /channels/{name}.json?since=0 HTTP/1.0",
+                 f"GET /channels/{name}.json?since=0 HTTP/1.1", 400)):
+            lines = "Connection: keep-alive\r\nX-Same: 1\r\n"
+            if first.endswith("1.1"):
+                lines = "Host: localhost\r\n" + lines
+            with self.subTest(second=second), connect() as s:
+                f = s.makefile("rb")
+                reply = self.one(s, f, f"{first}\r\n{lines}\r\n".encode())
+                self.assertIn(b'"one"', reply[-1])
+                reply = self.one(s, f, f"{second}\r\n{lines}\r\n".encode())
+                self.assertEqual(reply[0], status, reply)
 
 
 class HTTPTests(unittest.TestCase):

@@ -471,8 +471,14 @@ class HeadReader(asyncio.StreamReader):
             raise self._exception
         buffer = self._buffer
         if not buffer and not self._eof:
-            # The usual, between requests: nothing to scan yet.
-            await self._wait_for_data("readhead")
+            # The usual, between requests: nothing to scan yet.  What
+            # _wait_for_data() does, but for its checks (an empty buffer
+            # pauses nothing; one reader waits at a time), in this frame.
+            self._waiter = waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
         offset = 0
         while True:
             crlf = buffer.find(b"\n\r\n", offset)

@@ -122,6 +122,10 @@ MAX_HEADER_BYTES = 16 * 1024         # 431 above (all header lines together)
 MAX_HEADER_LINES = 100               # 431 above
 MAX_CHUNK_LINE = 1024                # a chunk-size line with its extensions
 MAX_QUERY_FIELDS = 100               # parameters in a query string or form
+# A connection between requests keeps its last header lines (a client
+# repeats them) if this short: idle connections, up to --max-connections
+# of them, keep 2 KiB at most each (a browser's lines with few cookies).
+MAX_KEPT_LINES = 2 * 1024
 
 # API limits.
 MAX_ID_BYTES = 200                   # channel and client ids, UTF-8
@@ -377,8 +381,10 @@ def parse_head(head, kept=None):
             # A repeated header, too many or a missing Host: as below.
             if len(headers) == count <= MAX_HEADER_LINES and (
                     "host" in headers or version == "HTTP/1.0"):
+                start = match.start(5)
                 return Request(method, path, query, version, headers,
-                               (text[match.start(5):], headers))
+                               (text[start:], headers)
+                               if len(text) - start <= MAX_KEPT_LINES else None)
     return parse_any_head(head)
 
 

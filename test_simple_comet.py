@@ -2289,6 +2289,10 @@ class HeadParsingTests(unittest.TestCase):
             head = b"GET /other?since=1 HTTP/1.1\r\n" + block
             if b"host" in block.lower():
                 self.assertIs(simple_comet.parse_head(head, kept).kept, kept)
+        # Lines too long to keep by every idle connection are not kept.
+        self.assertIsNone(simple_comet.parse_head(
+            b"GET / HTTP/1.1\r\nHost: x\r\nCookie: " + b"v" * 2100
+            + b"\r\n\r\n").kept)
         # Other lines are parsed whole, and are kept in their turn.
         kept = simple_comet.parse_head(self.COMMON[0]).kept
         request = simple_comet.parse_head(self.COMMON[1], kept)

@@ -319,7 +319,7 @@ class Request:
         self.query = query
         self.version = version
         self.headers = headers
-        self.kept = kept                 # (header lines, headers): see below
+        self.kept = kept                 # its KeptLines, if they may be
         self.body = b""
         self.callback = None             # set by App.route for JSON-P
         self.token = None                # ... the token it carries, if any
@@ -351,24 +351,16 @@ _COMMON_LINE = re.compile(_REQUEST_LINE)
 
 def parse_head(head, kept=None):
     """Parse a request line and headers (``head`` ends with an empty line);
-    the common shape of head (see _COMMON_HEAD) in one pass.
-
-    A client sends the same header lines with every request of a
-    connection: ``kept``, the previous request's ``kept`` (its header lines
-    as text and their dict, for a head of the common shape), spares such a
-    head all but its request line's check.
-    """
+    the common shape of head (see _COMMON_HEAD) in one pass, or less
+    (``kept``: the previous request's KeptLines on the connection)."""
     # Up to this size no line or header limit can be passed (their count
     # is checked below).
     if len(head) <= MAX_REQUEST_LINE:
         text = head.decode("latin-1")
-        if kept is not None and text.endswith(kept[0]):
-            match = _COMMON_LINE.fullmatch(text, 0, len(text) - len(kept[0]))
-            if match is not None:
-                method, path, query, version = match.groups()
-                headers = kept[1]
-                if "host" in headers or version == "HTTP/1.0":
-                    return Request(method, path, query, version, headers, kept)
+        if kept is not None:
+            request = kept.request(text)
+            if request is not None:
+                return request
         match = _COMMON_HEAD.fullmatch(text)
         if match is not None:
             method, path, query, version, lines = match.groups()
@@ -383,9 +375,68 @@ def parse_head(head, kept=None):
                     "host" in headers or version == "HTTP/1.0"):
                 start = match.start(5)
                 return Request(method, path, query, version, headers,
-                               (text[start:], headers)
+                               KeptLines(text[start:], headers)
                                if len(text) - start <= MAX_KEPT_LINES else None)
     return parse_any_head(head)
+
+
+# Content-Length's value, after its name and colon in header lines that
+# parse_head() has checked.
+_LENGTH_VALUE = re.compile(r"[ \t]*(\d+)[ \t]*\r")
+
+
+class KeptLines:
+    """The header lines of a connection's last request, which its client
+    sends again with every request, but for the value of Content-Length
+    (the body's size) at times: a head that ends with them is checked by its
+    request line alone, and takes their dict."""
+
+    __slots__ = ("lines", "headers", "before", "after")
+
+    def __init__(self, lines, headers):
+        # ``lines``: a head's header lines and the blank line after them,
+        # of the common shape; ``headers``: their dict.
+        self.lines = lines
+        self.headers = headers
+        self.after = None                # the lines after Content-Length's
+        if "content-length" in headers:  # digits, and before them
+            at = ("\n" + lines.lower()).find("\ncontent-length:") + 15
+            found = _LENGTH_VALUE.match(lines, at)
+            if found:
+                self.before = lines[:found.start(1)]
+                self.after = lines[found.end(1):]
+
+    def request(self, text):
+        """The Request of a head (as text) that ends with these lines, or
+        with them but for other digits for Content-Length's, or None."""
+        lines = self.lines
+        headers = self.headers
+        if text.endswith(lines):
+            start = len(text) - len(lines)
+        else:
+            after = self.after
+            if after is None or not text.endswith(after):
+                return None
+            # Between before and after: other digits, as many as last time
+            # usually.  (What comes first must be one request line, below.)
+            end = len(text) - len(after)
+            before = self.before
+            start = end - len(headers["content-length"]) - len(before)
+            if start < 0 or not text.startswith(before, start):
+                start = text.rfind(before, 0, end)
+                if start < 0:
+                    return None
+            length = text[start + len(before):end]
+            if not length.isdigit():
+                return None
+            headers = {**headers, "content-length": length}
+        match = _COMMON_LINE.fullmatch(text, 0, start)
+        if match is None:
+            return None
+        method, path, query, version = match.groups()
+        if "host" not in headers and version != "HTTP/1.0":
+            return None
+        return Request(method, path, query, version, headers, self)
 
 
 def parse_any_head(head):
@@ -4791,8 +4842,8 @@ class Connection:
         self.version = "HTTP/1.1"
         self.waiter = None               # set while a request waits on a poll
         self.busy = False                # a request read but not answered
-        # The last request's header lines (parse_head()'s kept), while
-        # nothing is held: the many held polls and streams keep none.
+        # The last request's KeptLines, while nothing is held: the many
+        # held polls and streams keep none.
         self.kept = None
         # When it is idle for --http-timeout, Server.tick() closes it.
         self.deadline = server.loop.time() + server.config.http_timeout

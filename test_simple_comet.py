@@ -2289,6 +2289,22 @@ class HeadParsingTests(unittest.TestCase):
             head = b"GET /other?since=1 HTTP/1.1\r\n" + block
             if b"host" in block.lower():
                 self.assertIs(simple_comet.parse_head(head, kept).kept, kept)
+        # A push's next lines differ in Content-Length's value alone.
+        previous = self.COMMON[1]
+        kept = simple_comet.parse_head(previous).kept
+        for value in (b"7", b"130", b"013", b"", b" 7", b"7 ", b"1 3", b"x",
+                      b"\xb2", b"7, 7", b"7\r\nX: y", b"-1"):
+            head = previous.replace(b"Length: 13", b"Length: " + value)
+            with self.subTest(value=value):
+                self.assertEqual(
+                    self.outcome(lambda h: simple_comet.parse_head(h, kept),
+                                 head),
+                    self.outcome(simple_comet.parse_any_head, head))
+                if value.isdigit():
+                    request = simple_comet.parse_head(head, kept)
+                    self.assertIs(request.kept, kept)
+                    self.assertEqual(request.headers["content-length"],
+                                     value.decode())
         # Lines too long to keep by every idle connection are not kept.
         self.assertIsNone(simple_comet.parse_head(
             b"GET / HTTP/1.1\r\nHost: x\r\nCookie: " + b"v" * 2100

@@ -49,7 +49,8 @@ The file reads top to bottom, a banner a section:
 
     Configuration        limits and defaults, each with its reason
     Errors               HTTPError (carries its status), APIError (-1..-4)
-    HTTP parsing         the request head, bodies, parameters
+    HTTP parsing         the request head (KeptLines: the header lines
+                         a connection repeats), bodies, parameters
     Replies              JSON, JSON-P and the bytes of a response
     Parameters           ids and counts
     Tokens               signed JWTs verified by hand: keys, claims,

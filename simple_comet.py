@@ -383,7 +383,7 @@ def parse_head(head, kept=None):
 
 # Content-Length's value, after its name and colon in header lines that
 # parse_head() has checked.
-_LENGTH_VALUE = re.compile(r"[ \t]*(\d+)[ \t]*\r")
+_LENGTH_VALUE = re.compile(r"[ \t]*([0-9]+)[ \t]*\r")
 
 
 class KeptLines:
@@ -401,8 +401,9 @@ class KeptLines:
         self.headers = headers
         self.after = None                # the lines after Content-Length's
         if "content-length" in headers:  # digits, and before them
-            at = ("\n" + lines.lower()).find("\ncontent-length:") + 15
-            found = _LENGTH_VALUE.match(lines, at)
+            # Its line (the only one: a value holds no line break).
+            at = ("\n" + lines.lower()).find("\ncontent-length:")
+            found = at >= 0 and _LENGTH_VALUE.match(lines, at + 15)
             if found:
                 self.before = lines[:found.start(1)]
                 self.after = lines[found.end(1):]

@@ -2493,6 +2493,26 @@ class ShortPathTests(unittest.TestCase):
                 self.assertEqual(reply[0], status, reply)
 
 
+    def test_pushes_of_every_size_on_one_connection(self):
+        # The same header lines but for Content-Length's value: every body
+        # is read at its own length, one request at a time and pipelined.
+        name = register()
+        contents = ["x" * n for n in (1, 9, 1, 10, 99, 100, 7, 1000, 3)]
+        with connect() as s:
+            f = s.makefile("rb")
+            for content in contents:
+                reply = self.one(s, f, post_request(f"/channels/{name}.json",
+                                                    {"content": content}))
+                self.assertEqual(json.loads(reply[2])["return_code"], 1)
+        replies = pipeline([post_request(f"/channels/{name}.json",
+                                         {"content": c}) for c in contents],
+                           PORT)
+        self.assertEqual([json.loads(r[2])["return_code"] for r in replies],
+                         [1] * len(contents))
+        messages = read([name])["messages"][name]
+        self.assertEqual([m["content"] for m in messages], contents * 2)
+
+
 class HTTPTests(unittest.TestCase):
 
     def setUp(self):

@@ -1453,7 +1453,7 @@ class Channel:
     """
 
     __slots__ = ("name", "max_messages", "options", "messages",
-                 "dropped_id", "last_read", "waiters", "key")
+                 "dropped_id", "last_read", "waiters", "_key")
 
     def __init__(self, name, max_messages, options, now):
         self.name = name
@@ -1463,14 +1463,16 @@ class Channel:
         self.dropped_id = 0      # newest id the history dropped
         self.last_read = now
         self.waiters = None      # held polls and open streams -> None
-        # self.key, the name as a JSON string, is set when first asked for.
+        self._key = None
 
-    def __getattr__(self, name):
-        # Called only for a slot not set yet: the key, read as a plain
-        # attribute from then on.
-        if name != "key":
-            raise AttributeError(name)
-        self.key = key = json.dumps(self.name)
+    # A property, not __getattr__: a class with __getattr__ makes every
+    # attribute read of its instances the slow, generic kind.
+    @property
+    def key(self):
+        """The name as a JSON string, made when first asked for."""
+        key = self._key
+        if key is None:
+            key = self._key = json.dumps(self.name)
         return key
 
     def add(self, message_id, text):

@@ -3515,19 +3515,15 @@ class Deadlines:
         return out
 
 
-# A read's reply; the hottest text, formatted directly rather than through
-# a dict.
-REPLY_JSON = ('{"return_code": 1, "error_message": "", "since": %d, '
-              '"last_id": %d, "messages": {%s}%s}')
 _TEXT = operator.itemgetter(1)           # the JSON of a retained (id, text)
 
 
 def event_bytes(channel, message_id, text, kind=None):
     """A message as one EventSource event (the JSON gains its channel); a
     join or leave entry has its ``event:`` line, so onmessage skips it."""
-    return ('%sid: %d\ndata: {"channel": %s, %s\n\n' % (
-        "" if kind is None else "event: %s\n" % kind, message_id,
-        channel.key, text[1:])).encode()
+    event = "" if kind is None else f"event: {kind}\n"
+    return (f'{event}id: {message_id}\ndata: {{"channel": {channel.key}, '
+            f'{text[1:]}\n\n').encode()
 
 
 class Poll:
@@ -3740,11 +3736,16 @@ class Reads:
         return channel.key + ": [" + ", ".join(texts) + "]"
 
     def reply_text(self, since, parts, lost=()):
-        lost = ', "lost": [%s]' % ", ".join(lost) if lost else ""
+        """A read's reply, the hottest text: formatted directly (an
+        f-string) rather than through a dict."""
+        lost = f', "lost": [{", ".join(lost)}]' if lost else ""
         last_id = self.store.last_id
         # A cursor ahead of this instance (see view) is kept, not sent back.
-        return REPLY_JSON % (since, last_id if last_id > since else since,
-                             ", ".join(parts), lost)
+        if last_id < since:
+            last_id = since
+        return (f'{{"return_code": 1, "error_message": "", "since": {since}, '
+                f'"last_id": {last_id}, "messages": {{{", ".join(parts)}}}'
+                f'{lost}}}')
 
     def empty_text(self, channels, since):
         """A read's reply with every list empty."""
@@ -4394,10 +4395,11 @@ class Writes:
     @staticmethod
     def pushed_text(pushed):
         """An admin push's reply, formatted directly (the hottest write)."""
-        return ('{"return_code": 1, "error_message": "", "message_id": %d, '
-                '"delivered": %d%s}' % (
-                    pushed.id, pushed.delivered, "" if pushed.instances is None
-                    else ', "instances": %d' % pushed.instances))
+        message_id, delivered, instances = pushed
+        instances = "" if instances is None else \
+            f', "instances": {instances}'
+        return (f'{{"return_code": 1, "error_message": "", "message_id": '
+                f'{message_id}, "delivered": {delivered}{instances}}}')
 
     def token_sender(self, claims, name, content, sender):
         """The sender of a push from the browser, once its token may make

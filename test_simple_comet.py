@@ -2468,7 +2468,6 @@ class ShortPathTests(unittest.TestCase):
                 self.assertEqual(short, general)
                 self.assertLess(short["return_code"], 0)
 
-
     def test_a_connection_s_repeated_header_lines_are_judged_alike(self):
         # A connection keeps its last header lines (HeadParsingTests):
         # behind the same lines, a bad request line is still refused, and
@@ -2491,7 +2490,6 @@ class ShortPathTests(unittest.TestCase):
                 self.assertIn(b'"one"', reply[-1])
                 reply = self.one(s, f, f"{second}\r\n{lines}\r\n".encode())
                 self.assertEqual(reply[0], status, reply)
-
 
     def test_pushes_of_every_size_on_one_connection(self):
         # The same header lines but for Content-Length's value: every body
